@@ -1,0 +1,148 @@
+"""Command line and composition root: the only module that knows every part of pgscout.
+
+Owns: argument parsing for `pgscout run | check-config`, turning settings into a wired
+server (bus, observers, admin routes), signal handling and the exit codes.
+Must not: hold protocol or observation logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import structlog
+
+from . import __version__, logs
+from .admin import AdminServer, Response
+from .bus import Bus
+from .events import Desynced
+from .server import Server
+from .settings import ConfigError, Settings, effective_yaml, load_settings
+
+log = structlog.get_logger("pgscout")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return args.handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgscout",
+        description="Transparent PostgreSQL sidecar proxy: statement fingerprints, slow-query log, "
+                    "N+1 detection and connection budgets, exported to Prometheus.")
+    parser.add_argument("--version", action="version", version=f"pgscout {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="proxy connections to the upstream and observe them",
+                              description="Listen for PostgreSQL clients and relay each to its own "
+                                          "upstream connection, observing the traffic.")
+    run.add_argument("-c", "--config", metavar="FILE", help="YAML config file (see config/pgscout.yaml)")
+    run.add_argument("--listen", metavar="HOST:PORT", help="client listen address (default 127.0.0.1:6432)")
+    run.add_argument("--upstream", metavar="URL",
+                     help="upstream libpq URL, e.g. postgresql://db:5432/app?sslmode=verify-full"
+                          "&sslrootcert=ca.pem (default: DATABASE_URL, then PGHOST/PGPORT)")
+    run.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP address (default 127.0.0.1:9187)")
+    run.add_argument("--forward-only", action="store_true",
+                     help="relay bytes without decoding or observing (to measure observation's cost)")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("check-config", help="validate a config file and print the effective config",
+                                description="Validate FILE (plus PGSCOUT_* environment overrides) and "
+                                            "print the effective configuration; exit 1 on the first error.")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(handler=_check_config)
+    return parser
+
+
+def _load(config: str | None, overrides: dict[str, str]) -> Settings | None:
+    try:
+        return load_settings(config, os.environ, overrides)
+    except ConfigError as exc:
+        print(f"pgscout: config error: {exc}", file=sys.stderr)
+        return None
+
+
+def _check_config(args) -> int:
+    settings = _load(args.file, {})
+    if settings is None:
+        return 1
+    sys.stdout.write(effective_yaml(settings))
+    return 0
+
+
+def _run(args) -> int:
+    overrides = {key: value for key, value in (("proxy.listen", args.listen),
+                                               ("proxy.upstream", args.upstream),
+                                               ("admin.listen", args.admin)) if value}
+    settings = _load(args.config, overrides)
+    if settings is None:
+        return 1
+    if settings.proxy.upstream is None:
+        print("pgscout: no upstream: pass --upstream URL, set proxy.upstream, DATABASE_URL or PGHOST",
+              file=sys.stderr)
+        return 1
+    logs.configure(settings.log.level, settings.log.format)
+    import uvloop
+    return uvloop.run(_serve(settings, observing=not args.forward_only))
+
+
+async def _serve(settings: Settings, *, observing: bool) -> int:
+    bus = Bus(on_error=lambda handler, exc: log.error(
+        "observer_failed", observer=getattr(handler, "__qualname__", repr(handler)),
+        error=f"{type(exc).__name__}: {exc}"))
+    server = Server(settings, bus.publish, observing=observing)
+    desyncs = _wire_observers(bus)
+    admin = AdminServer(settings.admin.token)
+    _admin_routes(admin, server, desyncs)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start()
+        await admin.start(settings.admin.listen.host, settings.admin.listen.port)
+    except OSError as exc:
+        log.error("cannot_listen", error=str(exc))
+        return 1
+    log.info("admin_listening", listen=str(settings.admin.listen))
+    await stop.wait()
+    await server.drain()
+    await admin.stop()
+    log.info("stopped")
+    return 0
+
+
+def _wire_observers(bus: Bus) -> dict[str, int]:
+    desyncs = {"total": 0}
+
+    def on_desync(event: Desynced) -> None:
+        desyncs["total"] += 1
+        log.warning("decoder_desynced", conn_id=event.session.conn_id,
+                    application_name=event.session.application_name, reason=event.reason)
+
+    bus.subscribe(Desynced, on_desync)
+    return desyncs
+
+
+def _admin_routes(admin: AdminServer, server: Server, desyncs: dict[str, int]) -> None:
+    async def healthz(query) -> Response:
+        return Response(200, "ok\n")
+
+    async def readyz(query) -> Response:
+        if server.draining:
+            return Response(503, "draining\n")
+        ok, detail = await server.upstream_reachable()
+        return Response(200 if ok else 503, detail + "\n")
+
+    admin.route("/healthz", healthz, protected=False)
+    admin.route("/readyz", readyz, protected=False)

@@ -1,0 +1,479 @@
+"""Sans-IO session state machine: turns one connection's two byte streams into events.
+
+Owns: the per-connection protocol state pgscout needs to see statements: prepared statement and
+portal names, the FIFO of requests the server still owes a response to, transaction status, the
+backend pid and cancel key. One dispatch table per direction, keyed by message type.
+Must not: write to either peer, block, log, or keep password/SASL messages (type 'p' has no
+handler, so the framer skips those bytes unread).
+Reference: PostgreSQL docs, "Message Flow" (Extended Query: after an ErrorResponse the server
+discards messages until Sync) and "Message Formats".
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import deque
+from collections.abc import Callable
+
+from . import wire
+from .events import Session, SessionReady, StatementDone, TransactionEnded
+from .framer import Framer
+
+_INT16 = struct.Struct("!h")
+_INT32 = struct.Struct("!i")
+
+# Request kinds in the FIFO of things the server will answer, in the order it answers them.
+PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNCTION = range(8)
+_KIND_NAMES = ("Parse", "Bind", "Describe", "Execute", "Close", "Sync", "Query", "FunctionCall")
+
+# A client that pipelines thousands of Executes before one Sync: report them without waiting.
+_MAX_HELD_EVENTS = 256
+# Prepared statements kept per connection; the oldest are forgotten (their executions show as "").
+_MAX_STATEMENTS = 10000
+
+_DEALLOCATE = re.compile(r'\bdeallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|[\w$]+)', re.IGNORECASE)
+
+
+class DecoderError(Exception):
+    """The stream does not follow the protocol as pgscout understands it."""
+
+
+class _Request:
+    __slots__ = ("kind", "sent_at", "portal", "pipelined")
+
+    def __init__(self, kind: int, sent_at: float, portal: _Portal | None = None):
+        self.kind = kind
+        self.sent_at = sent_at
+        self.portal = portal
+        self.pipelined = False
+
+
+class _Query(_Request):
+    """A simple Query; its statements complete one CommandComplete at a time."""
+
+    __slots__ = ("sql", "index", "statement_sent_at")
+
+    def __init__(self, sql: str, sent_at: float):
+        super().__init__(QUERY, sent_at)
+        self.sql = sql
+        self.index = 0
+        self.statement_sent_at = sent_at
+
+
+class _Portal:
+    """A Bind's portal: the statement text and the parameter signature it runs with."""
+
+    __slots__ = ("sql", "param_sig", "n_params", "params", "suspended_at", "suspended_rows")
+
+    def __init__(self, sql: str, param_sig: int, n_params: int, params):
+        self.sql = sql
+        self.param_sig = param_sig
+        self.n_params = n_params
+        self.params = params
+        self.suspended_at = 0.0  # first Execute's send time while PortalSuspended runs continue
+        self.suspended_rows = 0
+
+
+class Decoder:
+    """Feed it what each side sent (`client_data`, `server_data`); it calls `emit(event)`."""
+
+    def __init__(self, session: Session, emit: Callable[[object], None], *,
+                 max_message_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH,
+                 keep_parameters: bool = False):
+        self.session = session
+        self.cancel_key: bytes | None = None
+        self._emit = emit
+        self._keep_parameters = keep_parameters
+        self._now = 0.0
+        self._pending: deque[_Request] = deque()
+        self._statements: dict[bytes, str] = {}
+        self._portals: dict[bytes, _Portal] = {}
+        self._held: list[StatementDone] = []  # completed, waiting for ReadyForQuery's status
+        self._discarding = False  # an extended-protocol error: the server ignores all until Sync
+        self._open_executes = 0
+        self._last_execute: _Request | None = None
+        self._group_executes = 0  # Executes since the last Sync
+        self._ready = False
+        self._work_started_at = 0.0  # first client message after the last ReadyForQuery
+        self._txn_started_at = 0.0
+        self._idle_since = 0.0
+        self._idle_in_txn = 0.0
+        self._last_tag = ""
+        self._last_error = False
+        self.client = Framer({
+            wire.F_QUERY: self._query,
+            wire.F_PARSE: self._parse,
+            wire.F_BIND: self._bind,
+            wire.F_DESCRIBE: self._describe,
+            wire.F_EXECUTE: self._execute,
+            wire.F_CLOSE: self._close,
+            wire.F_SYNC: self._sync,
+            wire.F_FUNCTION_CALL: self._function_call,
+        }, max_message_length)
+        self.server = Framer({
+            wire.B_PARSE_COMPLETE: self._parse_complete,
+            wire.B_BIND_COMPLETE: self._bind_complete,
+            wire.B_CLOSE_COMPLETE: self._close_complete,
+            wire.B_PARAMETER_DESCRIPTION: _ignore,
+            wire.B_ROW_DESCRIPTION: self._row_description,
+            wire.B_NO_DATA: self._no_data,
+            wire.B_COMMAND_COMPLETE: self._command_complete,
+            wire.B_EMPTY_QUERY_RESPONSE: self._empty_query_response,
+            wire.B_PORTAL_SUSPENDED: self._portal_suspended,
+            wire.B_ERROR_RESPONSE: self._error_response,
+            wire.B_READY_FOR_QUERY: self._ready_for_query,
+            wire.B_BACKEND_KEY_DATA: self._backend_key_data,
+            wire.B_PARAMETER_STATUS: self._parameter_status,
+        }, max_message_length)
+
+    # -- entry points ----------------------------------------------------------------------
+    def client_data(self, data: bytes, now: float) -> None:
+        self._now = now
+        if self._idle_since:
+            self._idle_in_txn += now - self._idle_since
+            self._idle_since = 0.0
+        if not self._work_started_at:
+            self._work_started_at = now
+        self.client.feed(data)
+
+    def server_data(self, data: bytes, now: float) -> None:
+        self._now = now
+        self.server.feed(data)
+
+    # -- client messages (Frontend) --------------------------------------------------------
+    def _push(self, request: _Request) -> None:
+        self._pending.append(request)
+        self.session.active = True
+
+    def _query(self, body: bytes, complete: bool) -> None:
+        """Query: String query."""
+        sql = _text(body if complete else body + b"\0")
+        self._push(_Query(sql, self._now))
+
+    def _parse(self, body: bytes, complete: bool) -> None:
+        """Parse: String name, String query, Int16 n, Int32[n] parameter type OIDs."""
+        if self._discarding:
+            return
+        name_end = body.index(0)
+        query_end = body.find(0, name_end + 1)
+        name = body[:name_end]
+        sql = _text(body[name_end + 1:query_end if query_end >= 0 else len(body)])
+        statements = self._statements
+        if name and name not in statements and len(statements) >= _MAX_STATEMENTS:
+            del statements[next(iter(statements))]
+        statements[name] = sql
+        self._push(_Request(PARSE, self._now))
+
+    def _bind(self, body: bytes, complete: bool) -> None:
+        """Bind: String portal, String statement, Int16 nfmt, Int16[nfmt], Int16 nparams,
+        (Int32 len, Byte[len])[nparams], Int16 nresfmt, Int16[nresfmt]."""
+        if self._discarding:
+            return
+        portal_end = body.index(0)
+        statement_end = body.index(0, portal_end + 1)
+        pos = statement_end + 1
+        n_formats = _INT16.unpack_from(body, pos)[0]
+        pos += 2 + 2 * n_formats
+        n_params = _INT16.unpack_from(body, pos)[0]
+        # Keyed hash (Python's per-process salted hash): equal values give equal signatures,
+        # the values themselves are never kept.
+        signature = hash(body[pos:]) if complete else hash((body[pos:], "incomplete"))
+        params = _bind_values(body, pos, n_params) if self._keep_parameters and complete else None
+        sql = self._statements.get(body[portal_end + 1:statement_end], "")
+        name = body[:portal_end]
+        old = self._portals.get(name)
+        if old is not None and old.suspended_at:
+            self._finish_suspended(old)
+        self._portals[name] = _Portal(sql, signature, n_params, params)
+        self._push(_Request(BIND, self._now))
+
+    def _describe(self, body: bytes, complete: bool) -> None:
+        """Describe: Byte1 'S' or 'P', String name."""
+        if not self._discarding:
+            self._push(_Request(DESCRIBE, self._now))
+
+    def _execute(self, body: bytes, complete: bool) -> None:
+        """Execute: String portal, Int32 maximum rows (0 = no limit)."""
+        if self._discarding:
+            return
+        portal = self._portals.get(body[:body.index(0)])
+        if portal is None:  # pgscout did not see the Bind (e.g. evicted): time it anyway
+            portal = _Portal("", 0, 0, None)
+        request = _Request(EXECUTE, self._now, portal)
+        if self._open_executes:
+            request.pipelined = True
+            if self._last_execute is not None:
+                self._last_execute.pipelined = True
+        self._open_executes += 1
+        self._group_executes += 1
+        self._last_execute = request
+        self._push(request)
+
+    def _close(self, body: bytes, complete: bool) -> None:
+        """Close: Byte1 'S' (statement) or 'P' (portal), String name."""
+        if self._discarding:
+            return
+        name = body[1:body.index(0, 1)]
+        if body[0] == 0x53:  # 'S'
+            self._statements.pop(name, None)
+        else:
+            portal = self._portals.pop(name, None)
+            if portal is not None and portal.suspended_at:
+                self._finish_suspended(portal)
+        self._push(_Request(CLOSE, self._now))
+
+    def _sync(self, body: bytes, complete: bool) -> None:
+        self._discarding = False
+        if self._group_executes > 1:
+            # Executes sharing one Sync are a batch (executemany, pipelines), not a loop.
+            for request in self._pending:
+                if request.kind == EXECUTE:
+                    request.pipelined = True
+        self._group_executes = 0
+        self._push(_Request(SYNC, self._now))
+
+    def _function_call(self, body: bytes, complete: bool) -> None:
+        self._push(_Request(FUNCTION, self._now))
+
+    # -- server messages (Backend) ---------------------------------------------------------
+    def _expect(self, kind: int) -> _Request:
+        if not self._pending:
+            raise DecoderError(f"server answered a {_KIND_NAMES[kind]} nobody sent")
+        request = self._pending.popleft()
+        if request.kind != kind:
+            raise DecoderError(f"server answered a {_KIND_NAMES[kind]} while a "
+                               f"{_KIND_NAMES[request.kind]} was first in line")
+        return request
+
+    def _parse_complete(self, body: bytes, complete: bool) -> None:
+        self._expect(PARSE)
+
+    def _bind_complete(self, body: bytes, complete: bool) -> None:
+        self._expect(BIND)
+
+    def _close_complete(self, body: bytes, complete: bool) -> None:
+        self._expect(CLOSE)
+
+    def _row_description(self, body: bytes, complete: bool) -> None:
+        # Answers a Describe in the extended protocol; inside a simple Query it is part of a result.
+        if self._pending and self._pending[0].kind == DESCRIBE:
+            self._pending.popleft()
+
+    def _no_data(self, body: bytes, complete: bool) -> None:
+        self._expect(DESCRIBE)
+
+    def _command_complete(self, body: bytes, complete: bool) -> None:
+        """CommandComplete: String tag ("SELECT 5", "INSERT 0 1", "UPDATE 3", "BEGIN"...)."""
+        tag = body[:-1].decode("ascii", "replace")
+        self._statement_done(tag, _tag_rows(tag), None)
+
+    def _empty_query_response(self, body: bytes, complete: bool) -> None:
+        self._statement_done("EMPTY", 0, None)
+
+    def _portal_suspended(self, body: bytes, complete: bool) -> None:
+        """PortalSuspended: the Execute's row limit was reached; a later Execute continues it."""
+        request = self._expect(EXECUTE)
+        self._open_executes -= 1
+        portal = request.portal
+        if not portal.suspended_at:
+            portal.suspended_at = request.sent_at
+        portal.suspended_rows += self.server.data_rows
+        self.server.data_rows = 0
+
+    def _error_response(self, body: bytes, complete: bool) -> None:
+        """ErrorResponse: (Byte1 field code, String value)* then a zero byte; 'C' is the SQLSTATE."""
+        sqlstate = _error_field(body, b"C")
+        if not self._pending:
+            return  # FATAL at startup or shutdown: no statement to charge it to
+        head = self._pending[0]
+        if head.kind == QUERY:
+            self._statement_done("", 0, sqlstate)
+            return
+        # Extended protocol: charge the error to the Execute of this Sync group (that is the
+        # statement that did not run), then drop what the server will skip until Sync.
+        execute = next((r for r in self._pending if r.kind in (EXECUTE, SYNC)), None)
+        while self._pending and self._pending[0].kind not in (SYNC, QUERY, FUNCTION):
+            request = self._pending.popleft()
+            if request.kind == EXECUTE:
+                self._open_executes -= 1
+                if request is execute:
+                    self._finish(request.portal, request.sent_at, False, request.pipelined,
+                                 "", 0, sqlstate)
+        if not self._pending:
+            self._discarding = True  # the client has not sent its Sync yet
+        self.server.data_rows = 0
+
+    def _ready_for_query(self, body: bytes, complete: bool) -> None:
+        """ReadyForQuery: Byte1 status: 'I' idle, 'T' in a transaction block, 'E' failed block."""
+        status = chr(body[0])
+        while self._pending:
+            if self._pending.popleft().kind in (SYNC, QUERY, FUNCTION):
+                break
+        session = self.session
+        previous = session.txn_status
+        session.txn_status = status
+        session.active = bool(self._pending)
+        if self._pending:
+            self._open_executes = sum(1 for r in self._pending if r.kind == EXECUTE)
+        else:
+            self._open_executes = 0
+            self._last_execute = None
+        held = self._held
+        self._held = []
+        for event in held:
+            event.txn_status = status
+            self._emit(event)
+        if not self._ready:
+            self._ready = True
+            self._emit(SessionReady(session, self._now))
+        elif status != "I" and previous in ("I", ""):
+            self._txn_started_at = self._work_started_at or self._now
+            self._idle_in_txn = 0.0
+        elif status == "I" and previous in ("T", "E"):
+            self._end_transaction(previous)
+        if status == "I":
+            for name in [n for n, p in self._portals.items() if p.suspended_at]:
+                self._finish_suspended(self._portals.pop(name))
+        else:
+            self._idle_since = self._now
+        self._work_started_at = 0.0
+
+    def _backend_key_data(self, body: bytes, complete: bool) -> None:
+        """BackendKeyData: Int32 pid, then the secret key (4 bytes before protocol 3.2, up to 256)."""
+        self.session.backend_pid = _INT32.unpack_from(body, 0)[0]
+        self.cancel_key = body[4:]
+
+    def _parameter_status(self, body: bytes, complete: bool) -> None:
+        """ParameterStatus: String name, String value (sent at startup and when a GUC_REPORT changes)."""
+        name_end = body.index(0)
+        if body[:name_end] == b"application_name":
+            self.session.application_name = _text(body[name_end + 1:-1])
+
+    # -- statement completion --------------------------------------------------------------
+    def _statement_done(self, tag: str, rows: int, sqlstate: str | None) -> None:
+        if not self._pending:
+            raise DecoderError("server completed a statement nobody sent")
+        head = self._pending[0]
+        data_rows = self.server.data_rows
+        self.server.data_rows = 0
+        if head.kind == QUERY:
+            self._query_statement_done(head, tag, rows, sqlstate)
+            return
+        request = self._expect(EXECUTE)
+        self._open_executes -= 1
+        self._finish(request.portal, request.sent_at, True, request.pipelined, tag, rows, sqlstate,
+                     data_rows)
+
+    def _query_statement_done(self, query: _Query, tag: str, rows: int, sqlstate: str | None) -> None:
+        self._hold(StatementDone(
+            self.session, query.sql, query.index, False, query.statement_sent_at, self._now, tag,
+            rows, sqlstate, None, 0, None, False))
+        if query.index:
+            # Several statements in one Query string run as a batch.
+            for event in self._held[-query.index - 1:]:
+                if event.sql is query.sql:
+                    event.pipelined = True
+        query.index += 1
+        query.statement_sent_at = self._now
+        self._track_pool_statements(query.sql, tag, sqlstate)
+
+    def _finish(self, portal: _Portal, sent_at: float, extended: bool, pipelined: bool, tag: str,
+                rows: int, sqlstate: str | None, data_rows: int = 0) -> None:
+        if portal.suspended_at:
+            sent_at = portal.suspended_at
+            rows = portal.suspended_rows + (rows or data_rows)
+            portal.suspended_at = 0.0
+            portal.suspended_rows = 0
+        self._hold(StatementDone(
+            self.session, portal.sql, 0, extended, sent_at, self._now, tag, rows, sqlstate,
+            portal.param_sig, portal.n_params, portal.params, pipelined))
+        self._track_pool_statements(portal.sql, tag, sqlstate)
+
+    def _finish_suspended(self, portal: _Portal) -> None:
+        """A portal closed before running to completion: report what ran of it."""
+        self._finish(portal, portal.suspended_at, True, False, "", 0, None)
+
+    def _hold(self, event: StatementDone) -> None:
+        self._last_tag = event.tag
+        self._last_error = event.sqlstate is not None
+        self._held.append(event)
+        if len(self._held) >= _MAX_HELD_EVENTS:
+            held = self._held
+            self._held = []
+            for held_event in held:
+                self._emit(held_event)
+
+    def _track_pool_statements(self, sql: str, tag: str, sqlstate: str | None) -> None:
+        """SQL-level DEALLOCATE and DISCARD ALL drop protocol-level prepared statements too."""
+        if sqlstate is not None or not tag.startswith(("DEALLOCATE", "DISCARD")):
+            return
+        if tag in ("DEALLOCATE ALL", "DISCARD ALL"):
+            self._statements.clear()
+            if tag == "DISCARD ALL":
+                self._portals.clear()
+            return
+        if tag == "DEALLOCATE":
+            for match in _DEALLOCATE.finditer(sql):
+                name = match.group(1)
+                if name.startswith('"'):
+                    name = name[1:-1].replace('""', '"')
+                else:
+                    name = name.lower()
+                self._statements.pop(name.encode(), None)
+
+    def _end_transaction(self, previous: str) -> None:
+        if previous == "E" or self._last_error:
+            outcome = "aborted"
+        elif self._last_tag == "ROLLBACK":
+            outcome = "rollback"
+        else:
+            outcome = "commit"
+        self._emit(TransactionEnded(self.session, self._txn_started_at, self._now, outcome,
+                                    self._idle_in_txn))
+        self._idle_in_txn = 0.0
+
+
+def _ignore(body: bytes, complete: bool) -> None:
+    pass
+
+
+def _text(raw: bytes) -> str:
+    """A String field without its terminator; invalid UTF-8 is replaced, never raised."""
+    end = raw.find(0)
+    if end >= 0:
+        raw = raw[:end]
+    return raw.decode("utf-8", "replace")
+
+
+def _tag_rows(tag: str) -> int:
+    """The row count that ends SELECT/INSERT/UPDATE/DELETE/MERGE/COPY/FETCH/MOVE tags."""
+    space = tag.rfind(" ")
+    if space < 0:
+        return 0
+    count = tag[space + 1:]
+    return int(count) if count.isdigit() else 0
+
+
+def _error_field(body: bytes, code: bytes) -> str | None:
+    pos = 0
+    while pos < len(body) and body[pos] != 0:
+        end = body.index(0, pos + 1)
+        if body[pos:pos + 1] == code:
+            return body[pos + 1:end].decode("ascii", "replace")
+        pos = end + 1
+    return None
+
+
+def _bind_values(body: bytes, pos: int, n_params: int) -> tuple[bytes | None, ...]:
+    pos += 2
+    values: list[bytes | None] = []
+    for _ in range(n_params):
+        length = _INT32.unpack_from(body, pos)[0]
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos:pos + length])
+            pos += length
+    return tuple(values)

@@ -1,0 +1,111 @@
+"""Events the protocol decoder emits and observers consume.
+
+Owns: the plain data classes passed from the decoder (sans-IO) to observers through the bus.
+Must not: import asyncio, sockets or prometheus_client, or hold behaviour beyond field defaults.
+Times named `*_at` are `time.monotonic()` seconds unless a field says wall clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    """One client connection, shared by reference by every event of that connection.
+
+    The decoder keeps the live fields current (`application_name` follows ParameterStatus,
+    `txn_status` follows ReadyForQuery, `active` is true while the server owes a response).
+    """
+
+    conn_id: int
+    client_addr: str
+    user: str = ""
+    database: str = ""
+    application_name: str = ""
+    replication: bool = False
+    opened_at: float = 0.0  # monotonic
+    opened_wall: float = 0.0  # time.time(), for display
+    backend_pid: int | None = None
+    txn_status: str = ""  # "" before the first ReadyForQuery, then "I", "T" or "E"
+    active: bool = False
+    bytes_from_client: int = 0
+    bytes_from_server: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class SessionOpened:
+    """A StartupMessage arrived (user and database are known); emitted before auth completes."""
+
+    session: Session
+
+
+@dataclass(slots=True, eq=False)
+class SessionReady:
+    """The server sent its first ReadyForQuery: authentication succeeded, backend_pid is set."""
+
+    session: Session
+    at: float
+
+
+@dataclass(slots=True, eq=False)
+class StatementDone:
+    """One completed statement execution.
+
+    Extended protocol: one per Execute run to completion (PortalSuspended continuations of the
+    same portal are merged: `sent_at` is the first Execute, `rows` is cumulative). Simple protocol:
+    one per statement of a (possibly multi-statement) Query; `query_index` says which.
+
+    The decoder fills the wire fields. The fingerprint observer, which runs first on the bus,
+    fills the enrichment fields before any other observer sees the event.
+    """
+
+    session: Session
+    sql: str  # the client's text: Query string, or the prepared statement's Parse text
+    query_index: int  # statement index inside a simple Query; 0 for the extended protocol
+    extended: bool
+    sent_at: float
+    done_at: float
+    tag: str  # CommandComplete tag ("SELECT 3"), "EMPTY" for EmptyQueryResponse, "" on error
+    rows: int
+    sqlstate: str | None  # set when the statement ended with ErrorResponse
+    param_sig: int | None  # keyed hash of the Bind parameter bytes; None for simple Query
+    n_params: int
+    params: tuple[bytes | None, ...] | None  # only when the decoder is asked to keep them
+    pipelined: bool  # sent while another statement was outstanding, or shared a Sync/Query
+    txn_status: str = ""  # ReadyForQuery status that followed ("" if none came)
+    # Enrichment (fingerprint observer):
+    fingerprint: str = ""
+    normalized: str = ""
+    kind: str = ""  # "select", "dml", "utility", "txn", "ddl" or "other"
+    tags: dict[str, str] = field(default_factory=dict)  # parsed sqlcommenter/marginalia comment
+
+    @property
+    def duration(self) -> float:
+        return self.done_at - self.sent_at
+
+
+@dataclass(slots=True, eq=False)
+class TransactionEnded:
+    """A transaction block ended (ReadyForQuery went from T or E back to I)."""
+
+    session: Session
+    started_at: float
+    ended_at: float
+    outcome: str  # "commit", "rollback" or "aborted" (the block had failed: status E)
+    idle_seconds: float  # time the server waited on the client inside the block
+
+
+@dataclass(slots=True, eq=False)
+class Desynced:
+    """The decoder lost track of the stream; bytes keep flowing, observation of it stops."""
+
+    session: Session
+    reason: str
+
+
+@dataclass(slots=True, eq=False)
+class SessionClosed:
+    session: Session
+    at: float
+    reason: str  # "client", "server", "error: ...", "drain"

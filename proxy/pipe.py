@@ -1,0 +1,274 @@
+"""The hot path: one client connection relayed to its own upstream connection.
+
+Owns: the two asyncio Protocols of a session, the startup phase (SSLRequest, GSSENCRequest,
+CancelRequest, StartupMessage), forwarding each received chunk to the other leg *before* decoding
+it, flow control between the legs, and closing both legs together.
+Must not: parse messages itself (framer/decoder do), let a decoder failure touch the byte stream
+(the session is marked desynced and keeps forwarding), or log per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from . import wire
+from .decoder import Decoder
+from .events import Desynced, Session, SessionClosed, SessionOpened
+from .framer import FramingError, StartupPacket, parse_startup_packet
+from .upstream import Handshake, UpstreamError, connect
+
+if TYPE_CHECKING:
+    from .server import Server
+
+monotonic = time.monotonic
+
+
+class Relay:
+    """State shared by the two legs of one session."""
+
+    def __init__(self, server: Server, conn_id: int, client_addr: str):
+        self.server = server
+        self.session = Session(conn_id=conn_id, client_addr=client_addr)
+        self.client: ClientLeg | None = None
+        self.upstream: ServerLeg | None = None
+        self.decoder: Decoder | None = None
+        self.relaying = False
+        self.closed = False
+        self.close_reason = ""
+        self._startup = bytearray()
+        self._tls = False
+
+    # -- startup phase ---------------------------------------------------------------------
+    def startup_data(self, data: bytes) -> None:
+        buffer = self._startup
+        buffer += data
+        if not self.session.opened_at and buffer[:1] == bytes([wire.TLS_HANDSHAKE_RECORD]):
+            self.fail("client sent a TLS ClientHello without SSLRequest (sslnegotiation=direct), "
+                      "which pgscout does not accept", wire.FEATURE_NOT_SUPPORTED, reply=False)
+            return
+        while buffer and not self.closed:
+            try:
+                packet, used = parse_startup_packet(buffer)
+            except FramingError as exc:
+                self.fail(str(exc), wire.PROTOCOL_VIOLATION)
+                return
+            if packet is None:
+                return
+            del buffer[:used]
+            if packet.kind == "ssl":
+                self._answer_ssl_request()
+            elif packet.kind == "gssenc":
+                self.client.transport.write(wire.REFUSE_ENCRYPTION)
+            elif packet.kind == "cancel":
+                self.server.forward_cancel(packet.raw)
+                self.close("cancel request forwarded")
+                return
+            else:
+                self._startup_message(packet)
+                return
+
+    def _answer_ssl_request(self) -> None:
+        context = self.server.client_tls
+        transport = self.client.transport
+        if context is None or self._tls:
+            transport.write(wire.REFUSE_ENCRYPTION)
+            return
+        # Nothing may be read between our 'S' and the handshake: the ClientHello belongs to TLS.
+        transport.pause_reading()
+        transport.write(wire.ACCEPT_TLS)
+        self._tls = True
+        self.server.spawn(self._start_client_tls(transport, context))
+
+    async def _start_client_tls(self, transport, context) -> None:
+        try:
+            tls_transport = await asyncio.get_running_loop().start_tls(
+                transport, self.client, context, server_side=True)
+        except (OSError, asyncio.CancelledError, ConnectionError, Exception) as exc:
+            self.close(f"client TLS handshake failed: {exc}")
+            return
+        self.client.transport = tls_transport
+
+    def _startup_message(self, packet: StartupPacket) -> None:
+        session = self.session
+        params = packet.parameters
+        session.user = params.get("user", "")
+        session.database = params.get("database", session.user)
+        session.application_name = params.get("application_name", "")
+        session.replication = params.get("replication", "false").lower() not in ("false", "off", "no", "0")
+        session.opened_at = monotonic()
+        session.opened_wall = time.time()
+        self.server.session_opened(self)
+        self.server.publish(SessionOpened(session))
+        refusal = self.server.admit(session)
+        if refusal is not None:
+            sqlstate, message = refusal
+            self.fail(message, sqlstate)
+            return
+        self.client.transport.pause_reading()
+        self.server.spawn(self._connect_upstream(packet.raw))
+
+    async def _connect_upstream(self, startup_packet: bytes) -> None:
+        server = self.server
+        try:
+            transport, _ = await connect(
+                server.settings.proxy.upstream, lambda: ServerLeg(self),
+                server.settings.proxy.connect_timeout_seconds, _install_handshake)
+        except UpstreamError as exc:
+            self.fail(f"pgscout: {exc}", wire.CONNECTION_FAILURE)
+            return
+        if self.closed:  # the client went away while we were connecting
+            transport.close()
+            return
+        limits = server.settings.proxy
+        transport.set_write_buffer_limits(limits.write_buffer_high_bytes, limits.write_buffer_low_bytes)
+        self.upstream.transport = transport
+        if server.observing and not self.session.replication:
+            self.decoder = Decoder(self.session, server.publish,
+                                   max_message_length=limits.max_message_bytes,
+                                   keep_parameters=server.keep_parameters)
+        pending = bytes(self._startup)
+        self._startup = bytearray()
+        transport.write(startup_packet + pending)
+        self.relaying = True
+        if pending:
+            self.session.bytes_from_client += len(pending)
+            self.decode_client(pending)
+        self.client.transport.resume_reading()
+
+    # -- relaying --------------------------------------------------------------------------
+    def decode_client(self, data: bytes) -> None:
+        try:
+            self.decoder.client_data(data, monotonic())
+        except FramingError as exc:
+            self.fail(f"client {exc}", wire.PROTOCOL_VIOLATION)
+        except Exception as exc:
+            self.desync(exc)
+
+    def decode_server(self, data: bytes) -> None:
+        try:
+            self.decoder.server_data(data, monotonic())
+        except FramingError as exc:
+            self.fail(f"server {exc}", wire.PROTOCOL_VIOLATION)
+        except Exception as exc:
+            self.desync(exc)
+
+    def desync(self, exc: Exception) -> None:
+        """Stop observing this session; its bytes keep flowing untouched."""
+        self.decoder = None
+        self.server.publish(Desynced(self.session, f"{type(exc).__name__}: {exc}"))
+
+    # -- ending ----------------------------------------------------------------------------
+    def fail(self, message: str, sqlstate: str, reply: bool = True) -> None:
+        """End the session with an ErrorResponse to the client (when it can still read one)."""
+        if self.closed:
+            return
+        if reply and self.client is not None and not self.client.transport.is_closing():
+            self.client.transport.write(wire.error_response(sqlstate, message))
+        self.close(f"error: {message}")
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if self.client is not None:
+            self.client.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            if reason == "client" and self.session.active and self.decoder is not None:
+                # The app hung up mid-statement: stop the backend's work instead of letting it run on.
+                self.server.cancel_backend(self.session.backend_pid, self.decoder.cancel_key)
+            self.upstream.transport.close()
+        if self.session.opened_at:
+            self.server.publish(SessionClosed(self.session, monotonic(), reason))
+        self.server.session_closed(self)
+
+
+def _install_handshake(protocol: ServerLeg) -> Handshake:
+    protocol.handshake = Handshake()
+    return protocol.handshake
+
+
+class ClientLeg(asyncio.Protocol):
+    """The application's side of a session."""
+
+    __slots__ = ("relay", "transport")
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.relay.session.client_addr = (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple)
+                                          else str(peer or "unix"))
+        limits = self.relay.server.settings.proxy
+        transport.set_write_buffer_limits(limits.write_buffer_high_bytes, limits.write_buffer_low_bytes)
+        self.relay.client = self
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if relay.relaying:
+            relay.upstream.transport.write(data)
+            relay.session.bytes_from_client += len(data)
+            if relay.decoder is not None:
+                relay.decode_client(data)
+        elif not relay.closed:
+            relay.startup_data(data)
+
+    def eof_received(self):
+        return False  # half-close is not part of the protocol: close both legs
+
+    def connection_lost(self, exc) -> None:
+        self.relay.close("client")
+
+    def pause_writing(self) -> None:
+        upstream = self.relay.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        upstream = self.relay.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+
+class ServerLeg(asyncio.Protocol):
+    """pgscout's connection to the real database for one session."""
+
+    __slots__ = ("relay", "transport", "handshake")
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.handshake: Handshake | None = None
+        relay.upstream = self
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if self.handshake is not None:
+            data = self.handshake.feed(data)
+            self.handshake = None
+            if not data:
+                return
+        relay.client.transport.write(data)
+        relay.session.bytes_from_server += len(data)
+        if relay.decoder is not None:
+            relay.decode_server(data)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if self.handshake is not None and not self.handshake.answer.done():
+            self.handshake.answer.set_exception(ConnectionResetError("connection closed by upstream"))
+        elif self.transport is not None:  # connected (maybe still writing the startup packet)
+            self.relay.close("server")
+
+    def pause_writing(self) -> None:
+        self.relay.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.relay.client.transport.resume_reading()

@@ -1,0 +1,191 @@
+"""The listener and the registry of live sessions.
+
+Owns: accepting client connections, the set of open sessions, per-connection open/close log
+lines, forwarding CancelRequests to the upstream on connections of their own, admission checks
+(budgets plug in here), upstream reachability for /readyz, and draining on shutdown.
+Must not: touch message bytes (pipe.py relays them) or know what observers exist (it publishes
+the events it is handed a bus for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+
+import structlog
+
+from . import wire
+from .pipe import ClientLeg, Relay
+from .settings import Settings
+from .upstream import Handshake, UpstreamError, connect
+
+log = structlog.get_logger("pgscout.server")
+
+# /readyz would otherwise open a TCP connection per probe.
+_REACHABILITY_TTL = 1.0
+_CANCEL_TIMEOUT = 5.0
+
+Admission = Callable[[object], tuple[str, str] | None]
+
+
+class Server:
+    def __init__(self, settings: Settings, publish: Callable[[object], None], *, observing: bool = True):
+        self.settings = settings
+        self.publish = publish
+        self.observing = observing
+        self.keep_parameters = settings.slowlog.log_parameters
+        self.client_tls = _client_tls_context(settings)
+        self.admissions: list[Admission] = []
+        self.relays: dict[int, Relay] = {}
+        self.draining = False
+        self.started_at = time.time()
+        self.connections_total = 0
+        self.upstream_errors_total = 0
+        self.cancels_forwarded_total = 0
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
+        self._listener: asyncio.base_events.Server | None = None
+        self._reachable: tuple[float, bool, str] = (0.0, False, "not checked yet")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        listen = self.settings.proxy.listen
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: ClientLeg(Relay(self, next(self._ids), "")), listen.host, listen.port,
+            reuse_address=True, backlog=1024)
+        log.info("listening", listen=str(listen), upstream=self.settings.proxy.upstream.display())
+
+    async def drain(self) -> None:
+        """Stop accepting; let open sessions finish up to the drain timeout; then close them."""
+        self.draining = True
+        if self._listener is not None:
+            self._listener.close()
+        timeout = self.settings.proxy.drain_timeout_seconds
+        log.info("draining", open_sessions=len(self.relays), timeout_seconds=timeout)
+        deadline = time.monotonic() + timeout
+        while self.relays and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for relay in list(self.relays.values()):
+            relay.close("drain")
+        await asyncio.sleep(0)  # let transports flush their close
+
+    def spawn(self, coroutine: Coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- sessions --------------------------------------------------------------------------
+    def session_opened(self, relay: Relay) -> None:
+        self.relays[relay.session.conn_id] = relay
+        self.connections_total += 1
+        s = relay.session
+        log.info("connection_opened", conn_id=s.conn_id, client_addr=s.client_addr, user=s.user,
+                 database=s.database, application_name=s.application_name,
+                 replication=s.replication or None)
+
+    def session_closed(self, relay: Relay) -> None:
+        s = relay.session
+        if self.relays.pop(s.conn_id, None) is None:
+            return
+        if relay.close_reason.startswith("error: pgscout: could not connect"):
+            self.upstream_errors_total += 1
+        level = log.warning if relay.close_reason.startswith("error") else log.info
+        level("connection_closed", conn_id=s.conn_id, client_addr=s.client_addr, user=s.user,
+              database=s.database, application_name=s.application_name, backend_pid=s.backend_pid,
+              duration_seconds=round(time.monotonic() - s.opened_at, 6),
+              bytes_from_client=s.bytes_from_client, bytes_from_server=s.bytes_from_server,
+              reason=relay.close_reason)
+
+    def admit(self, session) -> tuple[str, str] | None:
+        """Refuse a new session (SQLSTATE, message) or let it through (None)."""
+        if self.draining:
+            return wire.CANNOT_CONNECT_NOW, "pgscout is shutting down"
+        if self.settings.proxy.upstream is None:
+            return wire.CONNECTION_FAILURE, "pgscout has no upstream configured"
+        for admission in self.admissions:
+            refusal = admission(session)
+            if refusal is not None:
+                return refusal
+        return None
+
+    # -- cancellation ----------------------------------------------------------------------
+    def forward_cancel(self, packet: bytes) -> None:
+        """Send a client's CancelRequest verbatim to the upstream: no pooling, so the backend
+        pid and key in it are the server's own."""
+        self.cancels_forwarded_total += 1
+        self.spawn(self._send_cancel(packet))
+
+    def cancel_backend(self, pid: int | None, key: bytes | None) -> None:
+        if pid is not None and key:
+            self.forward_cancel(wire.cancel_request(pid, key))
+
+    async def _send_cancel(self, packet: bytes) -> None:
+        closed = asyncio.get_running_loop().create_future()
+        try:
+            transport, _ = await connect(self.settings.proxy.upstream, lambda: _CancelLeg(closed),
+                                         self.settings.proxy.connect_timeout_seconds, _cancel_handshake)
+        except UpstreamError as exc:
+            log.warning("cancel_not_forwarded", reason=str(exc))
+            return
+        transport.write(packet)
+        try:
+            # The server closes the connection once it has processed the request.
+            await asyncio.wait_for(closed, _CANCEL_TIMEOUT)
+        except TimeoutError:
+            transport.close()
+
+    # -- readiness -------------------------------------------------------------------------
+    async def upstream_reachable(self) -> tuple[bool, str]:
+        checked_at, ok, detail = self._reachable
+        if time.monotonic() - checked_at < _REACHABILITY_TTL:
+            return ok, detail
+        upstream = self.settings.proxy.upstream
+        try:
+            async with asyncio.timeout(self.settings.proxy.connect_timeout_seconds):
+                if upstream.host.startswith("/"):
+                    _, writer = await asyncio.open_unix_connection(
+                        f"{upstream.host.rstrip('/')}/.s.PGSQL.{upstream.port}")
+                else:
+                    _, writer = await asyncio.open_connection(upstream.host, upstream.port)
+            writer.close()
+            ok, detail = True, f"upstream {upstream.display()} reachable"
+        except (OSError, TimeoutError) as exc:
+            ok, detail = False, f"upstream {upstream.display()} unreachable: {exc or 'timed out'}"
+        self._reachable = (time.monotonic(), ok, detail)
+        return ok, detail
+
+
+class _CancelLeg(asyncio.Protocol):
+    def __init__(self, closed: asyncio.Future):
+        self.closed = closed
+        self.handshake = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshake is not None:
+            self.handshake.feed(data)
+            self.handshake = None
+
+    def connection_lost(self, exc) -> None:
+        if self.handshake is not None and not self.handshake.answer.done():
+            self.handshake.answer.set_exception(ConnectionResetError("connection closed by upstream"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def _cancel_handshake(protocol: _CancelLeg) -> Handshake:
+    protocol.handshake = Handshake()
+    return protocol.handshake
+
+
+def _client_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    proxy = settings.proxy
+    if not proxy.client_tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(proxy.client_tls_cert, proxy.client_tls_key)
+    return context
+
