@@ -1,0 +1,633 @@
+"""N+1 detector behaviour from hand-built StatementDone sequences (no network, no database).
+
+The SQL below is what the ORMs send, already normalized: SQLAlchemy's lazy loader puts the
+parameter first (`$1::INTEGER = books.author_id`), Django inlines literals (simple protocol, so
+`n_params` is 0), psycopg executemany and pipelines mark statements `pipelined`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+
+import pytest
+
+from proxy.events import Session, SessionClosed, StatementDone
+from proxy.observers import nplusone
+from proxy.observers.nplusone import NPlusOneDetector
+from proxy.settings import NPlusOneSettings
+
+AUTHORS = "SELECT authors.id, authors.name FROM authors"
+BOOKS = "SELECT books.id, books.title FROM books WHERE $1::INTEGER = books.author_id"
+REVIEWS = "SELECT reviews.id, reviews.body FROM reviews WHERE $1::INTEGER = reviews.book_id"
+TAGS = "SELECT tags.id, tags.name FROM tags WHERE $1::INTEGER = tags.author_id"
+SETTINGS_ROW = "SELECT settings.value FROM settings WHERE settings.id = $1"
+USER_BY_ID = "SELECT users.id, users.email FROM users WHERE users.id = $1"
+ORDERS_OF_USER = "SELECT orders.id FROM orders WHERE orders.user_id = $1"
+PRODUCT_BY_ID = "SELECT products.id FROM products WHERE products.id = $1"
+SESSION_BY_TOKEN = "SELECT sessions.user_id FROM sessions WHERE sessions.token = $1"
+UPDATE_BOOK = "UPDATE books SET title = $1 WHERE books.id = $2"
+INSERT_BOOK = "INSERT INTO books (author_id, title) VALUES ($1, $2)"
+NEXT_JOB = ("SELECT jobs.id FROM jobs WHERE jobs.state = $1 ORDER BY jobs.id LIMIT $2 "
+            "FOR UPDATE SKIP LOCKED")
+FINISH_JOB = "UPDATE jobs SET state = $1 WHERE jobs.id = $2"
+PAGE = "SELECT events.id FROM events WHERE events.id > $1 ORDER BY events.id LIMIT $2"
+DJANGO_BOOKS = 'SELECT "books"."id" FROM "books" WHERE "books"."author_id" = $1'
+
+
+def fingerprint(sql: str) -> str:
+    return hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
+
+
+def in_list(n: int) -> str:
+    return "SELECT books.id FROM books WHERE books.author_id IN (%s)" % ", ".join(
+        f"${i}" for i in range(1, n + 1))
+
+
+class Harness:
+    """A detector, the findings it emitted and a monotonic clock that the clients advance."""
+
+    def __init__(self, **overrides) -> None:
+        self.now = 1000.0
+        self.findings: list[nplusone.Finding] = []
+        settings = dataclasses.replace(NPlusOneSettings(), **overrides)
+        self.detector = NPlusOneDetector(settings, self.findings.append, clock=lambda: self.now)
+        self._conn_ids = itertools.count(1)
+
+    def connection(self, application_name: str = "shop-web") -> Client:
+        return Client(self, next(self._conn_ids), application_name)
+
+    def idle(self, seconds: float) -> None:
+        self.now += seconds
+        self.detector.flush(self.now)
+
+    def of_kind(self, kind: str) -> list[nplusone.Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+
+class Client:
+    """One client connection: `run` completes one statement `think` seconds after the last."""
+
+    def __init__(self, harness: Harness, conn_id: int, application_name: str) -> None:
+        self.harness = harness
+        self.session = Session(conn_id, f"10.1.0.{conn_id}", user="shop", database="shopdb",
+                               application_name=application_name, opened_at=harness.now,
+                               opened_wall=1_700_000_000.0, txn_status="I")
+
+    def run(self, sql: str, *params, rows: int = 1, kind: str = "select", took: float = 0.001,
+            think: float = 0.0005, pipelined: bool = False, txn: str = "I",
+            tags: dict | None = None, inline: bool = False, tag: str | None = None,
+            fp: str | None = None) -> None:
+        harness = self.harness
+        sent = harness.now + think
+        harness.now = sent + took
+        if tag is None:
+            tag = f"SELECT {rows}" if kind == "select" else "UPDATE 1"
+        ev = StatementDone(
+            self.session, sql, 0, not inline, sent, harness.now, tag, rows, None,
+            # The fingerprinter hashes the literal-bearing text of a simple query; for Bind it
+            # is the decoder's hash of the parameter bytes.
+            hash((sql, params)) if inline else hash(params),
+            0 if inline else len(params), None, pipelined, txn,
+            fingerprint=fp or fingerprint(sql), normalized=sql, kind=kind, tags=dict(tags or {}))
+        self.session.txn_status = txn
+        harness.detector.on_statement(ev)
+
+    def begin(self, **kw) -> None:
+        self.run("BEGIN", kind="txn", tag="BEGIN", txn="T", **kw)
+
+    def commit(self, **kw) -> None:
+        self.run("COMMIT", kind="txn", tag="COMMIT", txn="I", **kw)
+
+    def close(self) -> None:
+        self.harness.detector.on_session_closed(SessionClosed(self.session, self.harness.now,
+                                                              "client"))
+
+
+def lazy_load(client: Client, parents: int = 10, child: str = BOOKS, child_rows: int = 1,
+              **kw) -> None:
+    """SQLAlchemy lazy="select": one parent query, then one child query per parent row."""
+    client.run(AUTHORS, rows=parents, **kw)
+    for author_id in range(parents):
+        client.run(child, author_id, rows=child_rows, **kw)
+
+
+# -- flagged ------------------------------------------------------------------------------------
+def test_lazy_loading_loop_is_reported_once_its_segment_ends():
+    h = Harness()
+    client = h.connection()
+    lazy_load(client, parents=10)
+    assert h.findings == []
+    h.idle(1.5)
+    [finding] = h.findings
+    assert finding.kind == "n_plus_one"
+    assert (finding.owner_fingerprint, finding.owner_sql) == (fingerprint(AUTHORS), AUTHORS)
+    assert (finding.child_fingerprint, finding.child_sql) == (fingerprint(BOOKS), BOOKS)
+    assert (finding.n, finding.iterations) == (10, 1)
+    assert (finding.severity, finding.confidence) == ("info", "high")
+    assert (finding.application_name, finding.user, finding.database, finding.client_addr) == (
+        "shop-web", "shop", "shopdb", "10.1.0.1")
+    assert finding.child_time_ms == pytest.approx(10.0)
+    assert finding.loop_time_ms == pytest.approx(10 * 1.0 + 9 * 0.5)
+    assert finding.waste_ms == pytest.approx(finding.loop_time_ms - 1.0)
+    assert finding.first_seen == pytest.approx(1_700_000_000.0, abs=1.0)
+    for words in ("books", "authors", "author_id = ANY($1)", "selectinload", "joinedload",
+                  "prefetch_related", "select_related"):
+        assert words in finding.suggestion
+    assert json.loads(json.dumps(finding.to_dict()))["child_sql"] == BOOKS
+
+
+def test_loop_inside_a_transaction_is_reported_when_it_commits():
+    h = Harness()
+    client = h.connection()
+    client.begin()
+    lazy_load(client, txn="T")
+    assert h.findings == []
+    client.commit()
+    assert [f.n for f in h.findings] == [10]
+
+
+def test_django_lazy_loop_with_inline_literals_is_reported():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=8, inline=True)
+    for author_id in range(8):
+        client.run(DJANGO_BOOKS, author_id, inline=True)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert finding.n == 8
+    assert '"books"' in finding.suggestion and "author_id" in finding.suggestion
+
+
+@pytest.mark.parametrize("first_relationship_rows", [0, 3])
+def test_two_relationships_per_parent_are_two_findings_against_the_parent(first_relationship_rows):
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in range(10):
+        client.run(BOOKS, author_id, rows=first_relationship_rows)
+        client.run(TAGS, author_id, rows=1)
+    h.idle(1.5)
+    found = {(f.owner_sql, f.child_sql): f for f in h.of_kind("n_plus_one")}
+    assert set(found) == {(AUTHORS, BOOKS), (AUTHORS, TAGS)}
+    assert all(f.n == 10 and f.confidence == "high" for f in found.values())
+
+
+@pytest.mark.parametrize("books_per_author", [3, 8])
+def test_nested_parent_child_grandchild_reports_both_levels(books_per_author):
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=6)
+    book_ids = itertools.count()
+    for author_id in range(6):
+        client.run(BOOKS, author_id, rows=books_per_author)
+        for _ in range(books_per_author):
+            client.run(REVIEWS, next(book_ids), rows=2)
+    h.idle(1.5)
+    found = {(f.owner_sql, f.child_sql): f for f in h.of_kind("n_plus_one")}
+    assert set(found) == {(AUTHORS, BOOKS), (BOOKS, REVIEWS)}
+    assert found[AUTHORS, BOOKS].n == 6
+    assert found[BOOKS, REVIEWS].n == 6 * books_per_author
+    assert found[BOOKS, REVIEWS].confidence == "high"
+
+
+@pytest.mark.parametrize("in_transactions", [True, False])
+def test_same_pattern_on_a_pooled_connection_counts_iterations_without_merging(in_transactions):
+    h = Harness()
+    client = h.connection()
+    route = {"route": "/authors"}
+    for _ in range(5):
+        if in_transactions:
+            client.begin(tags=route)
+        lazy_load(client, txn="T" if in_transactions else "I", tags=route)
+        if in_transactions:
+            client.commit(tags=route)
+        h.now += 0.05  # back to back: no idle gap between requests
+    h.idle(1.5)
+    [first] = h.findings
+    assert (first.n, first.iterations, first.tags["route"]) == (10, 1, "/authors")
+    h.idle(60)
+    [first, rollup] = h.findings
+    assert (rollup.n, rollup.iterations) == (40, 4)  # 10 per request: nothing merged
+    assert rollup.first_seen == first.first_seen
+    assert h.detector.recent()[0]["iterations"] == 4
+
+
+def test_requests_interleaved_on_one_connection_are_separated_by_traceparent():
+    h = Harness()
+    client = h.connection()
+    request_a = {"traceparent": "00-" + "a" * 32 + "-" + "1" * 16 + "-01", "route": "/a"}
+    request_b = {"traceparent": "00-" + "b" * 32 + "-" + "2" * 16 + "-01", "route": "/b"}
+    client.run(AUTHORS, rows=6, tags=request_a)
+    client.run(AUTHORS, rows=7, tags=request_b)
+    for author_id in range(7):
+        if author_id < 6:
+            client.run(BOOKS, author_id, tags=request_a)
+        client.run(BOOKS, 100 + author_id, tags=request_b)
+    h.idle(1.5)
+    found = {f.tags["route"]: f for f in h.findings}
+    assert {route: f.n for route, f in found.items()} == {"/a": 6, "/b": 7}
+    assert all(f.confidence == "high" for f in found.values())
+
+
+def test_write_loops_are_reported_only_with_include_writes():
+    for include_writes, expected in ((False, 0), (True, 1)):
+        h = Harness(include_writes=include_writes)
+        client = h.connection()
+        client.run(AUTHORS, rows=10)
+        for book_id in range(10):
+            client.run(UPDATE_BOOK, "t", book_id, kind="dml")
+        h.idle(1.5)
+        assert len(h.of_kind("n_plus_one")) == expected
+
+
+# -- not flagged --------------------------------------------------------------------------------
+def test_selectinload_and_joinedload_are_not_reported():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    client.run(in_list(10), *range(10), rows=25)  # selectinload: one IN query for all parents
+    client.run("SELECT authors.id, books.id FROM authors LEFT OUTER JOIN books "
+               "ON authors.id = books.author_id", rows=40)  # joinedload
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_chunked_in_and_any_loaders_are_not_reported():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=1000)
+    any_chunk = "SELECT books.id FROM books WHERE books.author_id = ANY($1)"
+    for chunk in range(10):
+        client.run(any_chunk, f"chunk-{chunk}", rows=30)  # one array parameter per chunk
+    for chunk in range(10):
+        client.run(in_list(100), *range(chunk * 100, chunk * 100 + 100), rows=30,
+                   fp="in-list-fp")
+    h.idle(1.5)
+    assert h.findings == []
+
+
+@pytest.mark.parametrize("include_writes", [False, True])
+def test_executemany_is_a_batch_not_a_loop(include_writes):
+    h = Harness(include_writes=include_writes)
+    client = h.connection()
+    client.run(AUTHORS, rows=50)
+    # psycopg >= 3.1 and asyncpg send executemany as a pipeline; the last one waits for Sync.
+    for author_id in range(50):
+        client.run(INSERT_BOOK, author_id, "t", kind="dml", pipelined=author_id < 49, think=0)
+    for author_id in range(50):
+        client.run(BOOKS, author_id, pipelined=author_id < 49, think=0)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_pipelined_lookups_are_not_reported():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in range(10):
+        client.run(BOOKS, author_id, pipelined=True, think=0)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+@pytest.mark.parametrize("with_owner", [False, True])
+def test_keyset_pagination_is_not_reported(with_owner):
+    h = Harness()
+    client = h.connection()
+    if with_owner:
+        client.run(AUTHORS, rows=10)
+    for page in range(20):
+        client.run(PAGE, page * 100, 100, rows=100)
+    client.run(PAGE, 2000, 100, rows=37)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_queue_worker_polling_one_row_at_a_time_is_not_reported():
+    h = Harness()
+    client = h.connection("worker")
+    for job_id in range(40):
+        client.begin()
+        client.run(NEXT_JOB, "queued", 1, rows=1, txn="T")
+        client.run(FINISH_JOB, "done", job_id, kind="dml", txn="T")
+        client.commit()
+    for _ in range(40):  # autocommit polling of an empty queue
+        client.run(NEXT_JOB, "queued", 1, rows=0, think=0.1)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_loop_with_200_ms_of_work_between_queries_is_not_reported():
+    h = Harness()
+    client = h.connection()
+    lazy_load(client, parents=10, think=0.2)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+@pytest.mark.parametrize("pool_resets", [False, True])
+def test_pooled_connection_serving_many_small_unrelated_requests_is_not_reported(pool_resets):
+    h = Harness()
+    client = h.connection()
+    ids = itertools.count()
+    for _ in range(300):
+        user_id = next(ids)
+        client.run(SESSION_BY_TOKEN, f"token-{user_id}")
+        client.run(USER_BY_ID, user_id)
+        client.run(ORDERS_OF_USER, user_id, rows=3)
+        client.run(PRODUCT_BY_ID, next(ids))
+        client.run(PRODUCT_BY_ID, next(ids))
+        if pool_resets:
+            client.run("ROLLBACK", kind="txn", tag="ROLLBACK")  # SQLAlchemy reset on return
+        h.now += 0.02
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_detector_switched_off_reports_nothing():
+    h = Harness(enabled=False)
+    lazy_load(h.connection())
+    h.idle(1.5)
+    assert h.findings == []
+
+
+# -- duplicates ---------------------------------------------------------------------------------
+def test_same_query_with_same_parameters_in_a_loop_is_a_duplicate_not_n_plus_one():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in range(10):
+        client.run(BOOKS, author_id)
+        client.run(SETTINGS_ROW, 42)
+    h.idle(1.5)
+    assert [(f.kind, f.child_sql) for f in h.findings] == [
+        ("n_plus_one", BOOKS), ("duplicate", SETTINGS_ROW)]
+    duplicate = h.of_kind("duplicate")[0]
+    assert (duplicate.n, duplicate.owner_sql, duplicate.confidence) == (10, AUTHORS, "high")
+    assert duplicate.waste_ms == pytest.approx(9.0)
+    assert "10 times with identical parameters" in duplicate.suggestion
+
+
+def test_repeated_identical_query_without_owner_is_a_duplicate():
+    h = Harness()
+    client = h.connection()
+    for _ in range(6):
+        client.run(USER_BY_ID, 7)
+    client.run(USER_BY_ID, 8)
+    client.run(USER_BY_ID, 8)  # twice is below duplicate_min
+    h.idle(1.5)
+    [duplicate] = h.findings
+    assert (duplicate.kind, duplicate.n, duplicate.owner_sql) == ("duplicate", 6, None)
+
+
+# -- no owner visible ---------------------------------------------------------------------------
+@pytest.mark.parametrize("run_length, reported", [(9, False), (10, True)])
+def test_strict_run_without_owner_needs_ten_distinct_executions(run_length, reported):
+    h = Harness()
+    client = h.connection()
+    for author_id in range(run_length):
+        client.run(BOOKS, author_id)
+    h.idle(1.5)
+    if not reported:
+        assert h.findings == []
+        return
+    [finding] = h.findings
+    assert (finding.owner_fingerprint, finding.owner_sql) == (None, None)
+    assert (finding.n, finding.confidence) == (10, "low")
+    assert "one per key" in finding.suggestion
+
+
+def test_run_without_owner_broken_by_another_statement_is_not_reported():
+    h = Harness()
+    client = h.connection()
+    for author_id in range(12):
+        client.run(BOOKS, author_id)
+        if author_id == 5:
+            client.run(USER_BY_ID, 1)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+# -- severity and confidence --------------------------------------------------------------------
+@pytest.mark.parametrize("parents, took, severity", [
+    (5, 0.001, "info"),
+    (19, 0.001, "info"),
+    (20, 0.001, "warning"),
+    (5, 0.011, "warning"),  # loop >= 50 ms
+    (99, 0.001, "warning"),
+    (100, 0.001, "critical"),
+    (6, 0.09, "critical"),  # loop >= 500 ms
+])
+def test_severity_follows_loop_time_and_size(parents, took, severity):
+    h = Harness()
+    lazy_load(h.connection(), parents=parents, took=took)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.n, finding.severity) == (parents, severity)
+
+
+def test_more_distinct_children_than_owner_rows_is_medium_confidence():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=3)
+    for author_id in range(6):
+        client.run(BOOKS, author_id)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert finding.confidence == "medium"
+
+
+def test_owner_needs_two_rows_and_children_need_five_distinct_parameters():
+    h = Harness()
+    client = h.connection()
+    lazy_load(client, parents=4)
+    h.idle(1.5)
+    client.run(AUTHORS, rows=1)
+    for author_id in range(6):
+        client.run(BOOKS, author_id)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_mostly_repeated_parameters_are_not_an_n_plus_one():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in (1, 2, 3, 4, 5, 1, 2):  # 5 distinct of 7: ratio 0.71 < 0.8
+        client.run(BOOKS, author_id)
+    h.idle(1.5)
+    assert h.of_kind("n_plus_one") == []
+
+
+def test_children_with_more_than_eight_bound_values_are_not_tracked():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in range(10):
+        client.run(in_list(9), *range(author_id, author_id + 9), fp="in9")
+    h.idle(1.5)
+    assert h.findings == []
+
+
+# -- segment boundaries -------------------------------------------------------------------------
+@pytest.mark.parametrize("gap, reported_n", [(0.8, [6]), (1.2, [])])
+def test_idle_gap_over_one_second_ends_the_segment(gap, reported_n):
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in range(6):
+        client.run(BOOKS, author_id, think=gap if author_id == 3 else 0.0005)
+    h.idle(1.5)
+    assert [f.n for f in h.findings] == reported_n
+
+
+def test_flush_ends_only_segments_idle_past_the_gap():
+    h = Harness()
+    lazy_load(h.connection())
+    h.idle(0.9)
+    assert h.findings == []
+    h.idle(0.2)
+    assert len(h.findings) == 1
+
+
+def test_transaction_end_ends_the_segment():
+    h = Harness()
+    client = h.connection()
+    client.begin()
+    client.run(AUTHORS, rows=10, txn="T")
+    for author_id in range(3):
+        client.run(BOOKS, author_id, txn="T")
+    client.commit()
+    client.begin()
+    for author_id in range(3, 6):
+        client.run(BOOKS, author_id, txn="T")
+    client.commit()
+    assert h.findings == []
+
+
+def test_rollback_to_savepoint_keeps_the_segment():
+    h = Harness()
+    client = h.connection()
+    client.begin()
+    client.run(AUTHORS, rows=10, txn="T")
+    for author_id in range(3):
+        client.run(BOOKS, author_id, txn="T")
+    client.run("SAVEPOINT sa_1", kind="txn", tag="SAVEPOINT", txn="T")
+    client.run("ROLLBACK TO SAVEPOINT sa_1", kind="txn", tag="ROLLBACK", txn="T")
+    for author_id in range(3, 6):
+        client.run(BOOKS, author_id, txn="T")
+    client.commit()
+    assert [f.n for f in h.findings] == [6]
+
+
+def test_failed_transaction_rolled_back_ends_the_segment():
+    h = Harness()
+    client = h.connection()
+    client.begin()
+    client.run(AUTHORS, rows=10, txn="T")
+    for author_id in range(6):
+        client.run(BOOKS, author_id, txn="E" if author_id == 5 else "T")
+    client.run("ROLLBACK", kind="txn", tag="ROLLBACK", txn="I")
+    assert [f.n for f in h.findings] == [6]
+
+
+@pytest.mark.parametrize("sql, kind, tag", [
+    ("SELECT $1", "select", "SELECT 1"),  # pool_pre_ping
+    ("", "other", "EMPTY"),  # asyncpg / psycopg_pool check
+    ("DISCARD ALL", "utility", "DISCARD ALL"),  # PgBouncer server_reset_query
+    ("RESET ALL", "utility", "RESET"),  # asyncpg pool release
+    ("deallocate all", "utility", "DEALLOCATE ALL"),
+])
+def test_pool_checkout_and_reset_statements_end_the_segment(sql, kind, tag):
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in range(6):
+        if author_id == 3:
+            client.run(sql, kind=kind, tag=tag)
+        client.run(BOOKS, author_id)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_segment_rolls_over_after_segment_max_events():
+    h = Harness(segment_max_events=8)
+    lazy_load(h.connection(), parents=10)
+    h.idle(1.5)
+    assert [f.n for f in h.findings] == [7]  # the owner plus 7 children fill the first segment
+
+
+def test_closing_the_connection_reports_at_once_and_forgets_it():
+    h = Harness()
+    client = h.connection()
+    lazy_load(client)
+    client.close()
+    assert len(h.findings) == 1
+    assert h.detector._streams == {} and h.detector._connections == {}
+
+
+# -- emission, recent(), counts() ---------------------------------------------------------------
+def test_rollup_keeps_the_worst_severity_and_a_quiet_key_is_reported_at_once_again():
+    h = Harness()
+    client = h.connection()
+    lazy_load(client, parents=5)
+    h.idle(1.5)
+    lazy_load(client, parents=120)
+    h.idle(1.5)
+    lazy_load(client, parents=5)
+    h.idle(1.5)
+    assert len(h.findings) == 1
+    h.idle(60)
+    rollup = h.findings[-1]
+    assert (rollup.iterations, rollup.n, rollup.severity) == (2, 125, "critical")
+    h.idle(61)  # a whole interval without occurrences
+    lazy_load(client, parents=5)
+    h.idle(1.5)
+    assert [(f.iterations, f.n) for f in h.findings] == [(1, 5), (2, 125), (1, 5)]
+
+
+def test_recent_is_newest_first_and_keeps_only_keep():
+    h = Harness(keep=2)
+    client = h.connection()
+    for child in (BOOKS, TAGS, REVIEWS):
+        lazy_load(client, child=child)
+        h.idle(1.5)
+    assert [f["child_sql"] for f in h.detector.recent()] == [REVIEWS, TAGS]
+
+
+def test_counts_every_occurrence_by_kind_child_application_and_severity(monkeypatch):
+    monkeypatch.setattr(nplusone, "MAX_COUNTED_LABEL_SETS", 2)
+    h = Harness()
+    client = h.connection("billing")
+    for child in (BOOKS, BOOKS, TAGS, REVIEWS):
+        lazy_load(client, child=child)
+        h.idle(1.5)
+    assert h.detector.counts() == {
+        ("n_plus_one", fingerprint(BOOKS), "billing", "info"): 2,
+        ("n_plus_one", fingerprint(TAGS), "billing", "info"): 1,
+        ("n_plus_one", "other", "billing", "info"): 1,
+    }
+
+
+# -- memory bounds ------------------------------------------------------------------------------
+def test_ten_thousand_distinct_children_keep_tracks_within_max_tracks():
+    h = Harness(segment_max_events=20_000)  # one segment holds them all
+    client = h.connection()
+    client.run(AUTHORS, rows=10_000)
+    for i in range(10_000):
+        client.run(f"SELECT c{i}.id FROM c{i} WHERE c{i}.parent_id = $1", i, think=0)
+    [stream] = h.detector._streams.values()
+    assert len(stream.tracks) == 256
+    assert len(stream.owners) <= 8
+
+
+def test_many_traced_requests_on_one_connection_keep_streams_bounded():
+    h = Harness()
+    client = h.connection()
+    for request in range(1000):
+        trace = {"traceparent": f"00-{request + 1:032x}-{1:016x}-01"}
+        client.run(USER_BY_ID, request, tags=trace)
+    assert len(h.detector._streams) <= nplusone.MAX_STREAMS_PER_CONNECTION
