@@ -24,8 +24,11 @@ _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 
 # Request kinds in the FIFO of things the server will answer, in the order it answers them.
-PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNCTION = range(8)
-_KIND_NAMES = ("Parse", "Bind", "Describe", "Execute", "Close", "Sync", "Query", "FunctionCall")
+# Parse, Bind, Describe and Close are not queued: their answers (ParseComplete, BindComplete,
+# NoData...) carry nothing pgscout reports, and an error they cause is charged to the Execute of
+# their Sync group, the statement that then does not run. Skipping them keeps the hot path short.
+EXECUTE, SYNC, QUERY, FUNCTION = range(4)
+_KIND_NAMES = ("Execute", "Sync", "Query", "FunctionCall")
 
 # A client that pipelines thousands of Executes before one Sync: report them without waiting.
 _MAX_HELD_EVENTS = 256
@@ -94,6 +97,7 @@ class Decoder:
         self._open_executes = 0
         self._last_execute: _Request | None = None
         self._group_executes = 0  # Executes since the last Sync
+        self._suspended = 0  # portals waiting for an Execute to continue them
         self._ready = False
         self._work_started_at = 0.0  # first client message after the last ReadyForQuery
         self._txn_started_at = 0.0
@@ -105,19 +109,12 @@ class Decoder:
             wire.F_QUERY: self._query,
             wire.F_PARSE: self._parse,
             wire.F_BIND: self._bind,
-            wire.F_DESCRIBE: self._describe,
             wire.F_EXECUTE: self._execute,
             wire.F_CLOSE: self._close,
             wire.F_SYNC: self._sync,
             wire.F_FUNCTION_CALL: self._function_call,
         }, max_message_length)
         self.server = Framer({
-            wire.B_PARSE_COMPLETE: self._parse_complete,
-            wire.B_BIND_COMPLETE: self._bind_complete,
-            wire.B_CLOSE_COMPLETE: self._close_complete,
-            wire.B_PARAMETER_DESCRIPTION: _ignore,
-            wire.B_ROW_DESCRIPTION: self._row_description,
-            wire.B_NO_DATA: self._no_data,
             wire.B_COMMAND_COMPLETE: self._command_complete,
             wire.B_EMPTY_QUERY_RESPONSE: self._empty_query_response,
             wire.B_PORTAL_SUSPENDED: self._portal_suspended,
@@ -163,7 +160,6 @@ class Decoder:
         if name and name not in statements and len(statements) >= _MAX_STATEMENTS:
             del statements[next(iter(statements))]
         statements[name] = sql
-        self._push(_Request(PARSE, self._now))
 
     def _bind(self, body: bytes, complete: bool) -> None:
         """Bind: String portal, String statement, Int16 nfmt, Int16[nfmt], Int16 nparams,
@@ -186,12 +182,6 @@ class Decoder:
         if old is not None and old.suspended_at:
             self._finish_suspended(old)
         self._portals[name] = _Portal(sql, signature, n_params, params)
-        self._push(_Request(BIND, self._now))
-
-    def _describe(self, body: bytes, complete: bool) -> None:
-        """Describe: Byte1 'S' or 'P', String name."""
-        if not self._discarding:
-            self._push(_Request(DESCRIBE, self._now))
 
     def _execute(self, body: bytes, complete: bool) -> None:
         """Execute: String portal, Int32 maximum rows (0 = no limit)."""
@@ -221,7 +211,6 @@ class Decoder:
             portal = self._portals.pop(name, None)
             if portal is not None and portal.suspended_at:
                 self._finish_suspended(portal)
-        self._push(_Request(CLOSE, self._now))
 
     def _sync(self, body: bytes, complete: bool) -> None:
         self._discarding = False
@@ -246,23 +235,6 @@ class Decoder:
                                f"{_KIND_NAMES[request.kind]} was first in line")
         return request
 
-    def _parse_complete(self, body: bytes, complete: bool) -> None:
-        self._expect(PARSE)
-
-    def _bind_complete(self, body: bytes, complete: bool) -> None:
-        self._expect(BIND)
-
-    def _close_complete(self, body: bytes, complete: bool) -> None:
-        self._expect(CLOSE)
-
-    def _row_description(self, body: bytes, complete: bool) -> None:
-        # Answers a Describe in the extended protocol; inside a simple Query it is part of a result.
-        if self._pending and self._pending[0].kind == DESCRIBE:
-            self._pending.popleft()
-
-    def _no_data(self, body: bytes, complete: bool) -> None:
-        self._expect(DESCRIBE)
-
     def _command_complete(self, body: bytes, complete: bool) -> None:
         """CommandComplete: String tag ("SELECT 5", "INSERT 0 1", "UPDATE 3", "BEGIN"...)."""
         tag = body[:-1].decode("ascii", "replace")
@@ -278,6 +250,7 @@ class Decoder:
         portal = request.portal
         if not portal.suspended_at:
             portal.suspended_at = request.sent_at
+            self._suspended += 1
         portal.suspended_rows += self.server.data_rows
         self.server.data_rows = 0
 
@@ -298,7 +271,7 @@ class Decoder:
             if request.kind == EXECUTE:
                 self._open_executes -= 1
                 if request is execute:
-                    self._finish(request.portal, request.sent_at, False, request.pipelined,
+                    self._finish(request.portal, request.sent_at, True, request.pipelined,
                                  "", 0, sqlstate)
         if not self._pending:
             self._discarding = True  # the client has not sent its Sync yet
@@ -333,8 +306,10 @@ class Decoder:
         elif status == "I" and previous in ("T", "E"):
             self._end_transaction(previous)
         if status == "I":
-            for name in [n for n, p in self._portals.items() if p.suspended_at]:
-                self._finish_suspended(self._portals.pop(name))
+            if self._suspended:
+                # Leaving the transaction destroys its portals, suspended ones included.
+                for name in [n for n, p in self._portals.items() if p.suspended_at]:
+                    self._finish_suspended(self._portals.pop(name))
         else:
             self._idle_since = self._now
         self._work_started_at = 0.0
@@ -383,6 +358,7 @@ class Decoder:
         if portal.suspended_at:
             sent_at = portal.suspended_at
             rows = portal.suspended_rows + (rows or data_rows)
+            self._suspended -= 1
             portal.suspended_at = 0.0
             portal.suspended_rows = 0
         self._hold(StatementDone(
@@ -412,6 +388,7 @@ class Decoder:
             self._statements.clear()
             if tag == "DISCARD ALL":
                 self._portals.clear()
+                self._suspended = 0
             return
         if tag == "DEALLOCATE":
             for match in _DEALLOCATE.finditer(sql):
@@ -432,10 +409,6 @@ class Decoder:
         self._emit(TransactionEnded(self.session, self._txn_started_at, self._now, outcome,
                                     self._idle_in_txn))
         self._idle_in_txn = 0.0
-
-
-def _ignore(body: bytes, complete: bool) -> None:
-    pass
 
 
 def _text(raw: bytes) -> str:

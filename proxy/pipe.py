@@ -35,6 +35,8 @@ class Relay:
         self.upstream: ServerLeg | None = None
         self.decoder: Decoder | None = None
         self.relaying = False
+        self.authenticating = False  # until AuthenticationOk: server bytes pass through filter_auth
+        self._auth = bytearray()
         self.closed = False
         self.close_reason = ""
         self._startup = bytearray()
@@ -131,11 +133,49 @@ class Relay:
         pending = bytes(self._startup)
         self._startup = bytearray()
         transport.write(startup_packet + pending)
+        self.authenticating = True
         self.relaying = True
         if pending:
             self.session.bytes_from_client += len(pending)
             self.decode_client(pending)
         self.client.transport.resume_reading()
+
+    # -- authentication --------------------------------------------------------------------
+    def filter_auth(self, data: bytes) -> bytes:
+        """Pass the server's authentication messages on whole, minus SCRAM-SHA-256-PLUS.
+
+        Channel binding ties SCRAM to the TLS session it runs over; pgscout ends both TLS legs,
+        so the binding the client would compute never matches the server's. The server offers
+        -PLUS when *its* leg is TLS; left in, libpq on a plaintext client leg refuses the
+        connection ("server offered SCRAM-SHA-256-PLUS authentication over a non-SSL
+        connection"). Without it, clients do plain SCRAM-SHA-256, which passes untouched.
+        """
+        buffer = self._auth
+        buffer += data
+        out = []
+        pos = 0
+        while len(buffer) - pos >= 5:
+            length = int.from_bytes(buffer[pos + 1:pos + 5], "big")
+            end = pos + 1 + length
+            if length < 4 or end > len(buffer):
+                break
+            message = bytes(buffer[pos:end])
+            if message[0] == wire.B_AUTHENTICATION and length >= 8:
+                code = int.from_bytes(message[5:9], "big")
+                if code == wire.AUTH_SASL:
+                    message = _without_channel_binding(message)
+                elif code == wire.AUTH_OK:
+                    self.authenticating = False
+            elif message[0] != wire.B_AUTHENTICATION:
+                self.authenticating = False  # ErrorResponse, or a server that skipped auth
+            out.append(message)
+            pos = end
+            if not self.authenticating:
+                out.append(bytes(buffer[end:]))
+                pos = len(buffer)
+                break
+        del buffer[:pos]
+        return b"".join(out)
 
     # -- relaying --------------------------------------------------------------------------
     def decode_client(self, data: bytes) -> None:
@@ -183,6 +223,13 @@ class Relay:
         if self.session.opened_at:
             self.server.publish(SessionClosed(self.session, monotonic(), reason))
         self.server.session_closed(self)
+
+
+def _without_channel_binding(message: bytes) -> bytes:
+    """AuthenticationSASL: Byte1 'R', Int32 len, Int32 10, mechanism names (String)*, then a zero byte."""
+    names = [n for n in message[9:].split(b"\0") if n and n != b"SCRAM-SHA-256-PLUS"]
+    body = (wire.AUTH_SASL).to_bytes(4, "big") + b"".join(n + b"\0" for n in names) + b"\0"
+    return b"R" + (len(body) + 4).to_bytes(4, "big") + body
 
 
 def _install_handshake(protocol: ServerLeg) -> Handshake:
@@ -251,6 +298,10 @@ class ServerLeg(asyncio.Protocol):
         if self.handshake is not None:
             data = self.handshake.feed(data)
             self.handshake = None
+            if not data:
+                return
+        if relay.authenticating:
+            data = relay.filter_auth(data)
             if not data:
                 return
         relay.client.transport.write(data)

@@ -61,6 +61,10 @@ B_PORTAL_SUSPENDED = ord("s")
 B_READY_FOR_QUERY = ord("Z")
 B_ROW_DESCRIPTION = ord("T")
 
+# Authentication request codes (the Int32 after 'R').
+AUTH_OK = 0
+AUTH_SASL = 10
+
 # Single-byte answers to SSLRequest / GSSENCRequest.
 ACCEPT_TLS = b"S"
 REFUSE_ENCRYPTION = b"N"
