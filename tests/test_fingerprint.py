@@ -1,0 +1,267 @@
+"""Fingerprinter: enrichment of StatementDone events, from events alone."""
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.events import Session, StatementDone
+from proxy.observers.fingerprint import MAX_PARSE_CHARS, Fingerprinter, fingerprint_text
+
+HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def statement(sql, query_index=0, param_sig=None):
+    return StatementDone(
+        session=Session(conn_id=1, client_addr="127.0.0.1:5000"),
+        sql=sql,
+        query_index=query_index,
+        extended=param_sig is not None,
+        sent_at=10.0,
+        done_at=10.002,
+        tag="SELECT 1",
+        rows=1,
+        sqlstate=None,
+        param_sig=param_sig,
+        n_params=0,
+        params=None,
+        pipelined=False,
+    )
+
+
+def enriched(sql, fingerprinter=None, **kwargs):
+    ev = statement(sql, **kwargs)
+    (fingerprinter or Fingerprinter(cache_size=100)).on_statement(ev)
+    return ev
+
+
+def test_literal_and_placeholder_forms_share_a_fingerprint():
+    literal = enriched("SELECT * FROM users WHERE id = 42 AND email = 'a@b.c'")
+    bound = enriched("SELECT * FROM users WHERE id = $1 AND email = $2")
+    assert literal.fingerprint == bound.fingerprint
+    assert HEX16.fullmatch(literal.fingerprint)
+    assert literal.normalized == "SELECT * FROM users WHERE id = $1 AND email = $2"
+    assert literal.kind == "select"
+
+
+def test_in_lists_of_any_length_share_a_fingerprint():
+    prints = {
+        fingerprint_text(sql)[0]
+        for sql in [
+            "select * from t where a in (1)",
+            "select * from t where a in (1, 2, 3, 4, 5)",
+            "select * from t where a in ($1, $2)",
+        ]
+    }
+    assert len(prints) == 1
+
+
+def test_different_queries_get_different_fingerprints():
+    assert fingerprint_text("select * from users")[0] != fingerprint_text("select * from posts")[0]
+
+
+def test_comments_are_stripped_and_parsed_into_tags():
+    plain = enriched("select * from posts where id = 1")
+    commented = enriched(
+        "select * from posts where id = 2 /*controller='posts',action='show',"
+        "traceparent='00-5bd66ef5095369c7b0d1f8f4bd33716a-c532cb4098ac3dd2-01'*/"
+    )
+    assert commented.fingerprint == plain.fingerprint
+    assert commented.normalized == "select * from posts where id = $1"
+    assert commented.tags["controller"] == "posts"
+    assert plain.tags == {}
+
+
+def test_simple_query_param_sig_depends_on_text_not_on_comments():
+    first = enriched("select * from t where id = 1 /*traceparent='a'*/")
+    same = enriched("select * from t where id = 1 /*traceparent='b'*/")
+    other = enriched("select * from t where id = 2")
+    assert first.param_sig == same.param_sig
+    assert first.param_sig != other.param_sig
+    assert first.fingerprint == other.fingerprint
+
+
+def test_extended_protocol_param_sig_is_left_alone():
+    assert enriched("select * from t where id = $1", param_sig=1234).param_sig == 1234
+
+
+def test_multi_statement_query_describes_the_completed_piece():
+    sql = "BEGIN; UPDATE accounts SET balance = 0 WHERE id = 7; SELECT 1; COMMIT"
+    fingerprinter = Fingerprinter(cache_size=100)
+    kinds = [enriched(sql, fingerprinter, query_index=i).kind for i in range(4)]
+    assert kinds == ["txn", "dml", "select", "txn"]
+    update = enriched(sql, fingerprinter, query_index=1)
+    assert update.normalized == "UPDATE accounts SET balance = $1 WHERE id = $2"
+    assert update.fingerprint == fingerprint_text("UPDATE accounts SET balance = 5 WHERE id = 1")[0]
+    assert fingerprinter.cache_info().misses == 1
+
+
+def test_multi_statement_index_past_the_end_describes_the_last_statement():
+    assert enriched("select 1; delete from t", query_index=5).kind == "dml"
+
+
+def test_semicolon_inside_a_string_does_not_split():
+    ev = enriched("select ';' ; select 2", query_index=1)
+    assert ev.normalized == "select $1"
+
+
+def test_cache_hits_for_the_same_text():
+    fingerprinter = Fingerprinter(cache_size=2)
+    for _ in range(3):
+        enriched("select 1", fingerprinter)
+    info = fingerprinter.cache_info()
+    assert (info.hits, info.misses) == (2, 1)
+
+
+def test_cache_is_bounded():
+    fingerprinter = Fingerprinter(cache_size=2)
+    for i in range(5):
+        enriched(f"select {i}", fingerprinter)
+    assert fingerprinter.cache_info().currsize == 2
+
+
+def test_tags_dict_is_not_shared_between_events():
+    fingerprinter = Fingerprinter(cache_size=10)
+    first = enriched("select 1 /*a='1'*/", fingerprinter)
+    first.tags["mutated"] = "yes"
+    assert enriched("select 1 /*a='1'*/", fingerprinter).tags == {"a": "1"}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "selec garbage ( 'secret'",
+        "select 'unterminated",
+        "\x00\x01\x02 binary \xff",
+        "select \ufffd from t where a = 'x'",
+        "select \ud800 'lone surrogate'",
+        ")))))(((((;;;;''''$$",
+        "",
+        ";",
+        "/* only a comment */",
+        "select " + "(" * 3000 + "1" + ")" * 3000,
+    ],
+)
+def test_unusual_text_never_raises_and_gets_a_fingerprint(sql):
+    fingerprinter = Fingerprinter(cache_size=10)
+    ev = enriched(sql, fingerprinter)
+    assert HEX16.fullmatch(ev.fingerprint)
+    assert "secret" not in ev.normalized
+    assert ev.kind in {"select", "dml", "ddl", "utility", "txn", "other"}
+
+
+def test_unparseable_text_is_lexed_literal_and_placeholder_alike():
+    fingerprinter = Fingerprinter(cache_size=10)
+    literal = enriched("selec * from t where a = 'x' and b in (1, 2, 3)", fingerprinter)
+    bound = enriched("selec * from t where a = $1 and b in ($2)", fingerprinter)
+    assert literal.fingerprint == bound.fingerprint
+    assert literal.normalized == "selec * from t where a = $1 and b in ($2, $3, $4)"
+    assert fingerprinter.lexed_statements == 2
+
+
+def test_replaced_utf8_uses_the_lexer():
+    fingerprinter = Fingerprinter(cache_size=10)
+    ev = enriched("select name from t where name = 'caf\ufffd'", fingerprinter)
+    assert ev.normalized == "select name from t where name = $1"
+    assert fingerprinter.lexed_statements == 1
+
+
+def test_huge_text_is_described_without_parsing_and_not_cached():
+    rows = ",".join(f"({i}, 'secret {i}')" for i in range(20_000))
+    sql = f"INSERT INTO items (id, name) VALUES {rows}"
+    assert len(sql) > MAX_PARSE_CHARS
+    fingerprinter = Fingerprinter(cache_size=10)
+    ev = enriched(sql, fingerprinter)
+    shorter = enriched(sql[: sql.rindex(",")], fingerprinter)
+    assert ev.kind == "dml"
+    assert ev.normalized.startswith("INSERT INTO items (id, name) VALUES ($1, $2),")
+    assert "secret" not in ev.normalized
+    assert ev.fingerprint == shorter.fingerprint
+    assert ev.param_sig != shorter.param_sig
+    assert fingerprinter.cache_info().currsize == 0
+
+
+def test_string_literals_pglast_keeps_are_redacted():
+    for sql in [
+        "COPY t FROM '/home/secret/file.csv'",
+        "PREPARE TRANSACTION 'secret-gid'",
+        "CREATE FUNCTION f() RETURNS text AS $body$ SELECT 'secret' $body$ LANGUAGE sql",
+        "ALTER ROLE app PASSWORD 'secret'",
+    ]:
+        assert "secret" not in fingerprint_text(sql)[1], sql
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind"),
+    [
+        ("SELECT 1", "select"),
+        ("select * from t for update", "select"),
+        ("VALUES (1), (2)", "select"),
+        ("TABLE t", "select"),
+        ("(select 1) union (select 2)", "select"),
+        ("WITH x AS (SELECT 1) SELECT * FROM x", "select"),
+        ("WITH x AS (SELECT 1) SELECT * FROM x FOR UPDATE", "select"),
+        ("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a = 1", "dml"),
+        ("UPDATE t SET a = 1", "dml"),
+        ("DELETE FROM t", "dml"),
+        ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", "dml"),
+        ("COPY t FROM STDIN", "dml"),
+        ("WITH gone AS (DELETE FROM t RETURNING *) SELECT count(*) FROM gone", "dml"),
+        ("WITH x AS MATERIALIZED (SELECT 1) INSERT INTO t SELECT * FROM x", "dml"),
+        ("BEGIN", "txn"),
+        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", "txn"),
+        ("COMMIT", "txn"),
+        ("END", "txn"),
+        ("ROLLBACK", "txn"),
+        ("ABORT", "txn"),
+        ("SAVEPOINT s1", "txn"),
+        ("RELEASE SAVEPOINT s1", "txn"),
+        ("ROLLBACK TO SAVEPOINT s1", "txn"),
+        ("PREPARE TRANSACTION 'gid'", "txn"),
+        ("COMMIT PREPARED 'gid'", "txn"),
+        ("SET search_path = public", "utility"),
+        ("RESET ALL", "utility"),
+        ("SHOW server_version", "utility"),
+        ("FETCH 10 FROM c", "utility"),
+        ("MOVE NEXT IN c", "utility"),
+        ("CLOSE c", "utility"),
+        ("LISTEN jobs", "utility"),
+        ("UNLISTEN *", "utility"),
+        ("NOTIFY jobs, 'x'", "utility"),
+        ("DISCARD ALL", "utility"),
+        ("DEALLOCATE ALL", "utility"),
+        ("PREPARE q AS SELECT 1", "utility"),
+        ("EXECUTE q", "utility"),
+        ("DECLARE c CURSOR FOR SELECT 1", "utility"),
+        ("EXPLAIN ANALYZE SELECT 1", "utility"),
+        ("VACUUM t", "utility"),
+        ("ANALYZE t", "utility"),
+        ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", "utility"),
+        ("CREATE TABLE t (a int)", "ddl"),
+        ("ALTER TABLE t ADD COLUMN b int", "ddl"),
+        ("DROP TABLE t", "ddl"),
+        ("TRUNCATE t", "ddl"),
+        ("GRANT SELECT ON t TO app", "ddl"),
+        ("REVOKE SELECT ON t FROM app", "ddl"),
+        ("COMMENT ON TABLE t IS 'x'", "ddl"),
+        ("", "other"),
+    ],
+)
+def test_kind_classification(sql, kind):
+    assert fingerprint_text(sql)[2] == kind
+
+
+SQLISH = st.text(
+    alphabet=st.sampled_from(list("selctSELCT ()$1'\"E;,-/*\\\n\x00\ufffdé")) | st.characters(),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sql=SQLISH, query_index=st.integers(min_value=0, max_value=3))
+def test_any_text_is_enriched_without_raising(sql, query_index):
+    ev = enriched(sql, query_index=query_index)
+    assert HEX16.fullmatch(ev.fingerprint)
+    assert ev.kind in {"select", "dml", "ddl", "utility", "txn", "other"}
+    assert isinstance(ev.param_sig, int)
