@@ -15,10 +15,19 @@ import sys
 
 import structlog
 
-from . import __version__, logs
+from . import __version__, api, logs
 from .admin import AdminServer, Response
 from .bus import Bus
-from .events import Desynced
+from .control import UpstreamLimits
+from .events import (Desynced, SessionClosed, SessionOpened, SessionReady, StatementDone,
+                     TransactionEnded)
+from .metrics import PgscoutCollector, Sources, build_registry
+from .observers.connections import ConnectionTracker
+from .observers.fingerprint import Fingerprinter
+from .observers.nplusone import NPlusOneDetector
+from .observers.slowlog import SlowLog
+from .observers.statements import StatementStats
+from .observers.transactions import TransactionStats
 from .server import Server
 from .settings import ConfigError, Settings, effective_yaml, load_settings
 
@@ -100,9 +109,11 @@ async def _serve(settings: Settings, *, observing: bool) -> int:
         "observer_failed", observer=getattr(handler, "__qualname__", repr(handler)),
         error=f"{type(exc).__name__}: {exc}"))
     server = Server(settings, bus.publish, observing=observing)
-    desyncs = _wire_observers(bus)
+    sources = _wire_observers(settings, bus, server)
     admin = AdminServer(settings.admin.token)
-    _admin_routes(admin, server, desyncs)
+    _health_routes(admin, server)
+    collector = PgscoutCollector(sources, settings.metrics.top_k, settings.metrics.sql_text_max_chars)
+    api.register(admin, sources, build_registry(collector))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,26 +126,69 @@ async def _serve(settings: Settings, *, observing: bool) -> int:
         log.error("cannot_listen", error=str(exc))
         return 1
     log.info("admin_listening", listen=str(settings.admin.listen))
+    sources.limits.start()
+    ticker = loop.create_task(_tick(sources))
     await stop.wait()
     await server.drain()
+    ticker.cancel()
+    await sources.limits.stop()
     await admin.stop()
     log.info("stopped")
     return 0
 
 
-def _wire_observers(bus: Bus) -> dict[str, int]:
-    desyncs = {"total": 0}
+async def _tick(sources: Sources) -> None:
+    """Once a second: end idle N+1 segments and emit the per-minute roll-ups that are due."""
+    while True:
+        await asyncio.sleep(1.0)
+        sources.nplusone.flush()
+
+
+def _warn(record: dict) -> None:
+    fields = dict(record)
+    log.warning(fields.pop("event"), **fields)
+
+
+def _wire_observers(settings: Settings, bus: Bus, server: Server) -> Sources:
+    """Subscribe every observer; the fingerprinter first, since the others read what it adds."""
+    slow = settings.slowlog
+    fingerprinter = Fingerprinter(cache_size=settings.statements.fingerprint_cache_size)
+    statements = StatementStats(settings.statements.max_fingerprints)
+    slowlog = SlowLog(slow.threshold_ms, slow.per_application, slow.log_parameters,
+                      slow.max_per_second, slow.keep,
+                      emit=lambda record: log.warning("slow_query", **record))
+    nplusone = NPlusOneDetector(settings.nplusone,
+                                emit=lambda finding: log.warning("n_plus_one", **finding.to_dict()))
+    transactions = TransactionStats()
+    connections = ConnectionTracker(settings.budgets, warn=_warn)
+    limits = UpstreamLimits(settings.proxy.upstream, settings.control.refresh_seconds, log,
+                            connect_timeout=settings.proxy.connect_timeout_seconds)
+    desyncs = [0]
 
     def on_desync(event: Desynced) -> None:
-        desyncs["total"] += 1
+        desyncs[0] += 1
         log.warning("decoder_desynced", conn_id=event.session.conn_id,
                     application_name=event.session.application_name, reason=event.reason)
 
-    bus.subscribe(Desynced, on_desync)
-    return desyncs
+    for event_type, handler in (
+            (StatementDone, fingerprinter.on_statement),
+            (StatementDone, statements.on_statement),
+            (StatementDone, slowlog.on_statement),
+            (StatementDone, nplusone.on_statement),
+            (TransactionEnded, transactions.on_transaction),
+            (SessionOpened, connections.on_opened),
+            (SessionReady, connections.on_ready),
+            (SessionClosed, connections.on_closed),
+            (SessionClosed, nplusone.on_session_closed),
+            (Desynced, on_desync)):
+        bus.subscribe(event_type, handler)
+    server.admissions.append(connections.admission)
+    return Sources(server=server, statements=statements, fingerprinter=fingerprinter,
+                   slowlog=slowlog, transactions=transactions, nplusone=nplusone,
+                   connections=connections, limits=limits, bus=bus, desyncs=lambda: desyncs[0])
 
 
-def _admin_routes(admin: AdminServer, server: Server, desyncs: dict[str, int]) -> None:
+def _health_routes(admin: AdminServer, server: Server) -> None:
     async def healthz(query) -> Response:
         return Response(200, "ok\n")
 

@@ -45,6 +45,7 @@ class Server:
         self.connections_total = 0
         self.upstream_errors_total = 0
         self.cancels_forwarded_total = 0
+        self._closed_bytes = [0, 0]  # from client, from server, of sessions already closed
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self._listener: asyncio.base_events.Server | None = None
@@ -91,6 +92,8 @@ class Server:
         s = relay.session
         if self.relays.pop(s.conn_id, None) is None:
             return
+        self._closed_bytes[0] += s.bytes_from_client
+        self._closed_bytes[1] += s.bytes_from_server
         if relay.close_reason.startswith("error: pgscout: could not connect"):
             self.upstream_errors_total += 1
         level = log.warning if relay.close_reason.startswith("error") else log.info
@@ -99,6 +102,13 @@ class Server:
               duration_seconds=round(time.monotonic() - s.opened_at, 6),
               bytes_from_client=s.bytes_from_client, bytes_from_server=s.bytes_from_server,
               reason=relay.close_reason)
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        from_client, from_server = self._closed_bytes
+        for relay in self.relays.values():
+            from_client += relay.session.bytes_from_client
+            from_server += relay.session.bytes_from_server
+        return from_client, from_server
 
     def admit(self, session) -> tuple[str, str] | None:
         """Refuse a new session (SQLSTATE, message) or let it through (None)."""

@@ -1,0 +1,86 @@
+"""The admin server's read-only endpoints: /metrics and the JSON API under /api/.
+
+Owns: turning observer state into JSON documents (top fingerprints, N+1 findings, slow queries,
+connections and budgets, an overview for the status page) and the /metrics exposition.
+Must not: change observer state, or put SQL literals or parameter values anywhere the observers
+did not already redact them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from .admin import AdminServer, Response, json_response
+from .metrics import Sources
+from .observers.statements import SORT_KEYS
+
+_DEFAULT_LIMIT = 50
+_MAX_LIMIT = 1000
+
+
+def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) -> None:
+    async def metrics(query) -> Response:
+        return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+    async def fingerprints(query) -> Response:
+        sort = query.get("sort", ["total_time"])[0]
+        if sort not in SORT_KEYS:
+            return json_response({"error": f"sort must be one of {sorted(SORT_KEYS)}"}, 400)
+        try:
+            limit = min(max(int(query.get("limit", [_DEFAULT_LIMIT])[0]), 1), _MAX_LIMIT)
+        except ValueError:
+            return json_response({"error": "limit must be an integer"}, 400)
+        stats = sources.statements
+        return json_response({
+            "sort": sort,
+            "fingerprints": [entry.as_dict() for entry in stats.top(limit, sort)],
+            "other": stats.other().as_dict(),
+            "tracked": len(stats.entries()),
+        })
+
+    async def nplusone(query) -> Response:
+        return json_response({"findings": sources.nplusone.recent()})
+
+    async def slow(query) -> Response:
+        return json_response({"slow_queries": list(reversed(sources.slowlog.recent())),
+                              "slow_total": sources.slowlog.slow_total,
+                              "suppressed_total": sources.slowlog.suppressed_total})
+
+    async def connections(query) -> Response:
+        tracker = sources.connections
+        return json_response({
+            "live": [{"application": a, "user": u, "database": d, "state": s, "count": n}
+                     for (a, u, d, s), n in sorted(tracker.live().items())],
+            "budgets": tracker.budgets(),
+            "churn": tracker.churn(),
+            "upstream": sources.limits.snapshot(),
+        })
+
+    async def overview(query) -> Response:
+        totals = sources.statements.totals()
+        server = sources.server
+        return json_response({
+            "now": time.time(),
+            "started_at": server.started_at,
+            "statements": totals.calls,
+            "statement_seconds": totals.seconds,
+            "errors": sum(totals.errors.values()),
+            "latency_buckets": [[bound if math.isfinite(bound) else "+Inf", count]
+                                for bound, count in totals.histogram.cumulative()],
+            "open_sessions": len(server.relays),
+            "slow_total": sources.slowlog.slow_total,
+            "findings": sum(sources.nplusone.counts().values()),
+            "desyncs": sources.desyncs(),
+            "draining": server.draining,
+        })
+
+    admin.route("/metrics", metrics, protected=True)
+    admin.route("/api/fingerprints", fingerprints, protected=True)
+    admin.route("/api/nplusone", nplusone, protected=True)
+    admin.route("/api/slow", slow, protected=True)
+    admin.route("/api/connections", connections, protected=True)
+    admin.route("/api/overview", overview, protected=True)

@@ -1,0 +1,312 @@
+"""Prometheus exposition: one custom Collector that reads observer state at scrape time.
+
+Owns: metric names, types, help texts and labels (a public interface: dashboards and alerts use
+them), and bounding label cardinality: only the top-K fingerprints by total time get their own
+`fingerprint` label, everything else is summed under fingerprint="other"; SQL text appears only in
+the truncated `pgscout_fingerprint_info` series, never as a label of every series; no label per
+client address or parameter value.
+Must not: be touched on the hot path (observers keep plain counters; this runs per scrape), or
+change observer state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import ProcessCollector
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    InfoMetricFamily)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from . import __version__
+from .observers.statements import FingerprintStats, Histogram, StatementStats
+
+OTHER = "other"
+
+
+@dataclass
+class Sources:
+    """The live objects the collector reads; the composition root fills it."""
+
+    server: object
+    statements: StatementStats
+    fingerprinter: object
+    slowlog: object
+    transactions: object
+    nplusone: object
+    connections: object
+    limits: object  # control.UpstreamLimits
+    bus: object
+    desyncs: Callable[[], int]
+
+
+class FingerprintLabels:
+    """Decides which fingerprints are exported under their own label.
+
+    A labelled fingerprint exports its own totals, which only grow while it is tracked. The
+    "other" series is an accumulator of what unlabelled fingerprints added between scrapes, so
+    it never decreases either. Membership is sticky: a labelled fingerprint keeps its label while
+    it stays within the top 2K, so series do not flap between scrapes.
+    """
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+        self.labelled: set[str] = set()
+        self._seen: dict[str, tuple[int, float, int, int]] = {}
+        self._other_seen = (0, 0.0, 0, 0)
+        self.other = [0, 0.0, 0, 0]  # calls, seconds, rows, errors
+
+    def refresh(self, stats: StatementStats) -> list[FingerprintStats]:
+        entries = {entry.fingerprint: entry for entry in stats.entries()}
+        keep = {entry.fingerprint for entry in stats.top(2 * self.top_k)}
+        self.labelled &= keep
+        for entry in stats.top(self.top_k):
+            if len(self.labelled) >= self.top_k:
+                break
+            self.labelled.add(entry.fingerprint)
+        delta = [0, 0.0, 0, 0]
+        # Evicted entries were folded into stats.other() whole; what was already exported of them
+        # must not be counted twice.
+        for fingerprint in [f for f in self._seen if f not in entries]:
+            _accumulate(delta, self._seen.pop(fingerprint), -1)
+        other_now = _snapshot(stats.other())
+        _accumulate(delta, other_now, 1)
+        _accumulate(delta, self._other_seen, -1)
+        self._other_seen = other_now
+        for fingerprint, entry in entries.items():
+            now = _snapshot(entry)
+            before = self._seen.get(fingerprint)
+            if before != now:
+                if fingerprint not in self.labelled:
+                    _accumulate(delta, now, 1)
+                    if before is not None:
+                        _accumulate(delta, before, -1)
+                self._seen[fingerprint] = now
+        for index in range(4):
+            self.other[index] += max(delta[index], 0)
+        return [entries[f] for f in self.labelled if f in entries]
+
+
+def _snapshot(entry: FingerprintStats) -> tuple[int, float, int, int]:
+    return entry.calls, entry.total_seconds, entry.rows, entry.error_count
+
+
+def _accumulate(total: list, values: tuple, sign: int) -> None:
+    for index, value in enumerate(values):
+        total[index] += sign * value
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
+    buckets = [("+Inf" if math.isinf(bound) else _le(bound), count)
+               for bound, count in histogram.cumulative()]
+    family.add_metric(labels, buckets, histogram.sum)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class PgscoutCollector(Collector):
+    def __init__(self, sources: Sources, top_k: int, sql_text_max_chars: int):
+        self.sources = sources
+        self.labels = FingerprintLabels(top_k)
+        self.sql_text_max_chars = sql_text_max_chars
+
+    def collect(self) -> Iterable:
+        yield from self._proxy()
+        yield from self._statements()
+        yield from self._transactions()
+        yield from self._findings()
+        yield from self._connections()
+        yield from self._upstream()
+
+    # -- the proxy itself ------------------------------------------------------------------
+    def _proxy(self):
+        s = self.sources
+        server = s.server
+        info = InfoMetricFamily("pgscout_build", "pgscout version")
+        info.add_metric([], {"version": __version__})
+        yield info
+        yield GaugeMetricFamily("pgscout_draining", "1 while pgscout drains after SIGTERM",
+                                value=int(server.draining))
+        yield CounterMetricFamily("pgscout_client_connections_accepted", "Client sessions started "
+                                  "(StartupMessage received)", value=server.connections_total)
+        yield CounterMetricFamily("pgscout_upstream_connect_errors", "Sessions refused because the "
+                                  "upstream could not be reached", value=server.upstream_errors_total)
+        yield CounterMetricFamily("pgscout_cancel_requests", "CancelRequests forwarded upstream "
+                                  "(from clients and for clients that hung up mid-statement)",
+                                  value=server.cancels_forwarded_total)
+        traffic = CounterMetricFamily("pgscout_bytes", "Bytes relayed", labels=["direction"])
+        from_client, from_server = server.bytes_relayed()
+        traffic.add_metric(["client_to_server"], from_client)
+        traffic.add_metric(["server_to_client"], from_server)
+        yield traffic
+        yield CounterMetricFamily("pgscout_decoder_desyncs", "Sessions whose traffic pgscout "
+                                  "stopped decoding (bytes kept flowing)", value=s.desyncs())
+        errors = CounterMetricFamily("pgscout_observer_errors", "Exceptions raised by observers",
+                                     labels=["observer"])
+        for name, count in s.bus.errors.items():
+            errors.add_metric([name], count)
+        yield errors
+        hits, misses, _, size = s.fingerprinter.cache_info()
+        cache = CounterMetricFamily("pgscout_fingerprint_cache_lookups", "Fingerprint cache lookups",
+                                    labels=["result"])
+        cache.add_metric(["hit"], hits)
+        cache.add_metric(["miss"], misses)
+        yield cache
+        yield GaugeMetricFamily("pgscout_fingerprint_cache_entries", "Distinct SQL texts cached",
+                                value=size)
+
+    # -- statements ------------------------------------------------------------------------
+    def _statements(self):
+        stats = self.sources.statements
+        totals = stats.totals()
+        calls = CounterMetricFamily("pgscout_statements", "Completed statement executions",
+                                    labels=["application"])
+        seconds = CounterMetricFamily("pgscout_statement_seconds", "Time from sending a statement "
+                                      "to its completion, summed", labels=["application"])
+        for application, (count, total) in totals.per_application.items():
+            calls.add_metric([application], count)
+            seconds.add_metric([application], total)
+        yield calls
+        yield seconds
+        latency = HistogramMetricFamily("pgscout_statement_duration_seconds",
+                                        "Statement latency as seen from the sidecar")
+        _histogram(latency, [], totals.histogram)
+        yield latency
+        errors = CounterMetricFamily("pgscout_statement_errors", "Statements that ended in an "
+                                     "ErrorResponse", labels=["sqlstate"])
+        for sqlstate, count in totals.errors.items():
+            errors.add_metric([sqlstate], count)
+        yield errors
+
+        labelled = self.labels.refresh(stats)
+        fp_calls = CounterMetricFamily("pgscout_fingerprint_calls", "Executions per fingerprint "
+                                       "(top-K by total time, the rest as other)", labels=["fingerprint"])
+        fp_seconds = CounterMetricFamily("pgscout_fingerprint_seconds", "Execution time per fingerprint",
+                                         labels=["fingerprint"])
+        fp_rows = CounterMetricFamily("pgscout_fingerprint_rows", "Rows returned or affected per "
+                                      "fingerprint", labels=["fingerprint"])
+        fp_errors = CounterMetricFamily("pgscout_fingerprint_errors", "Errors per fingerprint",
+                                        labels=["fingerprint"])
+        fp_latency = HistogramMetricFamily("pgscout_fingerprint_duration_seconds",
+                                           "Latency per top-K fingerprint", labels=["fingerprint"])
+        fp_info = InfoMetricFamily("pgscout_fingerprint", "Normalized SQL (literals redacted, "
+                                   "truncated) of each labelled fingerprint",
+                                   labels=["fingerprint"])
+        for entry in labelled:
+            label = [entry.fingerprint]
+            fp_calls.add_metric(label, entry.calls)
+            fp_seconds.add_metric(label, entry.total_seconds)
+            fp_rows.add_metric(label, entry.rows)
+            fp_errors.add_metric(label, entry.error_count)
+            _histogram(fp_latency, label, entry.histogram)
+            fp_info.add_metric(label, {"kind": entry.kind,
+                                       "query": entry.normalized[:self.sql_text_max_chars]})
+        other = self.labels.other
+        fp_calls.add_metric([OTHER], other[0])
+        fp_seconds.add_metric([OTHER], other[1])
+        fp_rows.add_metric([OTHER], other[2])
+        fp_errors.add_metric([OTHER], other[3])
+        yield from (fp_calls, fp_seconds, fp_rows, fp_errors, fp_latency, fp_info)
+        yield GaugeMetricFamily("pgscout_fingerprints_tracked", "Fingerprints held in memory",
+                                value=len(stats.entries()))
+
+        slowlog = self.sources.slowlog
+        yield CounterMetricFamily("pgscout_slow_statements", "Statements over their slow-log "
+                                  "threshold", value=slowlog.slow_total)
+        yield CounterMetricFamily("pgscout_slow_log_suppressed", "Slow statements not logged "
+                                  "because of the rate limit", value=slowlog.suppressed_total)
+
+    # -- transactions ----------------------------------------------------------------------
+    def _transactions(self):
+        per_app = self.sources.transactions.per_application()
+        ended = CounterMetricFamily("pgscout_transactions", "Transaction blocks ended, by outcome",
+                                    labels=["application", "outcome"])
+        duration = HistogramMetricFamily("pgscout_transaction_duration_seconds",
+                                         "Transaction block duration", labels=["application"])
+        idle = HistogramMetricFamily("pgscout_transaction_idle_seconds", "Time a transaction block "
+                                     "waited on the client (idle in transaction)",
+                                     labels=["application"])
+        for application, totals in per_app.items():
+            for outcome, count in totals.outcomes.items():
+                ended.add_metric([application, outcome], count)
+            _histogram(duration, [application], totals.duration)
+            _histogram(idle, [application], totals.idle)
+        yield from (ended, duration, idle)
+
+    # -- N+1 -------------------------------------------------------------------------------
+    def _findings(self):
+        labelled = self.labels.labelled
+        findings = CounterMetricFamily(
+            "pgscout_nplusone_findings", "N+1 loops and duplicate queries detected, by child "
+            "fingerprint (top-K, the rest as other)",
+            labels=["kind", "fingerprint", "application", "severity"])
+        folded: dict[tuple[str, str, str, str], int] = {}
+        for (kind, fingerprint, application, severity), count in self.sources.nplusone.counts().items():
+            key = (kind, fingerprint if fingerprint in labelled else OTHER, application, severity)
+            folded[key] = folded.get(key, 0) + count
+        for key, count in folded.items():
+            findings.add_metric(list(key), count)
+        yield findings
+
+    # -- connections and budgets -----------------------------------------------------------
+    def _connections(self):
+        tracker = self.sources.connections
+        live = GaugeMetricFamily("pgscout_client_connections", "Open client sessions by state",
+                                 labels=["application", "user", "database", "state"])
+        for (application, user, database, state), count in tracker.live().items():
+            live.add_metric([application, user, database, state], count)
+        yield live
+        opens = GaugeMetricFamily("pgscout_client_connection_opens_per_second", "Client sessions "
+                                  "opened per second over the last minute", labels=["application"])
+        for application, rate in tracker.opens_per_second().items():
+            opens.add_metric([application], rate)
+        yield opens
+        lifetime = HistogramMetricFamily("pgscout_client_connection_lifetime_seconds",
+                                         "Lifetime of closed client sessions", labels=["application"])
+        for application, histogram in tracker.lifetimes().items():
+            _histogram(lifetime, [application], histogram)
+        yield lifetime
+        churn = GaugeMetricFamily("pgscout_client_connection_churn", "1 for an application that "
+                                  "opens many short-lived connections (not pooling)",
+                                  labels=["application"])
+        for entry in tracker.churn():
+            churn.add_metric([entry["application_name"]], 1)
+        yield churn
+        limit = GaugeMetricFamily("pgscout_budget_max_connections", "Configured connection budget",
+                                  labels=["budget"])
+        used = GaugeMetricFamily("pgscout_budget_connections", "Open sessions matching the budget",
+                                 labels=["budget"])
+        refused = CounterMetricFamily("pgscout_budget_refused", "Sessions refused by an enforced "
+                                      "budget (SQLSTATE 53300)", labels=["budget"])
+        for budget in tracker.budgets():
+            limit.add_metric([budget["name"]], budget["max_connections"])
+            used.add_metric([budget["name"]], budget["current"])
+            refused.add_metric([budget["name"]], budget["refused_total"])
+        yield from (limit, used, refused)
+
+    def _upstream(self):
+        reading = self.sources.limits.snapshot()
+        yield GaugeMetricFamily("pgscout_upstream_up", "1 when pgscout's control connection read "
+                                "the upstream's limits on its last attempt", value=int(bool(reading.get("ok"))))
+        for key, name, text in (
+                ("max_connections", "pgscout_upstream_max_connections", "Upstream max_connections"),
+                ("superuser_reserved_connections", "pgscout_upstream_superuser_reserved_connections",
+                 "Upstream superuser_reserved_connections"),
+                ("reserved_connections", "pgscout_upstream_reserved_connections",
+                 "Upstream reserved_connections (PostgreSQL 16+, else 0)"),
+                ("backends", "pgscout_upstream_backends", "Client backends on the upstream, from "
+                 "every client (pg_stat_activity)")):
+            value = reading.get(key)
+            if value is not None:
+                yield GaugeMetricFamily(name, text, value=value)
+
+
+def build_registry(collector: PgscoutCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
