@@ -15,7 +15,7 @@ import sys
 
 import structlog
 
-from . import __version__, api, logs
+from . import __version__, api, logs, sizing
 from .admin import AdminServer, Response
 from .bus import Bus
 from .control import UpstreamLimits
@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                                             "print the effective configuration; exit 1 on the first error.")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(handler=_check_config)
+    sizing.add_budget_command(commands)
     return parser
 
 

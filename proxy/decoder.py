@@ -98,6 +98,7 @@ class Decoder:
         self._last_execute: _Request | None = None
         self._group_executes = 0  # Executes since the last Sync
         self._suspended = 0  # portals waiting for an Execute to continue them
+        self._copy_in = False  # between CopyInResponse and the client's CopyDone/CopyFail
         self._ready = False
         self._work_started_at = 0.0  # first client message after the last ReadyForQuery
         self._txn_started_at = 0.0
@@ -113,12 +114,15 @@ class Decoder:
             wire.F_CLOSE: self._close,
             wire.F_SYNC: self._sync,
             wire.F_FUNCTION_CALL: self._function_call,
+            wire.F_COPY_DONE: self._copy_done,
+            wire.F_COPY_FAIL: self._copy_done,
         }, max_message_length)
         self.server = Framer({
             wire.B_COMMAND_COMPLETE: self._command_complete,
             wire.B_EMPTY_QUERY_RESPONSE: self._empty_query_response,
             wire.B_PORTAL_SUSPENDED: self._portal_suspended,
             wire.B_ERROR_RESPONSE: self._error_response,
+            wire.B_COPY_IN_RESPONSE: self._copy_in_response,
             wire.B_READY_FOR_QUERY: self._ready_for_query,
             wire.B_BACKEND_KEY_DATA: self._backend_key_data,
             wire.B_PARAMETER_STATUS: self._parameter_status,
@@ -137,6 +141,13 @@ class Decoder:
     def server_data(self, data: bytes, now: float) -> None:
         self._now = now
         self.server.feed(data)
+
+    def close(self) -> None:
+        """The connection ended: report statements that completed without a ReadyForQuery after."""
+        held = self._held
+        self._held = []
+        for event in held:
+            self._emit(event)
 
     # -- client messages (Frontend) --------------------------------------------------------
     def _push(self, request: _Request) -> None:
@@ -157,7 +168,9 @@ class Decoder:
         name = body[:name_end]
         sql = _text(body[name_end + 1:query_end if query_end >= 0 else len(body)])
         statements = self._statements
-        if name and name not in statements and len(statements) >= _MAX_STATEMENTS:
+        if name and name in statements:
+            return  # the server refuses to redefine a named statement (42P05) until it is Closed
+        if name and len(statements) >= _MAX_STATEMENTS:
             del statements[next(iter(statements))]
         statements[name] = sql
 
@@ -213,6 +226,8 @@ class Decoder:
                 self._finish_suspended(portal)
 
     def _sync(self, body: bytes, complete: bool) -> None:
+        if self._copy_in:
+            return  # the server ignores Sync in copy-in mode
         self._discarding = False
         if self._group_executes > 1:
             # Executes sharing one Sync are a batch (executemany, pipelines), not a loop.
@@ -224,6 +239,10 @@ class Decoder:
 
     def _function_call(self, body: bytes, complete: bool) -> None:
         self._push(_Request(FUNCTION, self._now))
+
+    def _copy_done(self, body: bytes, complete: bool) -> None:
+        """CopyDone or CopyFail from the client: copy-in mode ends."""
+        self._copy_in = False
 
     # -- server messages (Backend) ---------------------------------------------------------
     def _expect(self, kind: int) -> _Request:
@@ -254,11 +273,26 @@ class Decoder:
         portal.suspended_rows += self.server.data_rows
         self.server.data_rows = 0
 
+    def _copy_in_response(self, body: bytes, complete: bool) -> None:
+        """CopyInResponse: the server now ignores Sync until CopyDone or CopyFail. libpq sends
+        Parse/Bind/Execute/Sync in one go, so that Sync is already queued: drop it."""
+        self._copy_in = True
+        pending = self._pending
+        if pending and pending[0].kind == EXECUTE:
+            head = pending.popleft()
+            while pending and pending[0].kind == SYNC:
+                pending.popleft()
+            pending.appendleft(head)
+
     def _error_response(self, body: bytes, complete: bool) -> None:
         """ErrorResponse: (Byte1 field code, String value)* then a zero byte; 'C' is the SQLSTATE."""
         sqlstate = _error_field(body, b"C")
+        self._copy_in = False
         if not self._pending:
-            return  # FATAL at startup or shutdown: no statement to charge it to
+            # A Parse/Bind/Describe failed before the client sent Sync (or a FATAL at startup
+            # or shutdown): nothing to charge; the server now discards until Sync.
+            self._discarding = self._ready
+            return
         head = self._pending[0]
         if head.kind == QUERY:
             self._statement_done("", 0, sqlstate)
@@ -292,6 +326,10 @@ class Decoder:
         else:
             self._open_executes = 0
             self._last_execute = None
+        if status == "I" and self._suspended:
+            # Leaving the transaction destroys its portals, suspended ones included.
+            for name in [n for n, p in self._portals.items() if p.suspended_at]:
+                self._finish_suspended(self._portals.pop(name))
         held = self._held
         self._held = []
         for event in held:
@@ -305,12 +343,7 @@ class Decoder:
             self._idle_in_txn = 0.0
         elif status == "I" and previous in ("T", "E"):
             self._end_transaction(previous)
-        if status == "I":
-            if self._suspended:
-                # Leaving the transaction destroys its portals, suspended ones included.
-                for name in [n for n, p in self._portals.items() if p.suspended_at]:
-                    self._finish_suspended(self._portals.pop(name))
-        else:
+        if status != "I":
             self._idle_since = self._now
         self._work_started_at = 0.0
 

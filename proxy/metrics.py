@@ -135,6 +135,9 @@ class PgscoutCollector(Collector):
                                   "(StartupMessage received)", value=server.connections_total)
         yield CounterMetricFamily("pgscout_upstream_connect_errors", "Sessions refused because the "
                                   "upstream could not be reached", value=server.upstream_errors_total)
+        yield CounterMetricFamily("pgscout_startup_errors", "Connections closed before a valid "
+                                  "StartupMessage (garbage, bad lengths, direct TLS)",
+                                  value=server.startup_errors_total)
         yield CounterMetricFamily("pgscout_cancel_requests", "CancelRequests forwarded upstream "
                                   "(from clients and for clients that hung up mid-statement)",
                                   value=server.cancels_forwarded_total)
@@ -298,8 +301,8 @@ class PgscoutCollector(Collector):
                  "Upstream superuser_reserved_connections"),
                 ("reserved_connections", "pgscout_upstream_reserved_connections",
                  "Upstream reserved_connections (PostgreSQL 16+, else 0)"),
-                ("backends", "pgscout_upstream_backends", "Client backends on the upstream, from "
-                 "every client (pg_stat_activity)")):
+                ("client_backends", "pgscout_upstream_backends", "Client backends on the upstream, "
+                 "from every client (pg_stat_activity)")):
             value = reading.get(key)
             if value is not None:
                 yield GaugeMetricFamily(name, text, value=value)

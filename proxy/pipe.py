@@ -220,9 +220,13 @@ class Relay:
                 # The app hung up mid-statement: stop the backend's work instead of letting it run on.
                 self.server.cancel_backend(self.session.backend_pid, self.decoder.cancel_key)
             self.upstream.transport.close()
+        if self.decoder is not None:
+            self.decoder.close()
         if self.session.opened_at:
             self.server.publish(SessionClosed(self.session, monotonic(), reason))
-        self.server.session_closed(self)
+            self.server.session_closed(self)
+        elif reason.startswith("error"):
+            self.server.startup_failed(self)
 
 
 def _without_channel_binding(message: bytes) -> bytes:

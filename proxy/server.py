@@ -45,6 +45,7 @@ class Server:
         self.connections_total = 0
         self.upstream_errors_total = 0
         self.cancels_forwarded_total = 0
+        self.startup_errors_total = 0
         self._closed_bytes = [0, 0]  # from client, from server, of sessions already closed
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
@@ -102,6 +103,12 @@ class Server:
               duration_seconds=round(time.monotonic() - s.opened_at, 6),
               bytes_from_client=s.bytes_from_client, bytes_from_server=s.bytes_from_server,
               reason=relay.close_reason)
+
+    def startup_failed(self, relay: Relay) -> None:
+        """A connection that never sent a valid StartupMessage (garbage, direct TLS, bad length)."""
+        self.startup_errors_total += 1
+        log.warning("startup_failed", conn_id=relay.session.conn_id,
+                    client_addr=relay.session.client_addr, reason=relay.close_reason)
 
     def bytes_relayed(self) -> tuple[int, int]:
         from_client, from_server = self._closed_bytes

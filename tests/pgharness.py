@@ -207,9 +207,10 @@ class PgCluster:
         return {"direct": self.dsn(user, db, **params), "proxy": proxy.dsn(user, db, **params)}
 
     def upstream_url(self, host: str = LOOPBACK, sslmode: str = "disable", **params: object) -> str:
-        """The `--upstream` URL for pgscout: no user or password (those come from each client)."""
+        """The `--upstream` URL for pgscout. Its user is only for pgscout's own control connection
+        (limits and backend counts): every client authenticates as itself, untouched."""
         query = urllib.parse.urlencode({"sslmode": sslmode, **{key: str(value) for key, value in params.items()}})
-        return f"postgresql://{host}:{self.port}/postgres?{query}"
+        return f"postgresql://{SUPERUSER}@{host}:{self.port}/postgres?{query}"
 
     def bin(self, name: str) -> str:
         path = self.bindir / name
@@ -286,7 +287,8 @@ class PgCluster:
         with open(self.data_dir / "postgresql.conf", "a") as conf:
             conf.write("\n# pgscout test harness\n")
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
-        hba_lines = ["local all all trust"]
+        # Replication connections (walsender) for the tests that relay them through pgscout.
+        hba_lines = ["local all all trust", f"host replication {SUPERUSER} 127.0.0.0/8 trust"]
         # hostssl lines first so a TLS connection is matched explicitly; host covers the rest.
         for connection_type in ("hostssl", "host"):
             for user, method in AUTH_METHODS.items():
