@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import structlog
 
-from . import __version__, api, logs, sizing
+from . import __version__, api, demo, logs, sizing, status
 from .admin import AdminServer, Response
 from .bus import Bus
 from .control import UpstreamLimits
@@ -70,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(handler=_check_config)
     sizing.add_budget_command(commands)
+    demo.add_demo_command(commands)
     return parser
 
 
@@ -102,10 +105,15 @@ def _run(args) -> int:
         return 1
     logs.configure(settings.log.level, settings.log.format)
     import uvloop
-    return uvloop.run(_serve(settings, observing=not args.forward_only))
+
+    def reload() -> Settings:
+        return load_settings(args.config, os.environ, overrides)
+
+    return uvloop.run(_serve(settings, observing=not args.forward_only, reload=reload))
 
 
-async def _serve(settings: Settings, *, observing: bool) -> int:
+async def _serve(settings: Settings, *, observing: bool,
+                 reload: Callable[[], Settings] | None = None) -> int:
     bus = Bus(on_error=lambda handler, exc: log.error(
         "observer_failed", observer=getattr(handler, "__qualname__", repr(handler)),
         error=f"{type(exc).__name__}: {exc}"))
@@ -115,11 +123,14 @@ async def _serve(settings: Settings, *, observing: bool) -> int:
     _health_routes(admin, server)
     collector = PgscoutCollector(sources, settings.metrics.top_k, settings.metrics.sql_text_max_chars)
     api.register(admin, sources, build_registry(collector))
+    status.register(admin)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(reload, server, sources))
     try:
         await server.start()
         await admin.start(settings.admin.listen.host, settings.admin.listen.port)
@@ -143,6 +154,43 @@ async def _tick(sources: Sources) -> None:
     while True:
         await asyncio.sleep(1.0)
         sources.nplusone.flush()
+
+
+# Settings that bind sockets or size structures at start; a reload reports them instead.
+_RESTART_ONLY = ("proxy.listen", "proxy.upstream", "admin.listen", "admin.token",
+                 "statements.fingerprint_cache_size", "statements.max_fingerprints",
+                 "metrics.top_k", "control.refresh_seconds", "nplusone")
+
+
+def _reload(load: Callable[[], Settings], server: Server, sources: Sources) -> None:
+    """SIGHUP: re-read the config; apply what can change live, keep the old config on error."""
+    try:
+        new = load()
+    except ConfigError as exc:
+        log.error("config_reload_failed", error=str(exc), kept="previous configuration")
+        return
+    old = server.settings
+    ignored = [key for key in _RESTART_ONLY if _setting(old, key) != _setting(new, key)]
+    # Keep what cannot change without a restart, so the running server stays consistent.
+    new = dataclasses.replace(
+        new, proxy=dataclasses.replace(new.proxy, listen=old.proxy.listen, upstream=old.proxy.upstream),
+        admin=old.admin, statements=old.statements, metrics=old.metrics, control=old.control,
+        nplusone=old.nplusone)
+    logs.configure(new.log.level, new.log.format)
+    slow = new.slowlog
+    sources.slowlog.reconfigure(slow.threshold_ms, slow.per_application, slow.log_parameters,
+                                slow.max_per_second)
+    sources.connections.set_budgets(new.budgets)
+    server.keep_parameters = slow.log_parameters
+    server.settings = new
+    log.info("config_reloaded", needs_restart=ignored or None)
+
+
+def _setting(settings: Settings, dotted: str):
+    value = settings
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _warn(record: dict) -> None:

@@ -132,6 +132,16 @@ class ConnectionTracker:
         self._last_churn_warning_at: dict[str, float] = {}
         self.refused_total = 0
 
+    def set_budgets(self, budgets: tuple[Budget, ...]) -> None:
+        """Apply a reloaded budget list; a budget keeping its name keeps its counters."""
+        known = {state.budget.name: state for state in self._budgets}
+        states = []
+        for budget in budgets:
+            state = known.get(budget.name) or _BudgetState(budget)
+            state.budget = budget
+            states.append(state)
+        self._budgets = states
+
     # -- events ----------------------------------------------------------------------------
     def on_opened(self, ev: SessionOpened) -> None:
         session = ev.session

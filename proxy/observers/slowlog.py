@@ -39,12 +39,7 @@ class SlowLog:
         keep: int,
         emit: Callable[[dict], object],
     ) -> None:
-        self._threshold_seconds = threshold_ms / 1000
-        self._threshold_seconds_by_application = {
-            application: ms / 1000 for application, ms in per_application.items()
-        }
-        self._log_parameters = log_parameters
-        self._rate = max_per_second
+        self.reconfigure(threshold_ms, per_application, log_parameters, max_per_second)
         self._tokens = float(max_per_second)
         self._tokens_at: float | None = None
         self._emit = emit
@@ -52,6 +47,16 @@ class SlowLog:
         self._suppressed_since_emit = 0
         self.slow_total = 0
         self.suppressed_total = 0
+
+    def reconfigure(self, threshold_ms: float, per_application: dict[str, float],
+                    log_parameters: bool, max_per_second: float) -> None:
+        """Apply reloaded settings; counters and the recent records stay."""
+        self._threshold_seconds = threshold_ms / 1000
+        self._threshold_seconds_by_application = {
+            application: ms / 1000 for application, ms in per_application.items()
+        }
+        self._log_parameters = log_parameters
+        self._rate = max_per_second
 
     def on_statement(self, ev: StatementDone) -> None:
         session = ev.session
