@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.observers.comments import MAX_TAGS, MAX_VALUE_CHARS, parse_comments, trace_id
+from proxy.observers.comments import ATTRIBUTION_KEYS, MAX_VALUE_CHARS, parse_comments, trace_id
 
 TRACEPARENT = "00-5bd66ef5095369c7b0d1f8f4bd33716a-c532cb4098ac3dd2-01"
 
@@ -53,9 +53,9 @@ def test_marginalia_tags_keep_colons_and_commas_inside_values():
 
 
 def test_line_comment_tags_and_leading_comment():
-    tags, text = parse_comments("/* app:worker */ select 1 -- route:'/x'\n")
+    tags, text = parse_comments("/* application:worker */ select 1 -- route:'/x'\n")
     assert text == "select 1"
-    assert tags == {"app": "worker", "route": "'/x'"}
+    assert tags == {"application": "worker", "route": "'/x'"}
 
 
 @pytest.mark.parametrize(
@@ -77,23 +77,22 @@ def test_nested_block_comment_is_one_comment():
 
 
 def test_unterminated_comment_runs_to_the_end():
-    assert parse_comments("select 1 /* a:b") == ({"a": "b"}, "select 1")
+    assert parse_comments("select 1 /* job:b") == ({"job": "b"}, "select 1")
 
 
 def test_free_text_comment_gives_no_tags():
     assert parse_comments("select 1 /* the slow one, see ticket 42 */").tags == {}
 
 
-def test_tags_are_bounded():
+def test_only_attribution_keys_are_kept_and_values_are_bounded():
     many = ",".join(f"k{i}='v'" for i in range(40))
     long_value = "x" * 1000
-    tags, _ = parse_comments(f"select 1 /*big='{long_value}'*/ /*{many}*/")
-    assert len(tags) == MAX_TAGS
-    assert tags["big"] == "x" * MAX_VALUE_CHARS
+    tags, _ = parse_comments(f"select 1 /*route='{long_value}',note='card 4111'*/ /*{many}*/")
+    assert tags == {"route": "x" * MAX_VALUE_CHARS}
 
 
 def test_first_comment_wins_for_a_repeated_key():
-    assert parse_comments("select 1 /*a='1'*/ /*a='2'*/").tags == {"a": "1"}
+    assert parse_comments("select 1 /*route='1'*/ /*route='2'*/").tags == {"route": "1"}
 
 
 def test_trace_id_from_traceparent():
@@ -123,6 +122,6 @@ def test_no_traceparent_no_trace_id():
 @given(sql=st.text(alphabet=st.sampled_from(list("ab:=,'\"$E/*-\\\n %")), max_size=60))
 def test_any_text_parses_without_raising_and_within_bounds(sql):
     tags, text = parse_comments(sql)
-    assert len(tags) <= MAX_TAGS
+    assert set(tags) <= ATTRIBUTION_KEYS
     assert all(len(value) <= MAX_VALUE_CHARS for value in tags.values())
     assert len(text) <= len(sql) + sql.count("/*") + sql.count("--")

@@ -9,8 +9,9 @@ comment-stripped text that the fingerprinter feeds to pglast.
 - marginalia (Rails): `/*application:Blog,controller:posts,action:index*/`; a value may itself
   contain `:` (`line:/app/x.rb:12`).
 Both forms are also accepted in `--` line comments. A comment that fits neither form yields no
-tags. Tags are bounded: the first MAX_TAGS keys, keys cut at MAX_KEY_CHARS, values at
-MAX_VALUE_CHARS; when two comments carry one key the first wins.
+tags. Only the attribution keys in ATTRIBUTION_KEYS are kept: a comment is the application's
+free text, and anything else in it (a note, a user id) must not reach logs or the API.
+Values are cut at MAX_VALUE_CHARS; when two comments carry one key the first wins.
 
 Read interface: `parse_comments(sql) -> ParsedComments(tags, text)` and
 `trace_id(tags) -> str | None` (the W3C trace id from a `traceparent` tag).
@@ -23,8 +24,9 @@ import re
 from typing import NamedTuple
 from urllib.parse import unquote
 
-MAX_TAGS = 16
-MAX_KEY_CHARS = 64
+# sqlcommenter's and marginalia's attribution keys (OpenTelemetry, Django, SQLAlchemy, Rails).
+ATTRIBUTION_KEYS = frozenset({"action", "application", "controller", "db_driver", "db_framework",
+                              "framework", "job", "line", "route", "traceparent"})
 MAX_VALUE_CHARS = 200
 
 # Characters that can start a comment or something that hides one: found by a plain character
@@ -89,8 +91,7 @@ def parse_comments(sql: str) -> ParsedComments:
         kept.append(sql[kept_from:position])
         kept.append(" ")
         kept_from = position = end
-        if len(tags) < MAX_TAGS:
-            _add_tags(body, tags)
+        _add_tags(body, tags)
     kept.append(sql[kept_from:])
     return ParsedComments(tags, "".join(kept).strip())
 
@@ -140,9 +141,8 @@ def _add_tags(body: str, tags: dict[str, str]) -> None:
     if pairs is None:
         pairs = _marginalia_pairs(body)
     for key, value in pairs:
-        if len(tags) >= MAX_TAGS:
-            return
-        tags.setdefault(key[:MAX_KEY_CHARS], value[:MAX_VALUE_CHARS])
+        if key in ATTRIBUTION_KEYS:
+            tags.setdefault(key, value[:MAX_VALUE_CHARS])
 
 
 def _sqlcommenter_pairs(body: str) -> list[tuple[str, str]] | None:
