@@ -21,7 +21,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
-from .observers.statements import FingerprintStats, Histogram, StatementStats
+from .observers.histogram import Histogram
+from .observers.statements import FingerprintStats, StatementStats
 
 OTHER = "other"
 

@@ -29,7 +29,8 @@ from collections import deque
 from collections.abc import Callable
 
 from proxy.events import Session, SessionClosed, SessionOpened, SessionReady
-from proxy.observers.statements import MAX_APPLICATIONS, OTHER, Histogram
+from proxy.observers.histogram import Histogram
+from proxy.observers.statements import MAX_APPLICATIONS, OTHER
 from proxy.settings import Budget
 from proxy.wire import TOO_MANY_CONNECTIONS
 

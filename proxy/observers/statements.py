@@ -18,49 +18,17 @@ Must not: keep SQL text with literals, log, or import asyncio/sockets/prometheus
 from __future__ import annotations
 
 import heapq
-import math
 import time
-from bisect import bisect_left
 from collections import OrderedDict
 
 from proxy.events import StatementDone
+from proxy.observers.histogram import Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 MAX_APPLICATIONS_PER_FINGERPRINT = 16
 # application_name is chosen by clients; past this many distinct names the rest share OTHER.
 MAX_APPLICATIONS = 256
 OTHER = "other"
-
-
-class Histogram:
-    """Fixed-bucket histogram; `counts` are per bucket, `cumulative()` is what Prometheus wants."""
-
-    __slots__ = ("bounds", "counts", "sum", "count")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def merge(self, other: Histogram) -> None:
-        for index, count in enumerate(other.counts):
-            self.counts[index] += count
-        self.sum += other.sum
-        self.count += other.count
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        running = 0
-        buckets = []
-        for bound, count in zip((*self.bounds, math.inf), self.counts):
-            running += count
-            buckets.append((bound, running))
-        return buckets
 
 
 class FingerprintStats:

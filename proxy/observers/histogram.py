@@ -1,0 +1,42 @@
+"""Fixed-bucket histograms shared by the observers.
+
+Owns: counting observations into fixed buckets (O(log buckets) per observation), merging, and the
+cumulative view Prometheus exposes (`le` buckets, +Inf last).
+Must not: import prometheus_client (the Collector turns these into metric families at scrape time).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+
+
+class Histogram:
+    """Fixed-bucket histogram; `counts` are per bucket, `cumulative()` is what Prometheus wants."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def merge(self, other: Histogram) -> None:
+        for index, count in enumerate(other.counts):
+            self.counts[index] += count
+        self.sum += other.sum
+        self.count += other.count
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        running = 0
+        buckets = []
+        for bound, count in zip((*self.bounds, math.inf), self.counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets
