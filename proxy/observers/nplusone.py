@@ -3,8 +3,8 @@
 Owns: rebuilding request-shaped segments from StatementDone events per stream (a client
 connection, split by W3C trace id when comments carry one), binding each child query to the owner
 query whose rows it loops over, judging every closed group, and turning what it finds into
-`Finding`s: the first occurrence of an (owner, child, route) key is emitted at once, later ones
-are rolled up and emitted once per report interval.
+`Finding`s: the first occurrence of an (owner, child, route) key of an application is emitted at
+once, later ones are rolled up and emitted once per report interval.
 
 Read interface: `recent()` (the last `keep` findings as dicts, newest first) and `counts()`
 (occurrences by kind, child fingerprint, application_name and severity, for the Collector).
@@ -238,7 +238,8 @@ class _Connection:
 
 
 class _Report:
-    """Emission state of one (kind, owner, child, route) key: what waits for the next roll-up."""
+    """Emission state of one (kind, owner, child, route, application_name) key: what waits for
+    the next roll-up."""
 
     __slots__ = ("last_emit", "first_seen", "pending")
 
@@ -548,7 +549,10 @@ class NPlusOneDetector:
         severity = self._severity(n, loop_time)
         self._count(kind, track.fingerprint, session.application_name, severity)
         owner_fingerprint = owner.fingerprint if owner is not None else None
-        key = (kind, owner_fingerprint, track.fingerprint, _route(group.tags))
+        # Per application too: two services running the same loop are two problems, and a
+        # roll-up must not credit one service's occurrences to the other's name.
+        key = (kind, owner_fingerprint, track.fingerprint, _route(group.tags),
+               session.application_name)
         report = self._reports.get(key)
         if report is not None and report.pending is not None:
             pending = report.pending
