@@ -383,6 +383,17 @@ def test_repeated_identical_query_without_owner_is_a_duplicate():
     assert (duplicate.kind, duplicate.n, duplicate.owner_sql) == ("duplicate", 6, None)
 
 
+def test_chance_repeats_among_many_independent_lookups_are_not_a_duplicate():
+    """A busy connection serving single-row lookups by random key (pgbench -S, an API's
+    GET /users/:id): a key drawn three times among hundreds is chance, not a duplicate."""
+    h = Harness()
+    client = h.connection()
+    for user_id in [*range(200), 7, 7]:
+        client.run(USER_BY_ID, user_id)
+    h.idle(1.5)
+    assert h.of_kind("duplicate") == []
+
+
 # -- no owner visible ---------------------------------------------------------------------------
 @pytest.mark.parametrize("run_length, reported", [(9, False), (10, True)])
 def test_strict_run_without_owner_needs_ten_distinct_executions(run_length, reported):

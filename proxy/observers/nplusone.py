@@ -21,7 +21,8 @@ Readings of the spec that the code relies on:
   reported against that one.
 - A child that found no owner on its first execution binds to the first owner that runs later.
 - A parameter of `= ANY(...)` is counted as a set of values: the query is a batch loader.
-- Duplicates are, like N+1 loops, only reported for tight (think time) unbatched repetition.
+- Duplicates are, like N+1 loops, only reported for tight (think time) unbatched repetition;
+  without an owner, only when the repeats are at least half of the group's executions.
 
 Must not: import asyncio, sockets, prometheus_client or a logger; keep parameter values (only
 their signatures); grow without bound (tracks per stream, streams per connection, counted
@@ -496,7 +497,7 @@ class NPlusOneDetector:
         if group.pipelined > self._max_pipelined_ratio * n:
             return  # a batch: executemany or a pipeline
         if group.max_repeat >= self._duplicate_min:
-            self._report_duplicate(stream, track, group, now)
+            self._judge_duplicates(stream, track, group, now)
 
         distinct = len(group.by_params)
         owner, owner_rows = group.owner, group.owner_rows
@@ -519,7 +520,7 @@ class NPlusOneDetector:
         self._report(stream, "n_plus_one", owner, track, group, n, group.child_time, loop_time,
                      loop_time - group.slowest, confidence, now)
 
-    def _report_duplicate(self, stream: _Stream, track: _Track, group: _Group,
+    def _judge_duplicates(self, stream: _Stream, track: _Track, group: _Group,
                           now: float) -> None:
         n = 0
         child_time = waste = 0.0
@@ -531,6 +532,10 @@ class NPlusOneDetector:
                 waste += seconds * (count - 1) / count
                 first_sent = min(first_sent, sent)
                 last_done = max(last_done, done)
+        if group.owner is None and 2 * n < group.n:
+            # Without an owner the group is the whole segment: a few chance repeats among many
+            # distinct keys (a busy connection serving independent lookups) are not a duplicate.
+            return
         # Identical parameter signatures are a fact, not an inference: always high confidence.
         self._report(stream, "duplicate", group.owner, track, group, n, child_time,
                      last_done - first_sent, waste, "high", now)
