@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
 
 import structlog
 
@@ -17,8 +19,11 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
-def configure(level: str, fmt: str) -> None:
-    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+def configure(level: str, fmt: str, *, file: TextIO | None = None,
+              processors: Sequence[Callable] = ()) -> None:
+    """Log to `file` (stdout by default); `processors` see every event before it is rendered."""
+    file = file or sys.stdout
+    console = fmt == "console" or (fmt == "auto" and file.isatty())
     renderer = (structlog.dev.ConsoleRenderer() if console
                 else structlog.processors.JSONRenderer(sort_keys=False))
     structlog.configure(
@@ -27,9 +32,10 @@ def configure(level: str, fmt: str) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *processors,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=file),
         cache_logger_on_first_use=False,
     )
