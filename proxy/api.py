@@ -70,7 +70,7 @@ def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) 
             "statement_seconds": totals.seconds,
             "errors": sum(totals.errors.values()),
             "latency_buckets": [[bound if math.isfinite(bound) else "+Inf", count]
-                                for bound, count in totals.histogram.cumulative()],
+                                for bound, count in totals.histogram().cumulative()],
             "open_sessions": len(server.relays),
             "slow_total": sources.slowlog.slow_total,
             "findings": sum(sources.nplusone.counts().values()),

@@ -132,8 +132,6 @@ class PgscoutCollector(Collector):
         yield info
         yield GaugeMetricFamily("pgscout_draining", "1 while pgscout drains after SIGTERM",
                                 value=int(server.draining))
-        yield CounterMetricFamily("pgscout_client_connections_accepted", "Client sessions started "
-                                  "(StartupMessage received)", value=server.connections_total)
         yield CounterMetricFamily("pgscout_upstream_connect_errors", "Sessions refused because the "
                                   "upstream could not be reached", value=server.upstream_errors_total)
         yield CounterMetricFamily("pgscout_startup_errors", "Connections closed before a valid "
@@ -171,20 +169,18 @@ class PgscoutCollector(Collector):
                                     labels=["application"])
         seconds = CounterMetricFamily("pgscout_statement_seconds", "Time from sending a statement "
                                       "to its completion, summed", labels=["application"])
-        for application, (count, total) in totals.per_application.items():
-            calls.add_metric([application], count)
-            seconds.add_metric([application], total)
-        yield calls
-        yield seconds
         latency = HistogramMetricFamily("pgscout_statement_duration_seconds",
-                                        "Statement latency as seen from the sidecar")
-        _histogram(latency, [], totals.histogram)
-        yield latency
+                                        "Statement latency as seen from the sidecar",
+                                        labels=["application"])
         errors = CounterMetricFamily("pgscout_statement_errors", "Statements that ended in an "
-                                     "ErrorResponse", labels=["sqlstate"])
-        for sqlstate, count in totals.errors.items():
-            errors.add_metric([sqlstate], count)
-        yield errors
+                                     "ErrorResponse", labels=["application", "sqlstate"])
+        for application, usage in totals.per_application.items():
+            calls.add_metric([application], usage.calls)
+            seconds.add_metric([application], usage.seconds)
+            _histogram(latency, [application], usage.histogram)
+            for sqlstate, count in usage.errors.items():
+                errors.add_metric([application, sqlstate], count)
+        yield from (calls, seconds, latency, errors)
 
         labelled = self.labels.refresh(stats)
         fp_calls = CounterMetricFamily("pgscout_fingerprint_calls", "Executions per fingerprint "
@@ -219,8 +215,11 @@ class PgscoutCollector(Collector):
                                 value=len(stats.entries()))
 
         slowlog = self.sources.slowlog
-        yield CounterMetricFamily("pgscout_slow_statements", "Statements over their slow-log "
-                                  "threshold", value=slowlog.slow_total)
+        slow = CounterMetricFamily("pgscout_slow_statements", "Statements over their slow-log "
+                                   "threshold", labels=["application"])
+        for application, count in slowlog.slow_by_application.items():
+            slow.add_metric([application], count)
+        yield slow
         yield CounterMetricFamily("pgscout_slow_log_suppressed", "Slow statements not logged "
                                   "because of the rate limit", value=slowlog.suppressed_total)
 
@@ -247,7 +246,7 @@ class PgscoutCollector(Collector):
         findings = CounterMetricFamily(
             "pgscout_nplusone_findings", "N+1 loops and duplicate queries detected, by child "
             "fingerprint (top-K, the rest as other)",
-            labels=["kind", "fingerprint", "application", "severity"])
+            labels=["finding", "fingerprint", "application", "severity"])
         folded: dict[tuple[str, str, str, str], int] = {}
         for (kind, fingerprint, application, severity), count in self.sources.nplusone.counts().items():
             key = (kind, fingerprint if fingerprint in labelled else OTHER, application, severity)
@@ -264,6 +263,11 @@ class PgscoutCollector(Collector):
         for (application, user, database, state), count in tracker.live().items():
             live.add_metric([application, user, database, state], count)
         yield live
+        opened = CounterMetricFamily("pgscout_client_connections_opened", "Client sessions started "
+                                     "(StartupMessage received)", labels=["application"])
+        for application, count in tracker.opened_total.items():
+            opened.add_metric([application], count)
+        yield opened
         opens = GaugeMetricFamily("pgscout_client_connection_opens_per_second", "Client sessions "
                                   "opened per second over the last minute", labels=["application"])
         for application, rate in tracker.opens_per_second().items():
@@ -286,16 +290,26 @@ class PgscoutCollector(Collector):
                                  labels=["budget"])
         refused = CounterMetricFamily("pgscout_budget_refused", "Sessions refused by an enforced "
                                       "budget (SQLSTATE 53300)", labels=["budget"])
+        info = InfoMetricFamily("pgscout_budget", "What each connection budget matches ('' = any)",
+                                labels=["budget"])
         for budget in tracker.budgets():
+            info.add_metric([budget["name"]], {
+                "application_name": budget["application_name"] or "", "user": budget["user"] or "",
+                "database": budget["database"] or "", "enforce": str(budget["enforce"]).lower()})
             limit.add_metric([budget["name"]], budget["max_connections"])
             used.add_metric([budget["name"]], budget["current"])
             refused.add_metric([budget["name"]], budget["refused_total"])
-        yield from (limit, used, refused)
+        yield from (info, limit, used, refused)
 
     def _upstream(self):
+        """Every upstream series carries `upstream` (host:port), so one PromQL expression over
+        all sidecars can compute each database server's headroom `by (upstream)`."""
         reading = self.sources.limits.snapshot()
-        yield GaugeMetricFamily("pgscout_upstream_up", "1 when pgscout's control connection read "
-                                "the upstream's limits on its last attempt", value=int(bool(reading.get("ok"))))
+        label = [self.sources.server.settings.proxy.upstream.display()]
+        up = GaugeMetricFamily("pgscout_upstream_up", "1 when pgscout's control connection read "
+                               "the upstream's limits on its last attempt", labels=["upstream"])
+        up.add_metric(label, int(bool(reading.get("ok"))))
+        yield up
         for key, name, text in (
                 ("max_connections", "pgscout_upstream_max_connections", "Upstream max_connections"),
                 ("superuser_reserved_connections", "pgscout_upstream_superuser_reserved_connections",
@@ -306,7 +320,9 @@ class PgscoutCollector(Collector):
                  "from every client (pg_stat_activity)")):
             value = reading.get(key)
             if value is not None:
-                yield GaugeMetricFamily(name, text, value=value)
+                gauge = GaugeMetricFamily(name, text, labels=["upstream"])
+                gauge.add_metric(label, value)
+                yield gauge
 
 
 def build_registry(collector: PgscoutCollector) -> CollectorRegistry:

@@ -296,8 +296,9 @@ TOP_K = 50
 MAX_FINGERPRINTS = 5000
 DISTINCT_SHAPES = 100_000
 BATCH = 2000
-# Series one client application adds (statement counters, connection states, lifetime histogram).
-APPLICATION_SERIES = 40
+# Series one client application adds (statement counters and latency histogram, connection
+# states and opens, lifetime histogram).
+APPLICATION_SERIES = 60
 
 
 def shape(i: int) -> str:

@@ -86,9 +86,11 @@ def test_global_totals_and_per_application():
     assert totals.calls == 3
     assert totals.seconds == pytest.approx(1.0)
     assert totals.errors == {"23505": 1}
-    assert totals.per_application["web"] == [1, pytest.approx(0.5)]
-    assert totals.per_application["worker"] == [2, pytest.approx(0.5)]
-    assert totals.histogram.count == 3
+    web, worker = totals.per_application["web"], totals.per_application["worker"]
+    assert (web.calls, web.seconds) == (1, pytest.approx(0.5))
+    assert (worker.calls, worker.seconds) == (2, pytest.approx(0.5))
+    assert web.histogram.count == 1 and worker.histogram.count == 2
+    assert totals.histogram().count == 3
 
 
 def test_least_recently_seen_fingerprint_is_folded_into_other():

@@ -13,7 +13,7 @@ server owes a response, "idle_in_transaction" inside a transaction block (status
 Opens count connection attempts (every StartupMessage); lifetimes are observed only for sessions
 that became ready, and a session this tracker refused is neither a lifetime nor part of any count.
 
-Read interface: `live()`, `opens_per_second()`, `lifetimes()`, `churn()`, `budgets()`,
+Read interface: `live()`, `opened_total`, `opens_per_second()`, `lifetimes()`, `churn()`, `budgets()`,
 `refused_total`. `admission(session)` plugs into Server.admissions. `warn(record)` is the
 composition root's structured logger call; each record carries its event name under "event"
 ("budget_warning", "budget_exceeded" or "connection_churn").
@@ -132,6 +132,7 @@ class ConnectionTracker:
         self._churning: set[str] = set()
         self._last_churn_warning_at: dict[str, float] = {}
         self.refused_total = 0
+        self.opened_total: dict[str, int] = {}  # application -> sessions opened since start
 
     def set_budgets(self, budgets: tuple[Budget, ...]) -> None:
         """Apply a reloaded budget list; a budget keeping its name keeps its counters."""
@@ -149,6 +150,7 @@ class ConnectionTracker:
         self._live[session.conn_id] = session
         now = self._clock()
         application = self._application_key(session.application_name)
+        self.opened_total[application] = self.opened_total.get(application, 0) + 1
         self._recent_activity(application).opened(now)
         self._check_churn(application, now)
 

@@ -8,7 +8,8 @@ Records carry the normalized SQL (literals redacted by the fingerprinter), never
 parameter values only when `log_parameters` is on. Suppressed statements are counted, and the
 next emitted record says how many were suppressed since the one before it.
 
-Read interface: `recent()` (emitted records, oldest first), `slow_total` (slow statements seen),
+Read interface: `recent()` (emitted records, oldest first), `slow_total` (slow statements seen)
+and `slow_by_application`,
 `suppressed_total` (slow statements not emitted because of the rate limit).
 `emit(record)` is the composition root's structured logger call (event "slow_query").
 Must not: put SQL literals or, unless asked, parameter values in a record; import asyncio,
@@ -23,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from proxy.events import StatementDone
+from proxy.observers.statements import MAX_APPLICATIONS
 
 MAX_PARAMETER_CHARS = 200
 MAX_LOGGED_PARAMETERS = 64
@@ -46,6 +48,7 @@ class SlowLog:
         self._recent: deque[dict] = deque(maxlen=keep)
         self._suppressed_since_emit = 0
         self.slow_total = 0
+        self.slow_by_application: dict[str, int] = {}  # at most MAX_APPLICATIONS names
         self.suppressed_total = 0
 
     def reconfigure(self, threshold_ms: float, per_application: dict[str, float],
@@ -67,6 +70,9 @@ class SlowLog:
         if duration < threshold:
             return
         self.slow_total += 1
+        application = session.application_name
+        if application in self.slow_by_application or len(self.slow_by_application) < MAX_APPLICATIONS:
+            self.slow_by_application[application] = self.slow_by_application.get(application, 0) + 1
         if not self._take_token(ev.done_at):
             self._suppressed_since_emit += 1
             self.suppressed_total += 1

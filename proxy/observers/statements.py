@@ -104,29 +104,50 @@ class FingerprintStats:
         }
 
 
-class Totals:
-    __slots__ = ("calls", "seconds", "errors", "histogram", "per_application")
+class ApplicationTotals:
+    """What one application_name sent: calls, seconds, a latency histogram, errors by SQLSTATE."""
+
+    __slots__ = ("calls", "seconds", "errors", "histogram")
 
     def __init__(self) -> None:
         self.calls = 0
         self.seconds = 0.0
         self.errors: dict[str, int] = {}  # SQLSTATE -> count
         self.histogram = Histogram(LATENCY_BUCKETS)
-        self.per_application: dict[str, list] = {}  # application_name -> [calls, seconds]
+
+
+class Totals:
+    __slots__ = ("calls", "seconds", "errors", "per_application")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seconds = 0.0
+        self.errors: dict[str, int] = {}  # SQLSTATE -> count
+        self.per_application: dict[str, ApplicationTotals] = {}
+
+    def histogram(self) -> Histogram:
+        """Latency over every application (merged at read time: one observation per statement)."""
+        merged = Histogram(LATENCY_BUCKETS)
+        for usage in self.per_application.values():
+            merged.merge(usage.histogram)
+        return merged
 
     def record(self, duration: float, sqlstate: str | None, application: str) -> None:
         self.calls += 1
         self.seconds += duration
-        if sqlstate is not None:
-            self.errors[sqlstate] = self.errors.get(sqlstate, 0) + 1
-        self.histogram.observe(duration)
         usage = self.per_application.get(application)
         if usage is None:
             if len(self.per_application) >= MAX_APPLICATIONS:
                 application = OTHER
-            usage = self.per_application.setdefault(application, [0, 0.0])
-        usage[0] += 1
-        usage[1] += duration
+            usage = self.per_application.get(application)
+            if usage is None:
+                usage = self.per_application[application] = ApplicationTotals()
+        usage.calls += 1
+        usage.seconds += duration
+        usage.histogram.observe(duration)
+        if sqlstate is not None:
+            self.errors[sqlstate] = self.errors.get(sqlstate, 0) + 1
+            usage.errors[sqlstate] = usage.errors.get(sqlstate, 0) + 1
 
 
 SORT_KEYS = {
