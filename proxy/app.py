@@ -81,7 +81,7 @@ async def _tick(sources: Sources) -> None:
 # Settings that bind sockets or size structures at start; a reload reports them instead.
 _RESTART_ONLY = ("proxy.listen", "proxy.upstream", "admin.listen", "admin.token",
                  "statements.fingerprint_cache_size", "statements.max_fingerprints",
-                 "metrics.top_k", "control.refresh_seconds", "nplusone")
+                 "metrics.top_k", "control.refresh_seconds", "slowlog.keep", "nplusone.keep")
 
 
 def _reload(load: Callable[[], Settings], server: Server, sources: Sources) -> None:
@@ -96,13 +96,13 @@ def _reload(load: Callable[[], Settings], server: Server, sources: Sources) -> N
     # Keep what cannot change without a restart, so the running server stays consistent.
     new = dataclasses.replace(
         new, proxy=dataclasses.replace(new.proxy, listen=old.proxy.listen, upstream=old.proxy.upstream),
-        admin=old.admin, statements=old.statements, metrics=old.metrics, control=old.control,
-        nplusone=old.nplusone)
+        admin=old.admin, statements=old.statements, metrics=old.metrics, control=old.control)
     logs.configure(new.log.level, new.log.format)
     slow = new.slowlog
     sources.slowlog.reconfigure(slow.threshold_ms, slow.per_application, slow.log_parameters,
                                 slow.max_per_second)
     sources.connections.set_budgets(new.budgets)
+    sources.nplusone.reconfigure(new.nplusone)
     server.keep_parameters = slow.log_parameters
     server.settings = new
     log.info("config_reloaded", needs_restart=ignored or None)

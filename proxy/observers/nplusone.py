@@ -255,6 +255,20 @@ class NPlusOneDetector:
 
     def __init__(self, settings_like, emit: Callable[[Finding], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.reconfigure(settings_like)
+        self._emit = emit
+        self._clock = clock
+        self._connections: dict[int, _Connection] = {}
+        self._streams: OrderedDict[tuple[int, str | None], _Stream] = OrderedDict()  # by activity
+        self._shapes: dict[str, _Shape] = {}
+        self._reports: OrderedDict[tuple, _Report] = OrderedDict()  # by last emission
+        self._recent: deque[Finding] = deque(maxlen=settings_like.keep)
+        self._counts: dict[tuple[str, str, str, str], int] = {}
+        self._last_traceparent: str | None = None
+        self._last_trace: str | None = None
+
+    def reconfigure(self, settings_like) -> None:
+        """Apply (re)loaded thresholds; open segments and findings so far stay."""
         s = settings_like
         self._enabled = s.enabled
         self._include_writes = s.include_writes
@@ -279,16 +293,6 @@ class NPlusOneDetector:
         self._report_interval = s.report_interval_seconds
         self._smallest_reportable = min(self._min_distinct, self._no_owner_min_run,
                                         self._duplicate_min)
-        self._emit = emit
-        self._clock = clock
-        self._connections: dict[int, _Connection] = {}
-        self._streams: OrderedDict[tuple[int, str | None], _Stream] = OrderedDict()  # by activity
-        self._shapes: dict[str, _Shape] = {}
-        self._reports: OrderedDict[tuple, _Report] = OrderedDict()  # by last emission
-        self._recent: deque[Finding] = deque(maxlen=s.keep)
-        self._counts: dict[tuple[str, str, str, str], int] = {}
-        self._last_traceparent: str | None = None
-        self._last_trace: str | None = None
 
     # -- bus interface ----------------------------------------------------------------------
     def on_statement(self, ev: StatementDone) -> None:
