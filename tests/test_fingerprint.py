@@ -265,3 +265,11 @@ def test_any_text_is_enriched_without_raising(sql, query_index):
     assert HEX16.fullmatch(ev.fingerprint)
     assert ev.kind in {"select", "dml", "ddl", "utility", "txn", "other"}
     assert isinstance(ev.param_sig, int)
+
+
+def test_cache_is_bounded_in_characters_too():
+    fingerprinter = Fingerprinter(cache_size=10_000, cache_chars=50_000)
+    for i in range(100):
+        enriched(f"select {'x' * 1000} as c{i}", fingerprinter)
+    assert fingerprinter.cache_info().currsize <= 25
+    assert fingerprinter._cached_chars <= 50_000

@@ -18,18 +18,18 @@ first LEXED_PREFIX_CHARS characters, as one statement, since that work is repeat
 execution. The lexer reads at most LEXED_PREFIX_CHARS of any statement (about 0.5 us a character,
 pglast about 0.3).
 
-Read interface (for the Collector and the API): `cache_info()` (functools' hits, misses,
-maxsize, currsize), `lexed_statements` (statements described by the fallback lexer).
+Read interface (for the Collector and the API): `cache_info()` (hits, misses, maxsize,
+currsize), `lexed_statements` (statements described by the fallback lexer).
 Helpers for other code: `fingerprint_text(sql) -> (fingerprint, normalized, kind)`.
 Must not: raise out of `on_statement` for any text, log, or import asyncio/sockets/prometheus.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import re
+from collections import OrderedDict
 from typing import NamedTuple
 
 from pglast import parser as pg
@@ -38,6 +38,9 @@ from proxy.events import StatementDone
 from proxy.observers.comments import parse_comments
 
 MAX_PARSE_CHARS = 100_000
+# Characters the fingerprint cache may hold (texts and their normalized forms): ~4 bytes each
+# at worst, so at most ~64 MB whatever the statements.
+CACHE_CHARS = 16_000_000
 LEXED_PREFIX_CHARS = 8_000
 
 _KIND_BY_FIRST_WORD = {
@@ -107,6 +110,13 @@ class StatementShape(NamedTuple):
     parsed: bool  # False when the fallback lexer described it
 
 
+class CacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
 class DerivedText(NamedTuple):
     tags: dict[str, str]
     statements: tuple[StatementShape, ...]  # one per statement of the text, at least one
@@ -115,11 +125,36 @@ class DerivedText(NamedTuple):
 class Fingerprinter:
     """Bus observer that fills the enrichment fields of each StatementDone; runs first."""
 
-    def __init__(self, cache_size: int) -> None:
+    def __init__(self, cache_size: int, cache_chars: int = CACHE_CHARS) -> None:
         # Keyed by comment-stripped text: per-request comments (traceparent) make every raw
         # text unique, so only the comment scan is repeated per execution, never the parse.
-        self._describe_cached = functools.lru_cache(maxsize=cache_size)(describe_statements)
+        self._cache: OrderedDict[str, tuple[StatementShape, ...]] = OrderedDict()
+        self._cache_size = cache_size
+        self._cache_chars = cache_chars
+        self._cached_chars = 0
+        self._hits = self._misses = 0
         self.lexed_statements = 0
+
+    def _describe_cached(self, text: str) -> tuple[StatementShape, ...]:
+        """describe_statements through an LRU bounded in entries and in characters kept (keys
+        plus normalized texts), so a flood of large distinct statements cannot grow memory."""
+        cache = self._cache
+        statements = cache.get(text)
+        if statements is not None:
+            self._hits += 1
+            cache.move_to_end(text)
+            return statements
+        self._misses += 1
+        statements = describe_statements(text)
+        size = len(text) + sum(len(shape.normalized) for shape in statements)
+        if size > self._cache_chars:
+            return statements
+        cache[text] = statements
+        self._cached_chars += size
+        while len(cache) > self._cache_size or self._cached_chars > self._cache_chars:
+            old_text, old = cache.popitem(last=False)
+            self._cached_chars -= len(old_text) + sum(len(shape.normalized) for shape in old)
+        return statements
 
     def on_statement(self, ev: StatementDone) -> None:
         sql = ev.sql
@@ -141,9 +176,8 @@ class Fingerprinter:
         if not shape.parsed:
             self.lexed_statements += 1
 
-    def cache_info(self) -> tuple[int, int, int | None, int]:
-        """functools' CacheInfo: hits, misses, maxsize, currsize."""
-        return self._describe_cached.cache_info()
+    def cache_info(self) -> CacheInfo:
+        return CacheInfo(self._hits, self._misses, self._cache_size, len(self._cache))
 
 
 def fingerprint_text(sql: str) -> tuple[str, str, str]:
