@@ -1,0 +1,185 @@
+"""The results table: what was measured, how it compares, and whether pgscout meets its targets.
+
+Owns: the Metric and Goal vocabulary the workloads declare, collecting one value per metric,
+target and round, the medians and min-max across rounds, the ratios pgscout/PgBouncer and
+observed/forward-only, the Markdown table and the machine description written beside it.
+Must not: run anything against a database (workloads measure, this only summarises).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+DIRECT = "direct"
+PGBOUNCER = "pgbouncer"
+PGSCOUT = "pgscout"
+FORWARD_ONLY = "pgscout-forward-only"
+TARGET_LABELS = {
+    DIRECT: "direct",
+    PGBOUNCER: "PgBouncer",
+    PGSCOUT: "pgscout",
+    FORWARD_ONLY: "pgscout forward-only",
+}
+# Observation may cost at most this share of forward-only throughput (workload 9 of the brief).
+OBSERVED_MIN_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target from the brief, judged on the medians of one metric by target name."""
+
+    text: str
+    met: Callable[[dict[str, float]], bool | None]  # None: a needed target was not measured
+
+
+def at_least_vs_pgbouncer(ratio: float) -> Goal:
+    return Goal(f"pgscout ≥ {ratio:.1f}× PgBouncer",
+                lambda medians: _when(medians, PGSCOUT, PGBOUNCER,
+                                      lambda ours, theirs: ours >= ratio * theirs))
+
+
+def not_above_pgbouncer() -> Goal:
+    return Goal("pgscout ≤ PgBouncer",
+                lambda medians: _when(medians, PGSCOUT, PGBOUNCER, lambda ours, theirs: ours <= theirs))
+
+
+def at_most(limit: float, unit: str) -> Goal:
+    return Goal(f"pgscout ≤ {limit:g} {unit}",
+                lambda medians: medians[PGSCOUT] <= limit if PGSCOUT in medians else None)
+
+
+def _when(medians: dict[str, float], ours: str, theirs: str, compare) -> bool | None:
+    if ours not in medians or theirs not in medians:
+        return None
+    return compare(medians[ours], medians[theirs])
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool
+    decimals: int = 0
+    goal: Goal | None = None
+    # Shown as this metric's value minus direct's value in the same round (added latency), so
+    # drift between rounds cancels out.
+    over_direct_of: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkloadRows:
+    title: str
+    metrics: tuple[Metric, ...]
+
+
+@dataclass
+class Results:
+    # metric key -> target -> values, one per round
+    values: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+    def add(self, target: str, measured: dict[str, float]) -> None:
+        for key, value in measured.items():
+            self.values[key][target].append(value)
+
+    def series(self, metric: Metric) -> dict[str, list[float]]:
+        if metric.over_direct_of is None:
+            return dict(self.values.get(metric.key, {}))
+        source = self.values.get(metric.over_direct_of, {})
+        direct = source.get(DIRECT, [])
+        return {target: [value - base for value, base in zip(values, direct)]
+                for target, values in source.items() if direct}
+
+
+def render_table(workloads: list[WorkloadRows], results: Results, targets: list[str]) -> str:
+    header = ["Workload", "Metric", *(TARGET_LABELS[t] for t in targets),
+              "pgscout / PgBouncer", "observed / forward-only", "Target", "Verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    observed_ratios: list[tuple[float, str]] = []
+    for workload in workloads:
+        for metric in workload.metrics:
+            series = results.series(metric)
+            medians = {target: statistics.median(values) for target, values in series.items() if values}
+            cells = [_cell(series.get(target, []), metric.decimals) for target in targets]
+            vs_bouncer = _ratio(medians, PGSCOUT, PGBOUNCER)
+            observed = _ratio(medians, PGSCOUT, FORWARD_ONLY)
+            goals: list[tuple[str, bool | None]] = []
+            if metric.goal is not None:
+                goals.append((metric.goal.text, metric.goal.met(medians)))
+            if metric.higher_is_better and observed is not None:
+                observed_ratios.append((observed, f"{workload.title}: {metric.label}"))
+                goals.append((f"observed ≥ {OBSERVED_MIN_RATIO}× forward-only", observed >= OBSERVED_MIN_RATIO))
+            lines.append("| " + " | ".join([
+                workload.title, metric.label, *cells, _times(vs_bouncer), _times(observed),
+                "; ".join(text for text, _ in goals) or "—",
+                " / ".join(_verdict(met) for _, met in goals) or "—",
+            ]) + " |")
+    if observed_ratios:
+        worst, where = min(observed_ratios)
+        geomean = statistics.geometric_mean([ratio for ratio, _ in observed_ratios])
+        blanks = ["—"] * len(targets)
+        lines.append("| " + " | ".join([
+            "9. observation on vs off", "worst / geometric mean of the throughput ratios above",
+            *blanks, "—", f"{_times(worst)} / {_times(geomean)}",
+            f"observed ≥ {OBSERVED_MIN_RATIO}× forward-only (worst: {where})",
+            _verdict(worst >= OBSERVED_MIN_RATIO),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(medians: dict[str, float], numerator: str, denominator: str) -> float | None:
+    if numerator not in medians or denominator not in medians or medians[denominator] <= 0:
+        return None
+    return medians[numerator] / medians[denominator]
+
+
+def _cell(values: list[float], decimals: int) -> str:
+    if not values:
+        return "—"
+    median = _number(statistics.median(values), decimals)
+    if len(values) == 1:
+        return median
+    return f"{median} ({_number(min(values), decimals)}–{_number(max(values), decimals)})"
+
+
+def _number(value: float, decimals: int) -> str:
+    return f"{value:,.{decimals}f}"
+
+
+def _times(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio:.2f}×"
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[met]
+
+
+def machine_description(pgbouncer_version: str, server_version: str, pgbench_version: str,
+                        load_at_start: tuple[float, float, float]) -> str:
+    cpu_model = "unknown"
+    memory = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    except OSError:
+        pass
+    load = " ".join(f"{value:.2f}" for value in load_at_start)
+    return "\n".join([
+        f"- CPUs (nproc): {os.cpu_count()}, {cpu_model}",
+        f"- memory: {memory}",
+        f"- kernel: {platform.system()} {platform.release()}",
+        f"- Python: {platform.python_version()}",
+        f"- PgBouncer: {pgbouncer_version}",
+        f"- PostgreSQL server: {server_version}; {pgbench_version}",
+        f"- load average when the run started: {load}",
+    ]) + "\n"
