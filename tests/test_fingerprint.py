@@ -117,7 +117,7 @@ def test_cache_hits_for_the_same_text():
 def test_cache_is_bounded():
     fingerprinter = Fingerprinter(cache_size=2)
     for i in range(5):
-        enriched(f"select {i}", fingerprinter)
+        enriched(f"select c{i} from t", fingerprinter)
     assert fingerprinter.cache_info().currsize == 2
 
 
@@ -273,3 +273,40 @@ def test_cache_is_bounded_in_characters_too():
         enriched(f"select {'x' * 1000} as c{i}", fingerprinter)
     assert fingerprinter.cache_info().currsize <= 25
     assert fingerprinter._cached_chars <= 50_000
+
+
+def test_inline_literal_variants_share_one_cache_entry_but_keep_their_own_signature():
+    fingerprinter = Fingerprinter(cache_size=100)
+    events = [enriched(f"SELECT * FROM users WHERE id = {i} AND name = 'user {i}';", fingerprinter)
+              for i in range(500)]
+    assert fingerprinter.cache_info().misses == 1
+    assert len({ev.fingerprint for ev in events}) == 1
+    assert len({ev.param_sig for ev in events}) == 500
+
+
+@pytest.mark.parametrize("first, second", [
+    ('SELECT "c1" FROM t', 'SELECT "c2" FROM t'),              # digits inside quoted identifiers
+    ("SELECT c1 FROM t", "SELECT c2 FROM t"),                  # ... and plain identifiers
+    ("SELECT 'a' FROM t", "SELECT 'a' FROM u"),
+    ("SELECT E'x\\'' FROM t", "SELECT E'x\\'' FROM u"),        # backslash escapes: exact keys
+    ("SELECT $$1$$ FROM t", "SELECT $$1$$ FROM u"),            # dollar quotes: exact keys
+])
+def test_shared_cache_entries_never_merge_different_statements(first, second):
+    fingerprinter = Fingerprinter(cache_size=100)
+    a, b = enriched(first, fingerprinter), enriched(second, fingerprinter)
+    assert a.fingerprint == fingerprint_text(first)[0]
+    assert b.fingerprint == fingerprint_text(second)[0]
+    assert a.fingerprint != b.fingerprint
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["SELECT", "a", "1", "'x'", '"c1"', '"c2"', "=", ",", "2.5", "$1",
+                                 "(", ")", "FROM", "t", "WHERE", "-", "::", "int"]), max_size=12),
+       st.lists(st.sampled_from(["1", "22", "'y'", "''", "3.0"]), min_size=1, max_size=3))
+def test_texts_sharing_a_cache_key_share_the_fingerprint(tokens, constants):
+    text = " ".join(tokens)
+    fingerprinter = Fingerprinter(cache_size=100)
+    first = enriched(text + " " + " ".join(constants), fingerprinter)
+    second = enriched(text + " " + " ".join("7" for _ in constants), fingerprinter)
+    assert first.fingerprint == fingerprint_text(first.sql)[0]
+    assert second.fingerprint == fingerprint_text(second.sql)[0]

@@ -113,7 +113,7 @@ def counted_findings(proxy, app: str) -> dict[str, float]:
             continue
         for sample in family.samples:
             if sample.name.endswith("_total") and sample.labels["application"] == app:
-                kind = sample.labels["kind"]
+                kind = sample.labels["finding"]
                 by_kind[kind] = by_kind.get(kind, 0) + sample.value
     return by_kind
 

@@ -38,6 +38,8 @@ from proxy.events import StatementDone
 from proxy.observers.comments import parse_comments
 
 MAX_PARSE_CHARS = 100_000
+_CONSTANT = re.compile(r"""("(?:[^"]|"")*")|'(?:[^']|'')*'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?""")
+_NOT_KEYABLE = re.compile(r"\\|\$(?!\d)")
 # Characters the fingerprint cache may hold (texts and their normalized forms): ~4 bytes each
 # at worst, so at most ~64 MB whatever the statements.
 CACHE_CHARS = 16_000_000
@@ -135,21 +137,21 @@ class Fingerprinter:
         self._hits = self._misses = 0
         self.lexed_statements = 0
 
-    def _describe_cached(self, text: str) -> tuple[StatementShape, ...]:
+    def _describe_cached(self, key: str, text: str) -> tuple[StatementShape, ...]:
         """describe_statements through an LRU bounded in entries and in characters kept (keys
         plus normalized texts), so a flood of large distinct statements cannot grow memory."""
         cache = self._cache
-        statements = cache.get(text)
+        statements = cache.get(key)
         if statements is not None:
             self._hits += 1
-            cache.move_to_end(text)
+            cache.move_to_end(key)
             return statements
         self._misses += 1
         statements = describe_statements(text)
-        size = len(text) + sum(len(shape.normalized) for shape in statements)
+        size = len(key) + sum(len(shape.normalized) for shape in statements)
         if size > self._cache_chars:
             return statements
-        cache[text] = statements
+        cache[key] = statements
         self._cached_chars += size
         while len(cache) > self._cache_size or self._cached_chars > self._cache_chars:
             old_text, old = cache.popitem(last=False)
@@ -162,7 +164,14 @@ class Fingerprinter:
             tags, statements = derive(sql)
         else:
             tags, text = parse_comments(sql)
-            statements = self._describe_cached(text)
+            key = constant_free_key(text) if ev.param_sig is None else None
+            if key is None:
+                statements = self._describe_cached(text, text)
+            else:
+                # Literals inline (simple protocol): every execution is a new text, but all its
+                # variants share one cache entry; the parameter signature is this text's own.
+                statements = self._describe_cached(key, text)
+                ev.param_sig = hash(text)
         # The server and pglast can disagree on the count (another server version's syntax):
         # extra statements are described as the last one.
         shape = statements[min(ev.query_index, len(statements) - 1)]
@@ -178,6 +187,19 @@ class Fingerprinter:
 
     def cache_info(self) -> CacheInfo:
         return CacheInfo(self._hits, self._misses, self._cache_size, len(self._cache))
+
+
+def constant_free_key(text: str) -> str | None:
+    """A cache key shared by single statements that differ only in their constants.
+
+    libpg_query's fingerprint ignores constant values, so such texts share every derived field
+    but the parameter signature. Constants (standard strings, numbers) become a NUL, which
+    never occurs in query text; quoted identifiers are kept whole. None for what this simple
+    lexing cannot read safely: backslash escapes (E'' strings), dollar quotes, several statements.
+    """
+    if _NOT_KEYABLE.search(text) is not None or ";" in text.rstrip("; \t\r\n"):
+        return None
+    return _CONSTANT.sub("\\g<1>\x00", text)
 
 
 def fingerprint_text(sql: str) -> tuple[str, str, str]:
