@@ -41,11 +41,12 @@ class Framer:
     decoder can count rows of suspended portals without ever seeing a row.
     """
 
-    __slots__ = ("_handlers", "_max_length", "_skip", "_head", "_type", "_body", "_want",
+    __slots__ = ("_handlers", "_table", "_max_length", "_skip", "_head", "_type", "_body", "_want",
                  "_after", "data_rows")
 
     def __init__(self, handlers: Mapping[int, Handler], max_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH):
         self._handlers = dict(handlers)
+        self._table: list[Handler | None] = [self._handlers.get(typ) for typ in range(256)]
         self._max_length = max_length
         self._skip = 0  # bytes of a skipped message still to come
         self._head = b""  # a header cut by a read boundary (fewer than 5 bytes)
@@ -79,26 +80,37 @@ class Framer:
             if pos >= end:
                 return
 
-        handlers = self._handlers
+        table = self._table
         unpack = _HEADER.unpack_from
+        max_length = self._max_length
+        rows = 0
         while end - pos >= 5:
             typ, length = unpack(data, pos)
-            if length < 4 or length > self._max_length:
-                raise FramingError(_bad_length(typ, length, self._max_length))
+            if length < 4 or length > max_length:
+                self.data_rows += rows
+                raise FramingError(_bad_length(typ, length, max_length))
             msg_end = pos + 1 + length
-            handler = handlers.get(typ)
+            handler = table[typ]
             if handler is None:
+                # The common case by far in a large result: count a DataRow, skip its body.
                 if typ == _DATA_ROW:
-                    self.data_rows += 1
+                    rows += 1
                 if msg_end > end:
                     self._skip = msg_end - end
+                    self.data_rows += rows
                     return
                 pos = msg_end
             elif msg_end <= end and length <= DECODE_LIMIT + 4:
+                if rows:
+                    self.data_rows += rows  # the handler may read the count
+                    rows = 0
                 handler(data[pos + 5:msg_end], True)
                 pos = msg_end
             else:
+                self.data_rows += rows
+                rows = 0
                 pos = self._begin(data, pos, data, pos + 5)
+        self.data_rows += rows
         if pos < end:
             self._head = data[pos:]
 
