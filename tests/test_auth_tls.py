@@ -165,3 +165,23 @@ async def test_scram_over_a_tls_upstream_leg_asyncpg(pg, start_pgscout):
     proxy = start_pgscout(upstream=pg.upstream_url(sslmode="verify-full", sslrootcert=pg.ca_cert))
     dsn = proxy.dsn("scram_user", APP_DATABASE, connect_timeout=None)
     assert await asyncpg_whoami(dsn) == ("scram_user", APP_DATABASE)
+
+
+def test_client_tls_termination_with_a_configured_certificate(tmp_path, start_pgscout):
+    """proxy.client_tls_cert/key: pgscout answers SSLRequest with S and clients verify it."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca_file = tmp_path / "pgscout.crt", tmp_path / "pgscout.key", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    proxy = start_pgscout(env={"PGSCOUT_PROXY_CLIENT_TLS_CERT": str(cert),
+                               "PGSCOUT_PROXY_CLIENT_TLS_KEY": str(key)})
+    dsn = proxy.dsn("scram_user", "app", sslmode="verify-full", sslrootcert=str(ca_file))
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("select 40 + 2").fetchone() == (42,)
+        assert conn.pgconn.ssl_in_use
+    # Plaintext clients are still served.
+    with psycopg.connect(proxy.dsn("trust_user", "app", sslmode="disable")) as conn:
+        assert not conn.pgconn.ssl_in_use
+        assert conn.execute("select 1").fetchone() == (1,)
