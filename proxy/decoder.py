@@ -314,7 +314,9 @@ class Decoder:
     def _ready_for_query(self, body: bytes, complete: bool) -> None:
         """ReadyForQuery: Byte1 status: 'I' idle, 'T' in a transaction block, 'E' failed block."""
         status = chr(body[0])
-        while self._pending:
+        # The startup's ReadyForQuery answers no request: a client may have sent its first
+        # statements before it arrived, and they are still owed.
+        while self._ready and self._pending:
             if self._pending.popleft().kind in (SYNC, QUERY, FUNCTION):
                 break
         session = self.session

@@ -10,6 +10,8 @@ Must not: parse messages itself (framer/decoder do), let a decoder failure touch
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from .server import Server
 
 monotonic = time.monotonic
+_PAUSED_CLIENT_CHECK_SECONDS = 0.5
 
 
 class Relay:
@@ -41,6 +44,8 @@ class Relay:
         self.close_reason = ""
         self._startup = bytearray()
         self._tls = False
+        self.client_paused = False  # not read because the upstream's write buffer is full
+        self.watching_paused_client = False
 
     # -- startup phase ---------------------------------------------------------------------
     def startup_data(self, data: bytes) -> None:
@@ -199,6 +204,18 @@ class Relay:
         self.decoder = None
         self.server.publish(Desynced(self.session, f"{type(exc).__name__}: {exc}"))
 
+    async def watch_paused_client(self) -> None:
+        """While the upstream is full and the client is not being read, a hang-up by the client
+        would go unseen until the server drained the backlog (and its statement ran on). Peek
+        at the client's socket instead, so that hanging up still cancels at once."""
+        try:
+            while self.client_paused and not self.closed:
+                await asyncio.sleep(_PAUSED_CLIENT_CHECK_SECONDS)
+                if self.client_paused and not self.closed and _hung_up(self.client.transport):
+                    self.close("client")
+        finally:
+            self.watching_paused_client = False
+
     # -- ending ----------------------------------------------------------------------------
     def fail(self, message: str, sqlstate: str, reply: bool = True) -> None:
         """End the session with an ErrorResponse to the client (when it can still read one)."""
@@ -217,9 +234,12 @@ class Relay:
             self.client.transport.close()
         if self.upstream is not None and self.upstream.transport is not None:
             if reason == "client" and self.session.active and self.decoder is not None:
-                # The app hung up mid-statement: stop the backend's work instead of letting it run on.
+                # The app hung up mid-statement: stop the backend's work instead of letting it
+                # run on, and drop what the app had sent but the server not yet read.
                 self.server.cancel_backend(self.session.backend_pid, self.decoder.cancel_key)
-            self.upstream.transport.close()
+                self.upstream.transport.abort()
+            else:
+                self.upstream.transport.close()
         if self.decoder is not None:
             self.decoder.close()
         if self.session.opened_at:
@@ -227,6 +247,22 @@ class Relay:
             self.server.session_closed(self)
         elif reason.startswith("error"):
             self.server.startup_failed(self)
+
+
+def _hung_up(transport: asyncio.Transport) -> bool:
+    """True when the peer of a socket we are not reading from has reset or closed it."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    probe = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
 
 
 def _without_channel_binding(message: bytes) -> bytes:
@@ -323,7 +359,13 @@ class ServerLeg(asyncio.Protocol):
             self.relay.close("server")
 
     def pause_writing(self) -> None:
-        self.relay.client.transport.pause_reading()
+        relay = self.relay
+        relay.client.transport.pause_reading()
+        relay.client_paused = True
+        if not relay.watching_paused_client:
+            relay.watching_paused_client = True
+            relay.server.spawn(relay.watch_paused_client())
 
     def resume_writing(self) -> None:
+        self.relay.client_paused = False
         self.relay.client.transport.resume_reading()
