@@ -10,7 +10,6 @@ Must not: parse messages itself (framer/decoder do), let a decoder failure touch
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
 
 monotonic = time.monotonic
 _PAUSED_CLIENT_CHECK_SECONDS = 0.5
+_TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8  # tcpi_state values (linux/tcp_states.h)
 
 
 class Relay:
@@ -206,8 +206,8 @@ class Relay:
 
     async def watch_paused_client(self) -> None:
         """While the upstream is full and the client is not being read, a hang-up by the client
-        would go unseen until the server drained the backlog (and its statement ran on). Peek
-        at the client's socket instead, so that hanging up still cancels at once."""
+        would go unseen until the server drained the backlog (and its statement ran on). Check
+        the client's TCP state instead, so that hanging up still cancels at once."""
         try:
             while self.client_paused and not self.closed:
                 await asyncio.sleep(_PAUSED_CLIENT_CHECK_SECONDS)
@@ -250,19 +250,18 @@ class Relay:
 
 
 def _hung_up(transport: asyncio.Transport) -> bool:
-    """True when the peer of a socket we are not reading from has reset or closed it."""
+    """True when the peer of a TCP socket we are not reading from has closed or reset it.
+
+    The kernel's connection state says so even while unread data waits in the socket (a peek
+    would return that data and hide the reset behind it)."""
     sock = transport.get_extra_info("socket")
-    if sock is None:
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
-    probe = socket.socket(fileno=os.dup(sock.fileno()))
     try:
-        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
     except OSError:
         return True
-    finally:
-        probe.close()
+    return state in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
 
 
 def _without_channel_binding(message: bytes) -> bytes:

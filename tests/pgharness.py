@@ -11,7 +11,6 @@ or leave a server or a temp dir behind.
 from __future__ import annotations
 
 import atexit
-import glob
 import json
 import os
 import shutil
@@ -28,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import trustme
+
+from proxy import localpg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,23 +94,20 @@ def make_dsn(host: str, port: int, user: str, db: str, password: str | None, **p
 
 
 def find_bindir() -> Path:
-    """The PostgreSQL server binaries: `pg_config --bindir`, else the newest /usr/lib/postgresql/*/bin."""
-    candidates: list[Path] = []
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
-        if result.returncode == 0 and result.stdout.strip():
-            candidates.append(Path(result.stdout.strip()))
-    versioned = glob.glob("/usr/lib/postgresql/*/bin")
-    versioned.sort(key=lambda path: int(Path(path).parent.name) if Path(path).parent.name.isdigit() else -1)
-    candidates.extend(Path(path) for path in reversed(versioned))
-    for bindir in candidates:
-        if (bindir / "initdb").is_file() and (bindir / "postgres").is_file():
-            return bindir
-    raise HarnessError(
-        "PostgreSQL server binaries (initdb, postgres) not found via `pg_config --bindir` or "
-        "/usr/lib/postgresql/*/bin; install the `postgresql` package (see .ci/run)"
-    )
+    """The server binaries, found the way `pgscout demo` finds them; missing is a failure."""
+    try:
+        return localpg.find_bindir()
+    except localpg.LocalPgError as error:
+        raise HarnessError(f"{error} (see .ci/run)") from None
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _tail(path: Path, lines: int = OUTPUT_TAIL_LINES) -> str:

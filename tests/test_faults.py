@@ -24,7 +24,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from pgharness import APP_DATABASE, PgCluster, PgscoutFactory, wait_until
+from pgharness import APP_DATABASE, PgCluster, PgscoutFactory, rss_bytes, wait_until
 
 # The storm holds 500 sessions at once, plus pgscout's control connection and the bystanders.
 STORM_MAX_CONNECTIONS = 600
@@ -325,14 +325,6 @@ def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 class Bystander(threading.Thread):
     """A session that keeps working through everything else and checks every answer."""
 
@@ -374,7 +366,7 @@ async def test_connection_storm_leaves_no_descriptors_or_memory_behind(cluster, 
     for conn in await asyncio.gather(*(_session(dsn, i, gate) for i in range(100))):
         await conn.close()
     await asyncio.sleep(0.5)
-    fds_before, rss_before = _open_fds(pid), _rss_bytes(pid)
+    fds_before, rss_before = _open_fds(pid), rss_bytes(pid)
 
     bystander = Bystander(proxy.dsn("trust_user", APP_DATABASE))
     bystander.start()
@@ -400,7 +392,7 @@ async def test_connection_storm_leaves_no_descriptors_or_memory_behind(cluster, 
     assert await asyncio.to_thread(wait_until, lambda: _open_fds(pid) <= fds_before + STORM_FD_SLACK, 10), (
         f"fds: {fds_before} before the storm, {_open_fds(pid)} after")
     assert await asyncio.to_thread(wait_until, lambda: _metric(proxy, "pgscout_client_connections") == 0, 5)
-    rss_after = _rss_bytes(pid)
+    rss_after = rss_bytes(pid)
     assert rss_after <= rss_before + STORM_RSS_SLACK_BYTES, (
         f"RSS {rss_before / 2**20:.1f} MiB before, {rss_after / 2**20:.1f} MiB after 2,500 sessions")
     assert proxy.process.poll() is None

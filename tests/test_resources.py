@@ -19,7 +19,7 @@ import time
 import psycopg
 import pytest
 
-from pgharness import APP_DATABASE, wait_until
+from pgharness import APP_DATABASE, rss_bytes, wait_until
 
 MIB = 1024 * 1024
 # Flow control keeps a few write buffers (256 KiB high-water mark by default) per leg; anything
@@ -30,26 +30,18 @@ MAX_FINGERPRINTS = 500
 FINGERPRINT_CACHE_SIZE = 1000
 
 
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 class PeakRss(threading.Thread):
     """Samples a process's RSS every 20 ms until stopped; `peak` is the largest sample."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid = pid
-        self.peak = _rss_bytes(pid)
+        self.peak = rss_bytes(pid)
         self.stopping = threading.Event()
 
     def run(self) -> None:
         while not self.stopping.wait(0.02):
-            self.peak = max(self.peak, _rss_bytes(self.pid))
+            self.peak = max(self.peak, rss_bytes(self.pid))
 
     def __enter__(self) -> PeakRss:
         self.start()
@@ -117,7 +109,7 @@ def proxy(start_pgscout):
 
 def _settle(pid: int) -> int:
     time.sleep(0.3)
-    return _rss_bytes(pid)
+    return rss_bytes(pid)
 
 
 def test_a_slow_reader_of_a_300_mb_result_does_not_grow_the_proxy(pg, proxy):
