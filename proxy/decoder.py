@@ -15,27 +15,31 @@ import re
 import struct
 from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 from . import wire
 from .events import Session, SessionReady, StatementDone, TransactionEnded
 from .framer import Framer
 
-_INT16 = struct.Struct("!h")
-_INT32 = struct.Struct("!i")
+_INT16: Final = struct.Struct("!h")
+_INT32: Final = struct.Struct("!i")
 
 # Request kinds in the FIFO of things the server will answer, in the order it answers them.
 # Parse, Bind, Describe and Close are not queued: their answers (ParseComplete, BindComplete,
 # NoData...) carry nothing pgscout reports, and an error they cause is charged to the Execute of
 # their Sync group, the statement that then does not run. Skipping them keeps the hot path short.
-EXECUTE, SYNC, QUERY, FUNCTION = range(4)
-_KIND_NAMES = ("Execute", "Sync", "Query", "FunctionCall")
+EXECUTE: Final = 0
+SYNC: Final = 1
+QUERY: Final = 2
+FUNCTION: Final = 3
+_KIND_NAMES: Final = ("Execute", "Sync", "Query", "FunctionCall")
 
 # A client that pipelines thousands of Executes before one Sync: report them without waiting.
-_MAX_HELD_EVENTS = 256
+_MAX_HELD_EVENTS: Final = 256
 # Prepared statements kept per connection; the oldest are forgotten (their executions show as "").
-_MAX_STATEMENTS = 10000
+_MAX_STATEMENTS: Final = 10000
 
-_DEALLOCATE = re.compile(r'\bdeallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|[\w$]+)', re.IGNORECASE)
+_DEALLOCATE: Final = re.compile(r'\bdeallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|[\w$]+)', re.IGNORECASE)
 
 
 class DecoderError(Exception):
@@ -182,9 +186,9 @@ class Decoder:
         portal_end = body.index(0)
         statement_end = body.index(0, portal_end + 1)
         pos = statement_end + 1
-        n_formats = _INT16.unpack_from(body, pos)[0]
+        n_formats: int = _INT16.unpack_from(body, pos)[0]
         pos += 2 + 2 * n_formats
-        n_params = _INT16.unpack_from(body, pos)[0]
+        n_params: int = _INT16.unpack_from(body, pos)[0]
         # Keyed hash (Python's per-process salted hash): equal values give equal signatures,
         # the values themselves are never kept.
         signature = hash(body[pos:]) if complete else hash((body[pos:], "incomplete"))
@@ -267,6 +271,7 @@ class Decoder:
         request = self._expect(EXECUTE)
         self._open_executes -= 1
         portal = request.portal
+        assert portal is not None  # every Execute request carries its portal
         if not portal.suspended_at:
             portal.suspended_at = request.sent_at
             self._suspended += 1
@@ -304,7 +309,7 @@ class Decoder:
             request = self._pending.popleft()
             if request.kind == EXECUTE:
                 self._open_executes -= 1
-                if request is execute:
+                if request is execute and request.portal is not None:
                     self._finish(request.portal, request.sent_at, True, request.pipelined,
                                  "", 0, sqlstate)
         if not self._pending:
@@ -367,11 +372,12 @@ class Decoder:
         head = self._pending[0]
         data_rows = self.server.data_rows
         self.server.data_rows = 0
-        if head.kind == QUERY:
+        if isinstance(head, _Query):
             self._query_statement_done(head, tag, rows, sqlstate)
             return
         request = self._expect(EXECUTE)
         self._open_executes -= 1
+        assert request.portal is not None  # every Execute request carries its portal
         self._finish(request.portal, request.sent_at, True, request.pipelined, tag, rows, sqlstate,
                      data_rows)
 

@@ -48,7 +48,7 @@ class SessionReady:
     at: float
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class StatementDone:
     """One completed statement execution.
 
@@ -79,6 +79,32 @@ class StatementDone:
     normalized: str = ""
     kind: str = ""  # "select", "dml", "utility", "txn", "ddl" or "other"
     tags: dict[str, str] = field(default_factory=dict)  # parsed sqlcommenter/marginalia comment
+
+    # Written out, not generated: compiled by mypyc, a dataclass keeps the interpreted __init__
+    # that `dataclasses` generates (about 0.35 us more per statement).
+    def __init__(self, session: Session, sql: str, query_index: int, extended: bool,
+                 sent_at: float, done_at: float, tag: str, rows: int, sqlstate: str | None,
+                 param_sig: int | None, n_params: int, params: tuple[bytes | None, ...] | None,
+                 pipelined: bool, txn_status: str = "", fingerprint: str = "",
+                 normalized: str = "", kind: str = "", tags: dict[str, str] | None = None) -> None:
+        self.session = session
+        self.sql = sql
+        self.query_index = query_index
+        self.extended = extended
+        self.sent_at = sent_at
+        self.done_at = done_at
+        self.tag = tag
+        self.rows = rows
+        self.sqlstate = sqlstate
+        self.param_sig = param_sig
+        self.n_params = n_params
+        self.params = params
+        self.pipelined = pipelined
+        self.txn_status = txn_status
+        self.fingerprint = fingerprint
+        self.normalized = normalized
+        self.kind = kind
+        self.tags = {} if tags is None else tags
 
     @property
     def duration(self) -> float:

@@ -12,18 +12,19 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from . import wire
 
-_HEADER = struct.Struct("!Bi")
-_INT32 = struct.Struct("!i")
-_DATA_ROW = wire.B_DATA_ROW
+_HEADER: Final = struct.Struct("!Bi")
+_INT32: Final = struct.Struct("!i")
+_DATA_ROW: Final = wire.B_DATA_ROW
 
 # Bodies longer than this are delivered cut to this many bytes (flagged incomplete): the decoder
 # needs the names and SQL at the front of a Bind or Query, never 100 MB of bytea behind them.
-DECODE_LIMIT = 1 << 20
+DECODE_LIMIT: Final = 1 << 20
 # PostgreSQL's MAX_STARTUP_PACKET_LENGTH.
-MAX_STARTUP_PACKET = 10000
+MAX_STARTUP_PACKET: Final = 10000
 
 Handler = Callable[[bytes, bool], None]
 
@@ -84,6 +85,9 @@ class Framer:
         unpack = _HEADER.unpack_from
         max_length = self._max_length
         rows = 0
+        # Declared because struct returns Any: compiled, int arithmetic on them is then native.
+        typ: int
+        length: int
         while end - pos >= 5:
             typ, length = unpack(data, pos)
             if length < 4 or length > max_length:
@@ -116,6 +120,8 @@ class Framer:
 
     def _begin(self, header: bytes, hpos: int, data: bytes, pos: int) -> int:
         """Start on the message whose header is at header[hpos:hpos+5]; its body starts at data[pos]."""
+        typ: int
+        length: int
         typ, length = _HEADER.unpack_from(header, hpos)
         if length < 4 or length > self._max_length:
             raise FramingError(_bad_length(typ, length, self._max_length))
@@ -139,6 +145,7 @@ class Framer:
         """Add to the body being collected; deliver it when whole. Returns the next position."""
         take = min(self._want, len(data) - pos)
         body = self._body
+        assert body is not None  # _collect runs only while a body is being collected
         body += data[pos:pos + take]
         pos += take
         self._want -= take

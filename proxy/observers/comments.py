@@ -85,7 +85,9 @@ def parse_comments(sql: str) -> ParsedComments:
             body = sql[position + 2 : end]
         else:
             if sql[position] == "'" and _is_escape_string_prefix(sql, position - 1):
-                lexeme = _ESCAPE_STRING.match(sql, position)
+                escape_string = _ESCAPE_STRING.match(sql, position)
+                assert escape_string is not None  # it matches any text starting with '
+                lexeme = escape_string
             position = lexeme.end()
             continue
         kept.append(sql[kept_from:position])

@@ -30,20 +30,20 @@ import hashlib
 import itertools
 import re
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from pglast import parser as pg
 
 from proxy.events import StatementDone
 from proxy.observers.comments import parse_comments
 
-MAX_PARSE_CHARS = 100_000
-_CONSTANT = re.compile(r"""("(?:[^"]|"")*")|'(?:[^']|'')*'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?""")
-_NOT_KEYABLE = re.compile(r"\\|\$(?!\d)")
+MAX_PARSE_CHARS: Final = 100_000
+_CONSTANT: Final = re.compile(r"""("(?:[^"]|"")*")|'(?:[^']|'')*'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?""")
+_NOT_KEYABLE: Final = re.compile(r"\\|\$(?!\d)")
 # Characters the fingerprint cache may hold (texts and their normalized forms): ~4 bytes each
 # at worst, so at most ~64 MB whatever the statements.
-CACHE_CHARS = 16_000_000
-LEXED_PREFIX_CHARS = 8_000
+CACHE_CHARS: Final = 16_000_000
+LEXED_PREFIX_CHARS: Final = 8_000
 
 _KIND_BY_FIRST_WORD = {
     **dict.fromkeys(("select", "values", "table"), "select"),

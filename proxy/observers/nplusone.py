@@ -36,24 +36,24 @@ import re
 import statistics
 import time
 from collections import OrderedDict, deque
-from typing import Callable
+from typing import Callable, Final
 
 from proxy.events import Session, SessionClosed, StatementDone
 from proxy.observers.comments import trace_id
 
 # A connection serves one request at a time unless an async app shares it; more traced streams
 # than this on one connection are finished requests whose idle gap has not elapsed yet.
-MAX_STREAMS_PER_CONNECTION = 8
+MAX_STREAMS_PER_CONNECTION: Final = 8
 # Label sets kept by counts(); further child fingerprints are counted under "other".
 MAX_COUNTED_LABEL_SETS = 4096
 # Normalized texts whose shape is cached; the fingerprinter's own cache bounds the variety.
-MAX_SHAPES = 4096
+MAX_SHAPES: Final = 4096
 
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 _CONFIDENCE_RANK = {"low": 0, "medium": 1, "high": 2}
-_POOL_RESET_STATEMENTS = frozenset({"SELECT $1", "DISCARD ALL", "RESET ALL", "DEALLOCATE ALL"})
-_TRANSACTION_END_WORDS = frozenset({"COMMIT", "END", "ROLLBACK", "ABORT"})
-_TRANSACTION_BEGIN_WORDS = frozenset({"BEGIN", "START"})
+_POOL_RESET_STATEMENTS: Final = frozenset({"SELECT $1", "DISCARD ALL", "RESET ALL", "DEALLOCATE ALL"})
+_TRANSACTION_END_WORDS: Final = frozenset({"COMMIT", "END", "ROLLBACK", "ABORT"})
+_TRANSACTION_BEGIN_WORDS: Final = frozenset({"BEGIN", "START"})
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _ARRAY_LOOKUP = re.compile(r"\b(?:ANY|SOME)\s*\(", re.IGNORECASE)
 _NAME = r'(?:"[^"]+"|[A-Za-z_][\w$]*)'

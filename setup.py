@@ -1,0 +1,40 @@
+"""Build hook: compiles pgscout's per-statement path (framing, decoding, the bus, the observers)
+to C extensions with mypyc; everything else about the package is declared in pyproject.toml.
+
+Owns: which modules are compiled and when compiling is skipped. The compiled modules' .py files
+stay in the wheel and are the fallback: with PGSCOUT_PURE_PYTHON=1, in an editable install (so
+an edited file is what runs), or when the C build fails (no compiler), pgscout runs them as-is.
+Must not: change what a module does; compiled and interpreted runs pass the same tests.
+"""
+
+import os
+import sys
+
+from setuptools import setup
+
+COMPILED_MODULES = [
+    "proxy/framer.py",
+    "proxy/decoder.py",
+    "proxy/bus.py",
+    "proxy/events.py",
+    "proxy/observers/comments.py",
+    "proxy/observers/fingerprint.py",
+    "proxy/observers/histogram.py",
+    "proxy/observers/nplusone.py",
+    "proxy/observers/slowlog.py",
+    "proxy/observers/statements.py",
+]
+
+
+def compiled_extensions():
+    if os.environ.get("PGSCOUT_PURE_PYTHON") or "editable_wheel" in sys.argv:
+        return []
+    from mypyc.build import mypycify
+
+    extensions = mypycify(COMPILED_MODULES, opt_level="3", group_name="pgscout")
+    for extension in extensions:
+        extension.optional = True  # a failed C build installs the pure-Python modules
+    return extensions
+
+
+setup(ext_modules=compiled_extensions())
