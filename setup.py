@@ -31,7 +31,9 @@ def compiled_extensions():
         return []
     from mypyc.build import mypycify
 
-    extensions = mypycify(COMPILED_MODULES, opt_level="3", group_name="pgscout")
+    # A dotted group name puts the shared library inside the package (proxy/pgscout__mypyc.*.so),
+    # so an in-place build imports from any working directory, not only the repository root.
+    extensions = mypycify(COMPILED_MODULES, opt_level="3", group_name="proxy.pgscout")
     for extension in extensions:
         extension.optional = True  # a failed C build installs the pure-Python modules
     return extensions
