@@ -22,9 +22,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
 from .observers.histogram import Histogram
-from .observers.statements import FingerprintStats, StatementStats
+from .observers.statements import OTHER, FingerprintStats, StatementStats
 
-OTHER = "other"
 
 
 @dataclass

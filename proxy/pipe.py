@@ -18,7 +18,7 @@ from . import wire
 from .decoder import Decoder
 from .events import Desynced, Session, SessionClosed, SessionOpened
 from .framer import FramingError, StartupPacket, parse_startup_packet
-from .upstream import Handshake, UpstreamError, connect
+from .upstream import UpstreamError, UpstreamProtocol, connect
 
 if TYPE_CHECKING:
     from .server import Server
@@ -121,7 +121,7 @@ class Relay:
         try:
             transport, _ = await connect(
                 server.settings.proxy.upstream, lambda: ServerLeg(self),
-                server.settings.proxy.connect_timeout_seconds, _install_handshake)
+                server.settings.proxy.connect_timeout_seconds)
         except UpstreamError as exc:
             self.fail(f"pgscout: {exc}", wire.CONNECTION_FAILURE)
             return
@@ -271,11 +271,6 @@ def _without_channel_binding(message: bytes) -> bytes:
     return b"R" + (len(body) + 4).to_bytes(4, "big") + body
 
 
-def _install_handshake(protocol: ServerLeg) -> Handshake:
-    protocol.handshake = Handshake()
-    return protocol.handshake
-
-
 class ClientLeg(asyncio.Protocol):
     """The application's side of a session."""
 
@@ -321,22 +316,21 @@ class ClientLeg(asyncio.Protocol):
             upstream.transport.resume_reading()
 
 
-class ServerLeg(asyncio.Protocol):
+class ServerLeg(UpstreamProtocol):
     """pgscout's connection to the real database for one session."""
 
-    __slots__ = ("relay", "transport", "handshake")
+    __slots__ = ("relay", "transport")
 
     def __init__(self, relay: Relay):
+        super().__init__()
         self.relay = relay
         self.transport: asyncio.Transport | None = None
-        self.handshake: Handshake | None = None
         relay.upstream = self
 
     def data_received(self, data: bytes) -> None:
         relay = self.relay
-        if self.handshake is not None:
-            data = self.handshake.feed(data)
-            self.handshake = None
+        if self._tls_answer is not None:
+            data = self.take_tls_answer(data)
             if not data:
                 return
         if relay.authenticating:
@@ -352,8 +346,8 @@ class ServerLeg(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc) -> None:
-        if self.handshake is not None and not self.handshake.answer.done():
-            self.handshake.answer.set_exception(ConnectionResetError("connection closed by upstream"))
+        if self._tls_answer is not None:
+            self.lose_tls_answer()  # connect() raises; nothing was relayed yet
         elif self.transport is not None:  # connected (maybe still writing the startup packet)
             self.relay.close("server")
 

@@ -20,7 +20,7 @@ import structlog
 from . import wire
 from .pipe import ClientLeg, Relay
 from .settings import Settings
-from .upstream import Handshake, UpstreamError, connect
+from .upstream import UpstreamError, UpstreamProtocol, connect
 
 log = structlog.get_logger("pgscout.server")
 
@@ -144,7 +144,7 @@ class Server:
         closed = asyncio.get_running_loop().create_future()
         try:
             transport, _ = await connect(self.settings.proxy.upstream, lambda: _CancelLeg(closed),
-                                         self.settings.proxy.connect_timeout_seconds, _cancel_handshake)
+                                         self.settings.proxy.connect_timeout_seconds)
         except UpstreamError as exc:
             log.warning("cancel_not_forwarded", reason=str(exc))
             return
@@ -163,9 +163,8 @@ class Server:
         upstream = self.settings.proxy.upstream
         try:
             async with asyncio.timeout(self.settings.proxy.connect_timeout_seconds):
-                if upstream.host.startswith("/"):
-                    _, writer = await asyncio.open_unix_connection(
-                        f"{upstream.host.rstrip('/')}/.s.PGSQL.{upstream.port}")
+                if upstream.is_unix_socket:
+                    _, writer = await asyncio.open_unix_connection(upstream.socket_path)
                 else:
                     _, writer = await asyncio.open_connection(upstream.host, upstream.port)
             writer.close()
@@ -176,26 +175,20 @@ class Server:
         return ok, detail
 
 
-class _CancelLeg(asyncio.Protocol):
+class _CancelLeg(UpstreamProtocol):
+    """A connection that carries one CancelRequest; the server closes it when done."""
+
     def __init__(self, closed: asyncio.Future):
+        super().__init__()
         self.closed = closed
-        self.handshake = None
 
     def data_received(self, data: bytes) -> None:
-        if self.handshake is not None:
-            self.handshake.feed(data)
-            self.handshake = None
+        self.take_tls_answer(data)
 
     def connection_lost(self, exc) -> None:
-        if self.handshake is not None and not self.handshake.answer.done():
-            self.handshake.answer.set_exception(ConnectionResetError("connection closed by upstream"))
+        self.lose_tls_answer()
         if not self.closed.done():
             self.closed.set_result(None)
-
-
-def _cancel_handshake(protocol: _CancelLeg) -> Handshake:
-    protocol.handshake = Handshake()
-    return protocol.handshake
 
 
 def _client_tls_context(settings: Settings) -> ssl.SSLContext | None:

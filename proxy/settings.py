@@ -132,10 +132,15 @@ class Upstream:
     def is_unix_socket(self) -> bool:
         return self.host.startswith("/")
 
+    @property
+    def socket_path(self) -> str:
+        """The server's unix socket file (libpq's convention), for a socket-directory host."""
+        return f"{self.host.rstrip('/')}/.s.PGSQL.{self.port}"
+
     def display(self) -> str:
         """Where pgscout connects, for logs and error messages: "host:port" or the socket path."""
         if self.is_unix_socket:
-            return f"{self.host.rstrip('/')}/.s.PGSQL.{self.port}"
+            return self.socket_path
         return str(Address(self.host, self.port))
 
     def control_dsn(self) -> str:

@@ -20,17 +20,33 @@ class UpstreamError(Exception):
     """The upstream cannot be reached or refused the connection; the text is client-facing."""
 
 
-class Handshake:
-    """Lets a Protocol hand its first received byte to the SSLRequest exchange."""
+class UpstreamProtocol(asyncio.Protocol):
+    """Base of the protocols pgscout opens upstream: while `connect` waits for the answer to
+    its SSLRequest, the first byte received goes to it instead of the subclass."""
+
+    __slots__ = ("_tls_answer",)
 
     def __init__(self) -> None:
-        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._tls_answer: asyncio.Future[bytes] | None = None
 
-    def feed(self, data: bytes) -> bytes:
-        """Take the answer byte; return what came after it (nothing, from a well-behaved server)."""
-        if not self.answer.done():
-            self.answer.set_result(data[:1])
+    def expect_tls_answer(self) -> asyncio.Future[bytes]:
+        self._tls_answer = asyncio.get_running_loop().create_future()
+        return self._tls_answer
+
+    def take_tls_answer(self, data: bytes) -> bytes:
+        """Hand the answer byte to `connect`; return what follows it (nothing, normally)."""
+        answer, self._tls_answer = self._tls_answer, None
+        if answer is None:
+            return data
+        if not answer.done():
+            answer.set_result(data[:1])
         return data[1:]
+
+    def lose_tls_answer(self) -> None:
+        """The connection ended before the server answered the SSLRequest."""
+        answer, self._tls_answer = self._tls_answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(ConnectionResetError("connection closed by upstream"))
 
 
 def tls_context(upstream: Upstream) -> ssl.SSLContext:
@@ -51,17 +67,12 @@ def tls_context(upstream: Upstream) -> ssl.SSLContext:
     return context
 
 
-async def connect(upstream: Upstream, protocol_factory: Callable[[], asyncio.Protocol],
-                  timeout: float, handshake_of: Callable[[asyncio.Protocol], Handshake | None]
-                  ) -> tuple[asyncio.Transport, asyncio.Protocol]:
-    """Connect and negotiate TLS per sslmode, within `timeout` seconds.
-
-    `handshake_of(protocol)` installs a Handshake on the new protocol (its data_received must pass
-    bytes to it while installed) and returns it; the caller's protocol then clears it.
-    """
+async def connect(upstream: Upstream, protocol_factory: Callable[[], UpstreamProtocol],
+                  timeout: float) -> tuple[asyncio.Transport, UpstreamProtocol]:
+    """Connect and negotiate TLS per sslmode, within `timeout` seconds."""
     try:
         async with asyncio.timeout(timeout):
-            return await _connect(upstream, protocol_factory, handshake_of)
+            return await _connect(upstream, protocol_factory)
     except TimeoutError:
         raise UpstreamError(f"could not connect to upstream {upstream.display()}: "
                             f"timed out after {timeout:g} s") from None
@@ -74,19 +85,19 @@ async def connect(upstream: Upstream, protocol_factory: Callable[[], asyncio.Pro
         raise UpstreamError(f"could not connect to upstream {upstream.display()}: {reason}") from None
 
 
-async def _connect(upstream: Upstream, protocol_factory, handshake_of):
+async def _connect(upstream: Upstream, protocol_factory):
     loop = asyncio.get_running_loop()
-    if upstream.host.startswith("/"):
-        path = f"{upstream.host.rstrip('/')}/.s.PGSQL.{upstream.port}"
-        transport, protocol = await loop.create_unix_connection(protocol_factory, path)
+    if upstream.is_unix_socket:
+        transport, protocol = await loop.create_unix_connection(protocol_factory,
+                                                                upstream.socket_path)
         return transport, protocol  # libpq never uses TLS over a unix socket
     transport, protocol = await loop.create_connection(protocol_factory, upstream.host, upstream.port)
     if upstream.sslmode in ("disable", "allow"):
         return transport, protocol
     try:
-        handshake = handshake_of(protocol)
+        pending_answer = protocol.expect_tls_answer()
         transport.write(wire.ssl_request())
-        answer = await handshake.answer
+        answer = await pending_answer
         if answer == wire.ACCEPT_TLS:
             tls_transport = await loop.start_tls(
                 transport, protocol, tls_context(upstream), server_hostname=upstream.host)

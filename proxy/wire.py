@@ -76,16 +76,13 @@ CONNECTION_FAILURE = "08006"
 PROTOCOL_VIOLATION = "08P01"
 TOO_MANY_CONNECTIONS = "53300"
 CANNOT_CONNECT_NOW = "57P03"
-ADMIN_SHUTDOWN = "57P01"
 FEATURE_NOT_SUPPORTED = "0A000"
 
 
-def error_response(sqlstate: str, message: str, severity: str = "FATAL", detail: str = "") -> bytes:
+def error_response(sqlstate: str, message: str, severity: str = "FATAL") -> bytes:
     """Build an ErrorResponse ('E', int32 len, then (code byte, cstring) fields, then a zero byte)."""
     fields = [b"S", severity.encode(), b"\0", b"V", severity.encode(), b"\0",
               b"C", sqlstate.encode(), b"\0", b"M", message.encode("utf-8", "replace"), b"\0"]
-    if detail:
-        fields += [b"D", detail.encode("utf-8", "replace"), b"\0"]
     body = b"".join(fields) + b"\0"
     return b"E" + _INT32.pack(len(body) + 4) + body
 
