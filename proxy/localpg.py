@@ -28,6 +28,18 @@ class LocalPgError(RuntimeError):
     """The local server cannot be found, created or started; the message says what to do."""
 
 
+def as_server_user(argv: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run a server tool as the postgres OS user then."""
+    return ["runuser", "-u", SUPERUSER, "--", *argv] if os.geteuid() == 0 else argv
+
+
+def append_settings(data_dir: Path, heading: str, settings: dict[str, str]) -> None:
+    """Add `key = value` lines to a cluster's postgresql.conf, under a comment."""
+    with open(data_dir / "postgresql.conf", "a") as conf:
+        conf.write(f"\n# {heading}\n")
+        conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+
+
 def find_bindir() -> Path:
     """The directory holding initdb, pg_ctl and postgres."""
     candidates: list[Path] = []
@@ -124,13 +136,10 @@ class LocalPostgres:
             "synchronous_commit": "off",
             "full_page_writes": "off",
         }
-        with open(self.data_dir / "postgresql.conf", "a") as conf:
-            conf.write("\n# pgscout demo: a throwaway server\n")
-            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        append_settings(self.data_dir, "pgscout demo: a throwaway server", settings)
 
     def _command(self, tool: Path, *args: str) -> list[str]:
-        argv = [str(tool), *args]
-        return ["runuser", "-u", SUPERUSER, "--", *argv] if self._as_postgres else argv
+        return as_server_user([str(tool), *args])
 
     def _run(self, tool: Path, *args: str) -> None:
         argv = self._command(tool, *args)

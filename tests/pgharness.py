@@ -184,7 +184,7 @@ class PgCluster:
         self._destroyed = True
         if self.is_running():
             subprocess.run(
-                self._as_postgres([str(self.bindir / "pg_ctl"), "stop", "-w", "-t", "30", "-m", "immediate",
+                localpg.as_server_user([str(self.bindir / "pg_ctl"), "stop", "-w", "-t", "30", "-m", "immediate",
                                    "-D", str(self.data_dir)]),
                 cwd=self.base, capture_output=True, timeout=60,
             )
@@ -237,11 +237,8 @@ class PgCluster:
 
     # -- setup steps -------------------------------------------------------------------------
 
-    def _as_postgres(self, argv: list[str]) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *argv] if self.run_as_postgres else argv
-
     def _run_server_tool(self, name: str, *args: str, timeout: float = 120) -> None:
-        argv = self._as_postgres([self.bin(name), *args])
+        argv = localpg.as_server_user([self.bin(name), *args])
         result = subprocess.run(argv, cwd=self.base, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise HarnessError(
@@ -282,9 +279,7 @@ class PgCluster:
             "log_connections": "on",
             "log_disconnections": "on",
         }
-        with open(self.data_dir / "postgresql.conf", "a") as conf:
-            conf.write("\n# pgscout test harness\n")
-            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        localpg.append_settings(self.data_dir, "pgscout test harness", settings)
         # Replication connections (walsender) for the tests that relay them through pgscout.
         hba_lines = ["local all all trust", f"host replication {SUPERUSER} 127.0.0.0/8 trust"]
         # hostssl lines first so a TLS connection is matched explicitly; host covers the rest.
