@@ -15,7 +15,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 RUN /opt/pgscout/bin/python3 -m pip install . \
- && /opt/pgscout/bin/python3 -c "import uvloop, pglast, asyncpg, proxy.decoder; assert proxy.decoder.__file__.endswith('.so')"
+ && /opt/pgscout/bin/python3 -c "import uvloop, pglast, asyncpg, pgscout.dataplane.decoder as d; assert d.__file__.endswith('.so')"
 
 FROM python:3.11-slim
 LABEL org.opencontainers.image.title="pgscout" \

@@ -13,16 +13,17 @@ import sys
 from setuptools import setup
 
 COMPILED_MODULES = [
-    "proxy/framer.py",
-    "proxy/decoder.py",
-    "proxy/bus.py",
-    "proxy/events.py",
-    "proxy/observers/comments.py",
-    "proxy/observers/fingerprint.py",
-    "proxy/observers/histogram.py",
-    "proxy/observers/nplusone.py",
-    "proxy/observers/slowlog.py",
-    "proxy/observers/statements.py",
+    "proxy/pgscout/dataplane/framer.py",
+    "proxy/pgscout/dataplane/decoder.py",
+    "proxy/pgscout/dataplane/events.py",
+    "proxy/pgscout/analysis/bus.py",
+    "proxy/pgscout/analysis/comments.py",
+    "proxy/pgscout/analysis/fingerprint.py",
+    "proxy/pgscout/analysis/nplusone.py",
+    "proxy/pgscout/analysis/slowlog.py",
+    "proxy/pgscout/analysis/statements.py",
+    "proxy/pgscout/histogram.py",
+    "proxy/pgscout/labels.py",
 ]
 
 
@@ -31,9 +32,9 @@ def compiled_extensions():
         return []
     from mypyc.build import mypycify
 
-    # A dotted group name puts the shared library inside the package (proxy/pgscout__mypyc.*.so),
+    # A dotted group name puts the shared library inside the package (proxy/pgscout/pgscout__mypyc.*.so),
     # so an in-place build imports from any working directory, not only the repository root.
-    extensions = mypycify(COMPILED_MODULES, opt_level="3", group_name="proxy.pgscout")
+    extensions = mypycify(COMPILED_MODULES, opt_level="3", group_name="pgscout.pgscout")
     for extension in extensions:
         extension.optional = True  # a failed C build installs the pure-Python modules
     return extensions

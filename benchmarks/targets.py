@@ -4,7 +4,7 @@ Owns: starting (or adopting, with --upstream) PostgreSQL, loading the benchmark 
 tables, a 100,000-row table for large results, a COPY sink, the ORM tables), starting PgBouncer,
 pgscout observing and pgscout --forward-only in front of it, and stopping all of them again.
 Must not: measure anything (workloads do), or start a proxy differently from how a user does
-(`python -m proxy run`, through tests/pgharness.py).
+(`python -m pgscout run`, through tests/pgharness.py).
 """
 
 from __future__ import annotations

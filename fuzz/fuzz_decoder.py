@@ -29,8 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
 with atheris.instrument_imports():
-    from proxy.decoder import Decoder
-    from proxy.events import Session
+    from pgscout.dataplane.decoder import Decoder
+    from pgscout.dataplane.events import Session
 
 import wirebuild as wb  # noqa: E402 - needs the path set above
 

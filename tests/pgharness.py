@@ -28,7 +28,7 @@ from pathlib import Path
 
 import trustme
 
-from proxy import localpg
+from pgscout.demo import localpg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -334,7 +334,7 @@ class Pgscout:
     @property
     def argv(self) -> list[str]:
         argv = [
-            sys.executable, "-m", "proxy", "run",
+            sys.executable, "-m", "pgscout", "run",
             "--listen", f"{self.host}:{self.port}",
             "--upstream", self.upstream,
             "--admin", f"{self.host}:{self.admin_port}",

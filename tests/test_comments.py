@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.observers.comments import ATTRIBUTION_KEYS, MAX_VALUE_CHARS, parse_comments, trace_id
+from pgscout.analysis.comments import ATTRIBUTION_KEYS, MAX_VALUE_CHARS, parse_comments, trace_id
 
 TRACEPARENT = "00-5bd66ef5095369c7b0d1f8f4bd33716a-c532cb4098ac3dd2-01"
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from proxy.events import Session, SessionClosed, SessionOpened, SessionReady
-from proxy.observers.connections import ConnectionTracker
-from proxy.settings import Budget
+from pgscout.dataplane.events import Session, SessionClosed, SessionOpened, SessionReady
+from pgscout.dataplane.connections import ConnectionTracker
+from pgscout.settings import Budget
 
 
 class Clock:

@@ -8,9 +8,9 @@ import asyncpg
 import pytest
 
 from pgharness import free_port
-from proxy.control import UpstreamLimits
-from proxy.settings import parse_upstream_url
-from proxy.sizing import add_budget_command, budget_report
+from pgscout.control.limits import UpstreamLimits
+from pgscout.settings import parse_upstream_url
+from pgscout.control.sizing import add_budget_command, budget_report
 
 
 class RecordingLog:

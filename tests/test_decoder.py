@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wirebuild as w
-from proxy.decoder import Decoder
-from proxy.events import Session, SessionReady, StatementDone, TransactionEnded
-from proxy.framer import DECODE_LIMIT
+from pgscout.dataplane.decoder import Decoder
+from pgscout.dataplane.events import Session, SessionReady, StatementDone, TransactionEnded
+from pgscout.dataplane.framer import DECODE_LIMIT
 
 BACKEND_PID = 4321
 CANCEL_KEY = b"\x0a\x0b\x0c\x0d"

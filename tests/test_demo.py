@@ -32,7 +32,7 @@ class Demo:
         self.stderr_file = tmp_path / "stderr.txt"
         with open(self.stdout_file, "wb") as stdout, open(self.stderr_file, "wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "demo", *args], stdout=stdout, stderr=stderr,
+                [sys.executable, "-m", "pgscout", "demo", *args], stdout=stdout, stderr=stderr,
                 stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def stdout(self) -> str:

@@ -118,7 +118,7 @@ def test_compose_runs_the_demo_app_behind_its_sidecar():
 def test_compose_sidecar_environment_is_a_valid_pgscout_config():
     sidecar = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["pgscout"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("PGSCOUT_")}
-    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", "config/pgscout.yaml"],
+    result = subprocess.run([sys.executable, "-m", "pgscout", "check-config", "config/pgscout.yaml"],
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
                             env={**env, **sidecar["environment"]})
     assert result.returncode == 0, result.stderr
@@ -168,7 +168,7 @@ def test_kubernetes_deployment_runs_pgscout_as_a_probed_sidecar_scraped_by_the_o
 def test_kubernetes_configmap_is_a_valid_pgscout_config(tmp_path):
     config = tmp_path / "pgscout.yaml"
     config.write_text(kubernetes_objects()["ConfigMap"]["data"]["pgscout.yaml"])
-    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(config)],
+    result = subprocess.run([sys.executable, "-m", "pgscout", "check-config", str(config)],
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "shop-web" in result.stdout
@@ -188,7 +188,7 @@ def test_dockerfile_installs_the_package_as_ci_does_and_runs_it_unprivileged():
     assert ci_install.strip("'").startswith("-e") and any("pip install . " in f"{run} " for run in runs)
     assert [args for op, args in instructions if op == "FROM"][0].startswith("python:3.11-slim")
     assert json.loads(dict(instructions)["ENTRYPOINT"]) == ["pgscout"]
-    assert "pgscout = \"proxy.cli:main\"" in (REPO_ROOT / "pyproject.toml").read_text()
+    assert "pgscout = \"pgscout.cli:main\"" in (REPO_ROOT / "pyproject.toml").read_text()
     assert dict(instructions)["USER"] not in ("root", "0")
     allowed = [line[1:].rstrip("/") for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
                if line.startswith("!")]

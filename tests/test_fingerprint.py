@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.events import Session, StatementDone
-from proxy.observers.fingerprint import MAX_PARSE_CHARS, Fingerprinter, fingerprint_text
+from pgscout.dataplane.events import Session, StatementDone
+from pgscout.analysis.fingerprint import MAX_PARSE_CHARS, Fingerprinter, fingerprint_text
 
 HEX16 = re.compile(r"[0-9a-f]{16}")
 

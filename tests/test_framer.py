@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wirebuild as w
-from proxy.framer import DECODE_LIMIT, MAX_STARTUP_PACKET, Framer, FramingError, parse_startup_packet
+from pgscout.dataplane.framer import DECODE_LIMIT, MAX_STARTUP_PACKET, Framer, FramingError, parse_startup_packet
 
 # The types the decoder handles in each direction; everything else must be skipped unread.
 CLIENT_DECODED = b"QPBDECSF"

@@ -14,10 +14,10 @@ import json
 
 import pytest
 
-from proxy.events import Session, SessionClosed, StatementDone
-from proxy.observers import nplusone
-from proxy.observers.nplusone import NPlusOneDetector
-from proxy.settings import NPlusOneSettings
+from pgscout.dataplane.events import Session, SessionClosed, StatementDone
+from pgscout.analysis import nplusone
+from pgscout.analysis.nplusone import NPlusOneDetector
+from pgscout.settings import NPlusOneSettings
 
 AUTHORS = "SELECT authors.id, authors.name FROM authors"
 BOOKS = "SELECT books.id, books.title FROM books WHERE $1::INTEGER = books.author_id"

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from orm_models import (AUTHORS, BOOKS, BOOKS_PER_AUTHOR, JOBS, REVIEWS, Author, Book, Job,
                         Review, create_bookshop, reset_jobs)
 from pgharness import APP_DATABASE, wait_until
-from proxy.observers.fingerprint import fingerprint_text
+from pgscout.analysis.fingerprint import fingerprint_text
 
 # What SQLAlchemy's loaders send, written by hand: a finding must name exactly these shapes.
 AUTHORS_SQL = "SELECT np_authors.id, np_authors.name FROM np_authors ORDER BY np_authors.id"

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgharness import APP_DATABASE, wait_until
-from proxy.observers.fingerprint import fingerprint_text
+from pgscout.analysis.fingerprint import fingerprint_text
 
 PROMTOOL = "/usr/bin/promtool"
 SECRET = "hunter2-" + uuid.uuid4().hex

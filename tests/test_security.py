@@ -80,7 +80,7 @@ def test_the_admin_token_guards_metrics_and_the_api_but_not_health(start_pgscout
 
 
 def test_the_admin_server_binds_loopback_by_default():
-    from proxy.settings import load_settings
+    from pgscout.settings import load_settings
     settings = load_settings(None, {})
     assert settings.admin.listen.host == "127.0.0.1"
     assert settings.proxy.listen.host == "127.0.0.1"

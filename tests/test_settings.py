@@ -7,16 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.settings import (
-    Address,
-    Budget,
-    ConfigError,
-    Settings,
-    Upstream,
-    effective_yaml,
-    load_settings,
-    parse_upstream_url,
-)
+from pgscout.settings import ( Address, Budget, ConfigError, Settings, Upstream, effective_yaml, load_settings, parse_upstream_url, )
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "pgscout.yaml"
 

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from proxy.sizing import add_budget_command, check
+from pgscout.control.sizing import add_budget_command, check
 
 
 def test_steady_and_peak_demand_against_the_available_connections():

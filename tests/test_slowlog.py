@@ -2,9 +2,9 @@
 
 import json
 
-from proxy.events import Session, StatementDone
-from proxy.observers.fingerprint import Fingerprinter
-from proxy.observers.slowlog import SlowLog
+from pgscout.dataplane.events import Session, StatementDone
+from pgscout.analysis.fingerprint import Fingerprinter
+from pgscout.analysis.slowlog import SlowLog
 
 WEB = Session(
     conn_id=1,

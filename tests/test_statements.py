@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from proxy.events import Session, StatementDone
-from proxy.observers.statements import LATENCY_BUCKETS, StatementStats
+from pgscout.dataplane.events import Session, StatementDone
+from pgscout.analysis.statements import LATENCY_BUCKETS, StatementStats
 
 WEB = Session(conn_id=1, client_addr="127.0.0.1:5000", application_name="web")
 WORKER = Session(conn_id=2, client_addr="127.0.0.1:5001", application_name="worker")

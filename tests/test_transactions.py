@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from proxy.events import Session, TransactionEnded
-from proxy.observers.transactions import TransactionStats
+from pgscout.dataplane.events import Session, TransactionEnded
+from pgscout.analysis.transactions import TransactionStats
 
 WEB = Session(conn_id=1, client_addr="127.0.0.1:5000", application_name="web")
 WORKER = Session(conn_id=2, client_addr="127.0.0.1:5001", application_name="worker")

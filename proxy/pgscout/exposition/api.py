@@ -14,9 +14,9 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from .admin import AdminServer, Response, json_response
-from .metrics import Sources
-from .observers.statements import SORT_KEYS
+from pgscout.exposition.admin import AdminServer, Response, json_response
+from pgscout.exposition.metrics import Sources
+from pgscout.analysis.statements import SORT_KEYS
 
 _DEFAULT_LIMIT = 50
 _MAX_LIMIT = 1000

@@ -23,8 +23,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from proxy.events import StatementDone
-from proxy.observers.statements import MAX_APPLICATIONS
+from pgscout.dataplane.events import StatementDone
+from pgscout.analysis.statements import MAX_APPLICATIONS
 
 MAX_PARAMETER_CHARS = 200
 MAX_LOGGED_PARAMETERS = 64

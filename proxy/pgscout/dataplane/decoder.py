@@ -17,9 +17,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from . import wire
-from .events import Session, SessionReady, StatementDone, TransactionEnded
-from .framer import Framer
+from pgscout.dataplane import wire
+from pgscout.dataplane.events import Session, SessionReady, StatementDone, TransactionEnded
+from pgscout.dataplane.framer import Framer
 
 _INT16: Final = struct.Struct("!h")
 _INT32: Final = struct.Struct("!i")

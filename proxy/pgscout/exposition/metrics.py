@@ -20,9 +20,10 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
                                     InfoMetricFamily)
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from . import __version__
-from .observers.histogram import Histogram
-from .observers.statements import OTHER, FingerprintStats, StatementStats
+from pgscout import __version__
+from pgscout.histogram import Histogram
+from pgscout.analysis.statements import FingerprintStats, StatementStats
+from pgscout.labels import OTHER
 
 
 

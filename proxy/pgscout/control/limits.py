@@ -22,7 +22,7 @@ import time
 
 import asyncpg
 
-from .settings import Upstream
+from pgscout.settings import Upstream
 
 # One statement, so a reading is consistent and costs one round trip. current_setting(..., true)
 # is NULL where the setting does not exist. Without pg_read_all_stats a role sees other roles'

@@ -12,8 +12,8 @@ import asyncio
 import ssl
 from collections.abc import Callable
 
-from . import wire
-from .settings import Upstream
+from pgscout.dataplane import wire
+from pgscout.settings import Upstream
 
 
 class UpstreamError(Exception):

@@ -17,10 +17,10 @@ from collections.abc import Callable, Coroutine
 
 import structlog
 
-from . import wire
-from .pipe import ClientLeg, Relay
-from .settings import Settings
-from .upstream import UpstreamError, UpstreamProtocol, connect
+from pgscout.dataplane import wire
+from pgscout.dataplane.relay import ClientLeg, Relay
+from pgscout.settings import Settings
+from pgscout.dataplane.upstream import UpstreamError, UpstreamProtocol, connect
 
 log = structlog.get_logger("pgscout.server")
 

@@ -13,9 +13,9 @@ Must not: log, or import asyncio, sockets or prometheus_client.
 
 from __future__ import annotations
 
-from proxy.events import TransactionEnded
-from proxy.observers.histogram import Histogram
-from proxy.observers.statements import MAX_APPLICATIONS, OTHER
+from pgscout.dataplane.events import TransactionEnded
+from pgscout.histogram import Histogram
+from pgscout.labels import MAX_APPLICATIONS, OTHER
 
 TRANSACTION_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,

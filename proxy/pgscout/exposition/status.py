@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from .admin import AdminServer, Response
+from pgscout.exposition.admin import AdminServer, Response
 
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",

@@ -11,8 +11,10 @@ import argparse
 import os
 import sys
 
-from . import __version__, app, demo, logs, sizing
-from .settings import ConfigError, Settings, effective_yaml, load_settings
+from pgscout import __version__, app, logs
+from pgscout.control import sizing
+from pgscout.demo import command as demo
+from pgscout.settings import ConfigError, Settings, effective_yaml, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:

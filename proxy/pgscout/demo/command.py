@@ -26,9 +26,9 @@ from collections.abc import Callable
 from typing import TextIO
 
 
-from . import app, logs
-from .localpg import LocalPgError, LocalPostgres
-from .settings import ConfigError, Settings, load_settings
+from pgscout import app, logs
+from pgscout.demo.localpg import LocalPgError, LocalPostgres
+from pgscout.settings import ConfigError, Settings, load_settings
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_LISTEN_PORT = 6432
@@ -60,7 +60,7 @@ def add_demo_command(commands) -> None:
 
 def run_demo(args) -> int:
     try:
-        from . import demo_workload
+        from pgscout.demo import workload as demo_workload
     except ImportError as error:
         print(f"pgscout demo: the demo app needs psycopg 3 and SQLAlchemy 2 ({error}): "
               "pip install 'psycopg[binary]' sqlalchemy", file=sys.stderr)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from . import wire
+from pgscout.dataplane import wire
 
 _HEADER: Final = struct.Struct("!Bi")
 _INT32: Final = struct.Struct("!i")

@@ -19,8 +19,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .control import CONNECTION_ERRORS, connect, describe_error, read_limits
-from .settings import ConfigError, Upstream, load_settings
+from pgscout.control.limits import CONNECTION_ERRORS, connect, describe_error, read_limits
+from pgscout.settings import ConfigError, Upstream, load_settings
 
 TIGHT_HEADROOM_RATIO = 0.10
 EXIT_OK = 0

@@ -15,21 +15,21 @@ from collections.abc import Callable
 
 import structlog
 
-from . import api, logs, status
-from .admin import AdminServer, Response
-from .bus import Bus
-from .control import UpstreamLimits
-from .events import (Desynced, SessionClosed, SessionOpened, SessionReady, StatementDone,
-                     TransactionEnded)
-from .metrics import PgscoutCollector, Sources, build_registry
-from .observers.connections import ConnectionTracker
-from .observers.fingerprint import Fingerprinter
-from .observers.nplusone import NPlusOneDetector
-from .observers.slowlog import SlowLog
-from .observers.statements import StatementStats
-from .observers.transactions import TransactionStats
-from .server import Server
-from .settings import ConfigError, Settings
+from pgscout import logs
+from pgscout.exposition import api, status
+from pgscout.exposition.admin import AdminServer, Response
+from pgscout.analysis.bus import Bus
+from pgscout.control.limits import UpstreamLimits
+from pgscout.dataplane.events import (Desynced, SessionClosed, SessionOpened, SessionReady, StatementDone, TransactionEnded)
+from pgscout.exposition.metrics import PgscoutCollector, Sources, build_registry
+from pgscout.dataplane.connections import ConnectionTracker
+from pgscout.analysis.fingerprint import Fingerprinter
+from pgscout.analysis.nplusone import NPlusOneDetector
+from pgscout.analysis.slowlog import SlowLog
+from pgscout.analysis.statements import StatementStats
+from pgscout.analysis.transactions import TransactionStats
+from pgscout.dataplane.server import Server
+from pgscout.settings import ConfigError, Settings
 
 log = structlog.get_logger("pgscout")
 

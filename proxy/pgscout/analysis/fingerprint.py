@@ -34,8 +34,8 @@ from typing import Final, NamedTuple
 
 from pglast import parser as pg
 
-from proxy.events import StatementDone
-from proxy.observers.comments import parse_comments
+from pgscout.dataplane.events import StatementDone
+from pgscout.analysis.comments import parse_comments
 
 MAX_PARSE_CHARS: Final = 100_000
 _CONSTANT: Final = re.compile(r"""("(?:[^"]|"")*")|'(?:[^']|'')*'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?""")

@@ -22,14 +22,12 @@ import time
 from collections import OrderedDict
 from typing import Final
 
-from proxy.events import StatementDone
-from proxy.observers.histogram import Histogram
+from pgscout.dataplane.events import StatementDone
+from pgscout.histogram import Histogram
+from pgscout.labels import MAX_APPLICATIONS, OTHER
 
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 MAX_APPLICATIONS_PER_FINGERPRINT: Final = 16
-# application_name is chosen by clients; past this many distinct names the rest share OTHER.
-MAX_APPLICATIONS: Final = 256
-OTHER: Final = "other"
 
 
 class FingerprintStats:

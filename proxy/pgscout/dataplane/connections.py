@@ -28,11 +28,11 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 
-from proxy.events import Session, SessionClosed, SessionOpened, SessionReady
-from proxy.observers.histogram import Histogram
-from proxy.observers.statements import MAX_APPLICATIONS, OTHER
-from proxy.settings import Budget
-from proxy.wire import TOO_MANY_CONNECTIONS
+from pgscout.dataplane.events import Session, SessionClosed, SessionOpened, SessionReady
+from pgscout.histogram import Histogram
+from pgscout.labels import MAX_APPLICATIONS, OTHER
+from pgscout.settings import Budget
+from pgscout.dataplane.wire import TOO_MANY_CONNECTIONS
 
 LIFETIME_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600)
 STATES = ("starting", "active", "idle", "idle_in_transaction", "replication")

@@ -38,8 +38,8 @@ import time
 from collections import OrderedDict, deque
 from typing import Callable, Final
 
-from proxy.events import Session, SessionClosed, StatementDone
-from proxy.observers.comments import trace_id
+from pgscout.dataplane.events import Session, SessionClosed, StatementDone
+from pgscout.analysis.comments import trace_id
 
 # A connection serves one request at a time unless an async app shares it; more traced streams
 # than this on one connection are finished requests whose idle gap has not elapsed yet.

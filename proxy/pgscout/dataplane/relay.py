@@ -14,14 +14,14 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from . import wire
-from .decoder import Decoder
-from .events import Desynced, Session, SessionClosed, SessionOpened
-from .framer import FramingError, StartupPacket, parse_startup_packet
-from .upstream import UpstreamError, UpstreamProtocol, connect
+from pgscout.dataplane import wire
+from pgscout.dataplane.decoder import Decoder
+from pgscout.dataplane.events import Desynced, Session, SessionClosed, SessionOpened
+from pgscout.dataplane.framer import FramingError, StartupPacket, parse_startup_packet
+from pgscout.dataplane.upstream import UpstreamError, UpstreamProtocol, connect
 
 if TYPE_CHECKING:
-    from .server import Server
+    from pgscout.dataplane.server import Server
 
 monotonic = time.monotonic
 _PAUSED_CLIENT_CHECK_SECONDS = 0.5

@@ -1,0 +1,1 @@
+"""pgscout's own connection to the server: limits, catalog and connection budgets."""

@@ -1,0 +1,1 @@
+"""`pgscout demo`: a throwaway cluster, pgscout and a workload with N+1 loops."""
