@@ -18,13 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wirebuild as w
-from pgscout.dataplane.decoder import Decoder
+from pgscout.analysis.replay import Replay
+from pgscout.dataplane.decoder import DEFAULT_MAX_SQL_CHARS, MAX_PENDING, Decoder, DecoderError
 from pgscout.dataplane.events import Session, SessionReady, StatementDone, TransactionEnded
 from pgscout.dataplane.framer import DECODE_LIMIT
 
 BACKEND_PID = 4321
 CANCEL_KEY = b"\x0a\x0b\x0c\x0d"
-STATEMENT_FIELDS = ("sql", "query_index", "extended", "sent_at", "done_at", "tag", "rows", "sqlstate",
+STATEMENT_FIELDS = ("sql", "statement_count", "extended", "sent_at", "done_at", "tag", "rows", "sqlstate",
                     "n_params", "params", "pipelined", "txn_status")
 
 
@@ -34,7 +35,10 @@ class Conversation:
     def __init__(self, keep_parameters: bool = False):
         self.session = Session(conn_id=1, client_addr="t")
         self.events: list[object] = []
-        self.decoder = Decoder(self.session, self.events.append, keep_parameters=keep_parameters)
+        # The decoder's records are replayed into events the way the analysis process does.
+        replay = Replay(self.events.append)
+        self.decoder = Decoder(self.session, lambda record: replay.feed([record]),
+                               keep_parameters=keep_parameters)
         self.now = 100.0
         self.steps: list[tuple[str, float, bytes]] = []
         self._taken = 0
@@ -57,7 +61,7 @@ class Conversation:
         """The events emitted since the last take, in the comparable form of `observed`."""
         new = self.events[self._taken:]
         self._taken = len(self.events)
-        assert all(event.session is self.session for event in new)
+        assert all(event.session.conn_id == self.session.conn_id for event in new)
         return [observed(event) for event in new]
 
     def statements(self) -> list[StatementDone]:
@@ -78,11 +82,11 @@ def observed(event) -> tuple[str, dict]:
     return type(event).__name__, {}
 
 
-def done(sql: str, sent_at: float, done_at: float, tag: str = "", rows: int = 0, *, index: int = 0,
+def done(sql: str, sent_at: float, done_at: float, tag: str = "", rows: int = 0, *, count: int = 1,
          extended: bool = False, sqlstate: str | None = None, n_params: int = 0, params=None,
          pipelined: bool = False, txn_status: str = "I") -> tuple[str, dict]:
     return "StatementDone", {
-        "sql": sql, "query_index": index, "extended": extended, "sent_at": sent_at,
+        "sql": sql, "statement_count": count, "extended": extended, "sent_at": sent_at,
         "done_at": done_at, "tag": tag, "rows": rows, "sqlstate": sqlstate, "n_params": n_params,
         "params": params, "pipelined": pipelined, "txn_status": txn_status,
         "param_sig": "int" if extended else None,
@@ -140,11 +144,8 @@ def multi_statement_query(conv: Conversation) -> None:
     assert conv.take() == []  # held until ReadyForQuery gives the transaction status
     third = conv.server(w.row_description(1), *select_rows(2), w.command_complete("SELECT 2"))
     at = conv.server(w.ready_for_query("I"))
-    assert conv.take() == [
-        done(sql, sent, first, "INSERT 0 1", 1, index=0, pipelined=True),
-        done(sql, first, second, "UPDATE 2", 2, index=1, pipelined=True),
-        done(sql, second, third, "SELECT 2", 2, index=2, pipelined=True),
-    ]
+    # Their results came in one flush: the Query is one statement record, timed whole.
+    assert conv.take() == [done(sql, sent, third, "SELECT 2", 5, count=3, pipelined=True)]
     assert at > third and not conv.session.active
 
 
@@ -154,10 +155,8 @@ def error_in_multi_statement_query(conv: Conversation) -> None:
     first = conv.server(w.row_description(1), *select_rows(1), w.command_complete("SELECT 1"))
     failed = conv.server(w.row_description(1), w.error_response("22012", "division by zero"),
                          w.ready_for_query("I"))
-    assert conv.take() == [
-        done(sql, sent, first, "SELECT 1", 1, index=0, pipelined=True),
-        done(sql, first, failed, "", 0, index=1, sqlstate="22012", pipelined=True),
-    ]
+    assert first < failed
+    assert conv.take() == [done(sql, sent, failed, "", 1, count=2, sqlstate="22012", pipelined=True)]
     assert not conv.session.active
 
 
@@ -367,10 +366,9 @@ def deallocate_and_discard_all(conv: Conversation) -> None:
     sent = conv.client(w.query('DEALLOCATE s_a; DEALLOCATE "S_Mixed"'))
     first = conv.server(w.command_complete("DEALLOCATE"))
     second = conv.server(w.command_complete("DEALLOCATE"), w.ready_for_query("I"))
+    assert first < second
     assert conv.take() == [
-        done('DEALLOCATE s_a; DEALLOCATE "S_Mixed"', sent, first, "DEALLOCATE", index=0, pipelined=True),
-        done('DEALLOCATE s_a; DEALLOCATE "S_Mixed"', first, second, "DEALLOCATE", index=1, pipelined=True),
-    ]
+        done('DEALLOCATE s_a; DEALLOCATE "S_Mixed"', sent, second, "DEALLOCATE", count=2, pipelined=True)]
     sent = conv.client(w.bind("", "s_a", []), w.execute(""), w.sync(),
                        w.bind("", "S_Mixed", []), w.execute(""), w.sync(),
                        w.bind("", "s_b", []), w.execute(""), w.sync())
@@ -507,7 +505,7 @@ def asynchronous_messages(conv: Conversation) -> None:
     at = conv.server(w.command_complete("LISTEN"), w.notice_response("hi"), w.row_description(1),
                      *select_rows(1), w.notification(999, "jobs", "43"), w.command_complete("SELECT 1"),
                      w.parameter_status("TimeZone", "UTC"), w.ready_for_query("I"))
-    assert [event[1]["tag"] for event in conv.take()] == ["LISTEN", "SELECT 1"]
+    assert [(event[1]["tag"], event[1]["statement_count"]) for event in conv.take()] == [("SELECT 1", 2)]
     assert at > sent
     conv.client(w.typed(b"F", b"\0\0\x04\xd2\0\0\0\0\0\0"))  # FunctionCall: answered, not a statement
     conv.server(w.typed(b"V", b"\0\0\0\x01\x31"), w.ready_for_query("I"))
@@ -582,7 +580,11 @@ def test_oversized_messages_are_reported_from_their_first_bytes(conv):
     sent = conv.client(w.query(big_sql))
     at = conv.server(w.row_description(1), *select_rows(1), w.command_complete("SELECT 1"),
                      w.ready_for_query("I"))
-    assert conv.take() == [done(big_sql[:DECODE_LIMIT], sent, at, "SELECT 1", 1)]
+    # Cut to the text length analysis gets; the whole text's signature is made by the decoder.
+    expected = done(big_sql[:DEFAULT_MAX_SQL_CHARS], sent, at, "SELECT 1", 1)
+    expected[1]["param_sig"] = "int"
+    assert conv.take() == [expected]
+    assert conv.statements()[-1].truncated
     blob = b"\xff" * DECODE_LIMIT
     sql = "insert into blobs values ($1)"
     sent = conv.client(w.parse("", sql), w.bind("", "", [blob]), w.execute(""), w.sync())
@@ -697,3 +699,18 @@ def test_arbitrary_bytes_raise_only_what_the_pipe_catches(steps):
                 max_size=10))
 def test_well_framed_arbitrary_messages_raise_only_what_the_pipe_catches(steps):
     feed_ignoring_ordinary_errors(steps)
+
+
+def test_a_flood_of_syncs_costs_no_memory_and_each_is_answered(conv):
+    conv.client(w.sync() * 100_000)
+    assert len(conv.decoder._pending) == 1
+    conv.server(w.ready_for_query("I") * 99_999)
+    assert conv.session.active
+    conv.server(w.ready_for_query("I"))
+    assert not conv.session.active
+    simple_query(conv)
+
+
+def test_past_max_pending_requests_the_session_is_no_longer_observed(conv):
+    with pytest.raises(DecoderError):
+        conv.client((w.query("select 1")) * (MAX_PENDING + 1))

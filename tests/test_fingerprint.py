@@ -12,11 +12,12 @@ from pgscout.analysis.fingerprint import MAX_PARSE_CHARS, Fingerprinter, fingerp
 HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
-def statement(sql, query_index=0, param_sig=None):
+def statement(sql, statement_count=1, param_sig=None, standard_strings=True, truncated=False):
     return StatementDone(
-        session=Session(conn_id=1, client_addr="127.0.0.1:5000"),
+        session=Session(conn_id=1, client_addr="127.0.0.1:5000", standard_strings=standard_strings),
         sql=sql,
-        query_index=query_index,
+        statement_count=statement_count,
+        truncated=truncated,
         extended=param_sig is not None,
         sent_at=10.0,
         done_at=10.002,
@@ -86,24 +87,56 @@ def test_extended_protocol_param_sig_is_left_alone():
     assert enriched("select * from t where id = $1", param_sig=1234).param_sig == 1234
 
 
-def test_multi_statement_query_describes_the_completed_piece():
+def test_multi_statement_query_is_described_whole_in_one_pass():
     sql = "BEGIN; UPDATE accounts SET balance = 0 WHERE id = 7; SELECT 1; COMMIT"
     fingerprinter = Fingerprinter(cache_size=100)
-    kinds = [enriched(sql, fingerprinter, query_index=i).kind for i in range(4)]
-    assert kinds == ["txn", "dml", "select", "txn"]
-    update = enriched(sql, fingerprinter, query_index=1)
-    assert update.normalized == "UPDATE accounts SET balance = $1 WHERE id = $2"
-    assert update.fingerprint == fingerprint_text("UPDATE accounts SET balance = 5 WHERE id = 1")[0]
-    assert fingerprinter.cache_info().misses == 1
+    ev = enriched(sql, fingerprinter, statement_count=4)
+    assert ev.normalized == "BEGIN; UPDATE accounts SET balance = $1 WHERE id = $2; SELECT $3; COMMIT"
+    assert ev.kind == "txn"  # the first statement's
+    again = enriched(sql.replace("7", "8"), fingerprinter, statement_count=4)
+    assert again.fingerprint == ev.fingerprint
+    assert ev.fingerprint != fingerprint_text("UPDATE accounts SET balance = 5 WHERE id = 1")[0]
 
 
-def test_multi_statement_index_past_the_end_describes_the_last_statement():
-    assert enriched("select 1; delete from t", query_index=5).kind == "dml"
+def test_a_long_multi_statement_script_costs_one_description():
+    script = "".join(f"insert into t values ({i}, 'row {i}');" for i in range(3000))
+    fingerprinter = Fingerprinter(cache_size=100)
+    ev = enriched(script, fingerprinter, statement_count=3000)
+    assert HEX16.fullmatch(ev.fingerprint)
+    assert ev.normalized.startswith("insert into t values ($1, $2);insert into t values ($3, $4);")
+    assert "row 1" not in ev.normalized
 
 
-def test_semicolon_inside_a_string_does_not_split():
-    ev = enriched("select ';' ; select 2", query_index=1)
-    assert ev.normalized == "select $1"
+def test_semicolon_inside_a_string_stays_in_its_literal():
+    ev = enriched("select ';' ; select 2", statement_count=2)
+    assert ev.normalized == "select $1 ; select $2"
+
+
+def test_backslash_escapes_are_redacted_when_standard_conforming_strings_is_off():
+    sql = "insert into people (name) values ('O\\'Brien <secret>')"
+    ev = enriched(sql, standard_strings=False)
+    assert "secret" not in ev.normalized
+    assert ev.normalized == "insert into people (name) values ($1)"
+
+
+def test_numbers_in_ddl_are_redacted():
+    for sql in ("alter sequence orders_id_seq restart with 4242",
+                "create table t (a int default 4242 check (a <> 4242))",
+                "alter table t alter column a set default 4242"):
+        assert "4242" not in enriched(sql).normalized, sql
+
+
+def test_a_truncated_text_is_fingerprinted_from_its_prefix():
+    ev = enriched("select * from t where a in (1, 2, 3", truncated=True)
+    assert HEX16.fullmatch(ev.fingerprint)
+    assert ev.normalized == "select * from t where a in ($1, $2, $3"
+
+
+def test_normalized_text_is_cut_for_display():
+    sql = "select " + ", ".join(f"c{i}" for i in range(2000)) + " from t"
+    ev = statement(sql)
+    Fingerprinter(cache_size=10, display_chars=100).on_statement(ev)
+    assert len(ev.normalized) == 100
 
 
 def test_cache_hits_for_the_same_text():
@@ -259,9 +292,9 @@ SQLISH = st.text(
 
 
 @settings(max_examples=300, deadline=None)
-@given(sql=SQLISH, query_index=st.integers(min_value=0, max_value=3))
-def test_any_text_is_enriched_without_raising(sql, query_index):
-    ev = enriched(sql, query_index=query_index)
+@given(sql=SQLISH, standard_strings=st.booleans(), truncated=st.booleans())
+def test_any_text_is_enriched_without_raising(sql, standard_strings, truncated):
+    ev = enriched(sql, standard_strings=standard_strings, truncated=truncated)
     assert HEX16.fullmatch(ev.fingerprint)
     assert ev.kind in {"select", "dml", "ddl", "utility", "txn", "other"}
     assert isinstance(ev.param_sig, int)

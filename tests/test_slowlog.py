@@ -21,7 +21,7 @@ def done(ms, at=100.0, session=WEB, sql="SELECT * FROM orders WHERE id = 1", par
     ev = StatementDone(
         session=session,
         sql=sql,
-        query_index=0,
+        statement_count=1,
         extended=params is not None,
         sent_at=at - ms / 1000,
         done_at=at,

@@ -16,7 +16,7 @@ def done(fingerprint, seconds, session=WEB, rows=1, sqlstate=None, kind="select"
     return StatementDone(
         session=session,
         sql="ignored by this observer",
-        query_index=0,
+        statement_count=1,
         extended=True,
         sent_at=0.0,
         done_at=seconds,

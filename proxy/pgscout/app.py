@@ -1,9 +1,11 @@
-"""Composition root: wires settings into a running pgscout, the only module that knows every part.
+"""Composition root of the data-plane process: the only module that knows every part of it.
 
-Owns: building the bus and subscribing every observer in order (fingerprints first), the server,
-the admin routes, the per-second tick, signal handling (SIGTERM/SIGINT drain, SIGHUP reload) and
-what a reload may change live.
-Must not: parse arguments (cli.py does) or hold protocol or observation logic of its own.
+Owns: the server, the connection tracker (budgets are enforced here, at admission), the control
+connection's limits, the admin server (health answered here, everything else relayed with a
+snapshot of this process's state to the analysis process that `AnalysisLink` runs), signal
+handling (SIGTERM/SIGINT drain, SIGHUP reload) and what a reload may change live.
+Must not: parse arguments (cli.py does), hold protocol or observation logic of its own, or do
+work whose cost depends on SQL text (the analysis process does, see worker.py).
 """
 
 from __future__ import annotations
@@ -16,35 +18,42 @@ from collections.abc import Callable
 import structlog
 
 from pgscout import logs
-from pgscout.exposition import api, status
-from pgscout.exposition.admin import AdminServer, Response
-from pgscout.analysis.bus import Bus
 from pgscout.control.limits import UpstreamLimits
-from pgscout.dataplane.events import (Desynced, SessionClosed, SessionOpened, SessionReady, StatementDone, TransactionEnded)
-from pgscout.exposition.metrics import PgscoutCollector, Sources, build_registry
 from pgscout.dataplane.connections import ConnectionTracker
-from pgscout.analysis.fingerprint import Fingerprinter
-from pgscout.analysis.nplusone import NPlusOneDetector
-from pgscout.analysis.slowlog import SlowLog
-from pgscout.analysis.statements import StatementStats
-from pgscout.analysis.transactions import TransactionStats
+from pgscout.dataplane.events import SessionClosed, SessionOpened, SessionReady
+from pgscout.dataplane.handoff import AnalysisLink, AnalysisUnavailable, Frozen, freeze
 from pgscout.dataplane.server import Server
+from pgscout.exposition import status
+from pgscout.exposition.admin import AdminServer, Response
 from pgscout.settings import ConfigError, Settings
 
 log = structlog.get_logger("pgscout")
 
+_ANALYSIS_ANSWER_SECONDS = 10.0
+
 
 async def serve(settings: Settings, *, observing: bool,
                  reload: Callable[[], Settings] | None = None) -> int:
-    bus = Bus(on_error=lambda handler, exc: log.error(
-        "observer_failed", observer=getattr(handler, "__qualname__", repr(handler)),
-        error=f"{type(exc).__name__}: {exc}"))
-    server = Server(settings, bus.publish, observing=observing)
-    sources = _wire_observers(settings, bus, server)
-    admin = AdminServer(settings.admin.token)
+    link = AnalysisLink(settings, settings.statements.analysis_backlog_bytes)
+    tracker = ConnectionTracker(settings.budgets, warn=_warn)
+    on_session = {SessionOpened: tracker.on_opened, SessionReady: tracker.on_ready,
+                  SessionClosed: tracker.on_closed}
+    server = Server(settings, link.put, lambda event: on_session[type(event)](event),
+                    observing=observing)
+    server.admissions.append(tracker.admission)
+    limits = UpstreamLimits(settings.proxy.upstream, settings.control.refresh_seconds, log,
+                            connect_timeout=settings.proxy.connect_timeout_seconds)
+
+    async def relay_to_analysis(method: str, path: str, query: str, headers: dict) -> Response:
+        request = {"method": method, "path": path, "query": query, "headers": headers}
+        try:
+            return await link.request(request, _snapshot(server, tracker, limits, link),
+                                      _ANALYSIS_ANSWER_SECONDS)
+        except AnalysisUnavailable as exc:
+            return Response(503, f"pgscout analysis unavailable: {exc}\n")
+
+    admin = AdminServer(settings.admin.token, relay=relay_to_analysis)
     _health_routes(admin, server)
-    collector = PgscoutCollector(sources, settings.metrics.top_k, settings.metrics.sql_text_max_chars)
-    api.register(admin, sources, build_registry(collector))
     status.register(admin)
 
     stop = asyncio.Event()
@@ -52,39 +61,51 @@ async def serve(settings: Settings, *, observing: bool,
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(reload, server, sources))
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(reload, server, tracker, link))
     try:
+        await link.start()
         await server.start()
         await admin.start(settings.admin.listen.host, settings.admin.listen.port)
     except OSError as exc:
         log.error("cannot_listen", error=str(exc))
+        await link.stop()
         return 1
     log.info("admin_listening", listen=str(settings.admin.listen))
-    sources.limits.start()
-    ticker = loop.create_task(_tick(sources))
+    limits.start()
     await stop.wait()
     await server.drain()
-    ticker.cancel()
-    await sources.limits.stop()
+    await limits.stop()
     await admin.stop()
+    await link.stop()
     log.info("stopped")
     return 0
 
 
-async def _tick(sources: Sources) -> None:
-    """Once a second: end idle N+1 segments and emit the per-minute roll-ups that are due."""
-    while True:
-        await asyncio.sleep(1.0)
-        sources.nplusone.flush()
+def _snapshot(server: Server, tracker: ConnectionTracker, limits: UpstreamLimits,
+              link: AnalysisLink) -> Frozen:
+    """What the analysis process needs of this process to answer one admin request."""
+    return Frozen({
+        "server": freeze(server, numbers=True, calls=("bytes_relayed",),
+                         open_sessions=server.open_sessions,
+                         upstream_display=server.upstream_display),
+        "connections": freeze(tracker, calls=("live", "opens_per_second", "lifetimes", "churn",
+                                              "budgets"), attributes=("opened_total",)),
+        "limits": freeze(limits, calls=("snapshot",)),
+        "handoff": freeze(link, attributes=("records_sent", "records_shed", "restarts",
+                                            "backlog_bytes")),
+    })
 
 
 # Settings that bind sockets or size structures at start; a reload reports them instead.
 _RESTART_ONLY = ("proxy.listen", "proxy.upstream", "admin.listen", "admin.token",
                  "statements.fingerprint_cache_size", "statements.max_fingerprints",
+                 "statements.max_sql_chars", "statements.display_chars",
+                 "statements.analysis_backlog_bytes",
                  "metrics.top_k", "control.refresh_seconds", "slowlog.keep", "nplusone.keep")
 
 
-def _reload(load: Callable[[], Settings], server: Server, sources: Sources) -> None:
+def _reload(load: Callable[[], Settings], server: Server, tracker: ConnectionTracker,
+            link: AnalysisLink) -> None:
     """SIGHUP: re-read the config; apply what can change live, keep the old config on error."""
     try:
         new = load()
@@ -98,13 +119,10 @@ def _reload(load: Callable[[], Settings], server: Server, sources: Sources) -> N
         new, proxy=dataclasses.replace(new.proxy, listen=old.proxy.listen, upstream=old.proxy.upstream),
         admin=old.admin, statements=old.statements, metrics=old.metrics, control=old.control)
     logs.configure(new.log.level, new.log.format)
-    slow = new.slowlog
-    sources.slowlog.reconfigure(slow.threshold_ms, slow.per_application, slow.log_parameters,
-                                slow.max_per_second)
-    sources.connections.set_budgets(new.budgets)
-    sources.nplusone.reconfigure(new.nplusone)
-    server.keep_parameters = slow.log_parameters
+    tracker.set_budgets(new.budgets)
+    server.keep_parameters = new.slowlog.log_parameters
     server.settings = new
+    link.reconfigure(new)
     log.info("config_reloaded", needs_restart=ignored or None)
 
 
@@ -118,45 +136,6 @@ def _setting(settings: Settings, dotted: str):
 def _warn(record: dict) -> None:
     fields = dict(record)
     log.warning(fields.pop("event"), **fields)
-
-
-def _wire_observers(settings: Settings, bus: Bus, server: Server) -> Sources:
-    """Subscribe every observer; the fingerprinter first, since the others read what it adds."""
-    slow = settings.slowlog
-    fingerprinter = Fingerprinter(cache_size=settings.statements.fingerprint_cache_size)
-    statements = StatementStats(settings.statements.max_fingerprints)
-    slowlog = SlowLog(slow.threshold_ms, slow.per_application, slow.log_parameters,
-                      slow.max_per_second, slow.keep,
-                      emit=lambda record: log.warning("slow_query", **record))
-    nplusone = NPlusOneDetector(settings.nplusone,
-                                emit=lambda finding: log.warning("n_plus_one", **finding.to_dict()))
-    transactions = TransactionStats()
-    connections = ConnectionTracker(settings.budgets, warn=_warn)
-    limits = UpstreamLimits(settings.proxy.upstream, settings.control.refresh_seconds, log,
-                            connect_timeout=settings.proxy.connect_timeout_seconds)
-    desyncs = [0]
-
-    def on_desync(event: Desynced) -> None:
-        desyncs[0] += 1
-        log.warning("decoder_desynced", conn_id=event.session.conn_id,
-                    application_name=event.session.application_name, reason=event.reason)
-
-    for event_type, handler in (
-            (StatementDone, fingerprinter.on_statement),
-            (StatementDone, statements.on_statement),
-            (StatementDone, slowlog.on_statement),
-            (StatementDone, nplusone.on_statement),
-            (TransactionEnded, transactions.on_transaction),
-            (SessionOpened, connections.on_opened),
-            (SessionReady, connections.on_ready),
-            (SessionClosed, connections.on_closed),
-            (SessionClosed, nplusone.on_session_closed),
-            (Desynced, on_desync)):
-        bus.subscribe(event_type, handler)
-    server.admissions.append(connections.admission)
-    return Sources(server=server, statements=statements, fingerprinter=fingerprinter,
-                   slowlog=slowlog, transactions=transactions, nplusone=nplusone,
-                   connections=connections, limits=limits, bus=bus, desyncs=lambda: desyncs[0])
 
 
 def _health_routes(admin: AdminServer, server: Server) -> None:

@@ -556,6 +556,9 @@ class LogSettings:
 class StatementSettings:
     fingerprint_cache_size: int = _setting(10000, _Integer(1))
     max_fingerprints: int = _setting(5000, _Integer(1))
+    max_sql_chars: int = _setting(32768, _Integer(64))
+    display_chars: int = _setting(2048, _Integer(64))
+    analysis_backlog_bytes: int = _setting(8 << 20, _Integer(65536))
 
 
 @dataclass(frozen=True)

@@ -3,20 +3,22 @@
 Owns: deriving, once per distinct SQL text (bounded LRU), what every other observer reads from a
 StatementDone: `fingerprint` (16 hex chars, libpg_query through pglast: the literal and `$1`
 forms of a query, and IN lists of any length, share one), `normalized` (pglast's normalize of the
-comment-stripped text: literals become `$n`), `kind`, `tags` (proxy.observers.comments) and,
-for the simple protocol, `param_sig` (Python's salted hash of the comment-stripped text, so the
-text itself is never kept for it). A multi-statement simple Query is split once and the piece at
-`query_index` is described.
+comment-stripped text: literals become `$n`, cut to `display_chars`, the only SQL text any other
+observer keeps), `kind`, `tags` (pgscout.analysis.comments) and, for the simple protocol,
+`param_sig` (Python's salted hash of the comment-stripped text, so the text itself is never kept
+for it). A multi-statement simple Query arrives as one event and is described whole, in one
+pass: libpg_query fingerprints and normalizes every statement of a text together.
 
-Text pglast cannot take (a ParseError, over MAX_PARSE_CHARS, or holding NUL or the U+FFFD the
-decoder puts for invalid UTF-8) goes to a literal-stripping lexer instead; its fingerprints are
-blake2b-derived with their own personalization, so they do not share pglast's hash inputs.
+Text pglast cannot take (a ParseError, cut by the data plane, over MAX_PARSE_CHARS, holding NUL
+or the U+FFFD the decoder puts for invalid UTF-8, or backslashes while the session runs with
+standard_conforming_strings off, which pglast would read differently from the server) goes to a
+literal-stripping lexer instead; its fingerprints are blake2b-derived with their own
+personalization, so they do not share pglast's hash inputs. The lexer reads at most
+LEXED_PREFIX_CHARS of any text (about 0.5 us a character, pglast about 0.3).
 The cache is keyed by the comment-stripped text, so the comment scan runs per execution (a few
 microseconds when there is a comment) and the parse once per distinct statement text.
-Text over MAX_PARSE_CHARS (bulk INSERTs, giant IN lists) is not cached and is described from its
-first LEXED_PREFIX_CHARS characters, as one statement, since that work is repeated for each
-execution. The lexer reads at most LEXED_PREFIX_CHARS of any statement (about 0.5 us a character,
-pglast about 0.3).
+This runs in the analysis process, never on the forwarding loop: a slow parse delays analysis
+(which sheds load when it falls behind), not traffic.
 
 Read interface (for the Collector and the API): `cache_info()` (hits, misses, maxsize,
 currsize), `lexed_statements` (statements described by the fallback lexer).
@@ -34,15 +36,16 @@ from typing import Final, NamedTuple
 
 from pglast import parser as pg
 
-from pgscout.dataplane.events import StatementDone
 from pgscout.analysis.comments import parse_comments
+from pgscout.dataplane.events import StatementDone
 
 MAX_PARSE_CHARS: Final = 100_000
+DEFAULT_DISPLAY_CHARS: Final = 2048
 _CONSTANT: Final = re.compile(r"""("(?:[^"]|"")*")|'(?:[^']|'')*'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?""")
 _NOT_KEYABLE: Final = re.compile(r"\\|\$(?!\d)")
 # Characters the fingerprint cache may hold (texts and their normalized forms): ~4 bytes each
-# at worst, so at most ~64 MB whatever the statements.
-CACHE_CHARS: Final = 16_000_000
+# at worst, so at most ~16 MB whatever the statements.
+CACHE_CHARS: Final = 4_000_000
 LEXED_PREFIX_CHARS: Final = 8_000
 
 _KIND_BY_FIRST_WORD = {
@@ -79,24 +82,28 @@ _MAY_HOLD_STRING = re.compile(r"'|\$(?!\d)")
 
 # Lexing without lookbehinds (slow in `re`): identifiers are matched whole, so an E/B/X/N/U&
 # string prefix, a digit or a `$` can only be seen where a token starts.
-_STRING = r"""
-      [eE]'(?:[^'\\]|\\.|'')*'?
-    | (?:[bBxXnN]|[uU]&)?'(?:[^']|'')*'?
-    | \$(?P<tag>(?:[^\W\d]\w*)?)\$.*?(?:\$(?P=tag)\$|\Z)
-"""
+_ESCAPED_STRING = r"'(?:[^'\\]|\\.|'')*'?"
+_DOLLAR_QUOTED = r"\$(?P<tag>(?:[^\W\d]\w*)?)\$.*?(?:\$(?P=tag)\$|\Z)"
+# With standard_conforming_strings off, a backslash escapes the next character in every string.
+_STANDARD_STRING = rf"[eE]{_ESCAPED_STRING} | (?:[bBxXnN]|[uU]&)?'(?:[^']|'')*'? | {_DOLLAR_QUOTED}"
+_BACKSLASH_STRING = rf"(?:[eEbBxXnN]|[uU]&)?{_ESCAPED_STRING} | {_DOLLAR_QUOTED}"
 _IDENTIFIER = r'[^\W\d][\w$]*|"(?:[^"]|"")*"?'
-_STATEMENT_END = re.compile(
-    rf"{_STRING} | {_IDENTIFIER} | (?P<semicolon>;)", re.VERBOSE | re.DOTALL
-)
-_LITERAL = re.compile(
-    rf"""
-      (?P<string>{_STRING})
-    | (?P<identifier>{_IDENTIFIER})
-    | \$\d+
-    | (?:0[xXoObB][0-9a-fA-F_]+|(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d+)?)
-    """,
-    re.VERBOSE | re.DOTALL,
-)
+
+
+def _literal_lexer(string: str) -> re.Pattern:
+    return re.compile(
+        rf"""
+          (?P<string>{string})
+        | (?P<identifier>{_IDENTIFIER})
+        | \$\d+
+        | (?P<number>0[xXoObB][0-9a-fA-F_]+|(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d+)?)
+        """,
+        re.VERBOSE | re.DOTALL,
+    )
+
+
+_LITERAL = _literal_lexer(_STANDARD_STRING)
+_BACKSLASH_LITERAL = _literal_lexer(_BACKSLASH_STRING)
 _PLACEHOLDER = re.compile(r"\$\d+")
 _SPACE_AROUND_SYMBOL = re.compile(r"\s*([^\w\s$?\"])\s*")
 # In the hashed shape of lexed text every literal is `?` with no spaces around symbols, so a list
@@ -121,60 +128,64 @@ class CacheInfo(NamedTuple):
 
 class DerivedText(NamedTuple):
     tags: dict[str, str]
-    statements: tuple[StatementShape, ...]  # one per statement of the text, at least one
+    shape: StatementShape
 
 
 class Fingerprinter:
     """Bus observer that fills the enrichment fields of each StatementDone; runs first."""
 
-    def __init__(self, cache_size: int, cache_chars: int = CACHE_CHARS) -> None:
+    def __init__(self, cache_size: int, cache_chars: int = CACHE_CHARS,
+                 display_chars: int = DEFAULT_DISPLAY_CHARS) -> None:
         # Keyed by comment-stripped text: per-request comments (traceparent) make every raw
         # text unique, so only the comment scan is repeated per execution, never the parse.
-        self._cache: OrderedDict[str, tuple[StatementShape, ...]] = OrderedDict()
+        self._cache: OrderedDict[str, StatementShape] = OrderedDict()
         self._cache_size = cache_size
+        self._display_chars = display_chars
         self._cache_chars = cache_chars
         self._cached_chars = 0
         self._hits = self._misses = 0
         self.lexed_statements = 0
 
-    def _describe_cached(self, key: str, text: str) -> tuple[StatementShape, ...]:
-        """describe_statements through an LRU bounded in entries and in characters kept (keys
-        plus normalized texts), so a flood of large distinct statements cannot grow memory."""
+    def _describe_cached(self, key: str, text: str, backslashes: bool) -> StatementShape:
+        """describe() through an LRU bounded in entries and in characters kept (keys plus
+        normalized texts), so a flood of large distinct statements cannot grow memory."""
         cache = self._cache
-        statements = cache.get(key)
-        if statements is not None:
+        if backslashes:
+            key = "\x00" + key  # the same text lexes differently: a key of its own
+        shape = cache.get(key)
+        if shape is not None:
             self._hits += 1
             cache.move_to_end(key)
-            return statements
+            return shape
         self._misses += 1
-        statements = describe_statements(text)
-        size = len(key) + sum(len(shape.normalized) for shape in statements)
+        shape = describe(text, backslashes)
+        shape = shape._replace(normalized=shape.normalized[:self._display_chars])
+        size = len(key) + len(shape.normalized)
         if size > self._cache_chars:
-            return statements
-        cache[key] = statements
+            return shape
+        cache[key] = shape
         self._cached_chars += size
         while len(cache) > self._cache_size or self._cached_chars > self._cache_chars:
             old_text, old = cache.popitem(last=False)
-            self._cached_chars -= len(old_text) + sum(len(shape.normalized) for shape in old)
-        return statements
+            self._cached_chars -= len(old_text) + len(old.normalized)
+        return shape
 
     def on_statement(self, ev: StatementDone) -> None:
         sql = ev.sql
-        if len(sql) > MAX_PARSE_CHARS:
-            tags, statements = derive(sql)
+        backslashes = not ev.session.standard_strings and "\\" in sql
+        if ev.truncated or len(sql) > MAX_PARSE_CHARS:
+            tags, shape = derive(sql, backslashes)
+            shape = shape._replace(normalized=shape.normalized[:self._display_chars])
         else:
             tags, text = parse_comments(sql)
-            key = constant_free_key(text) if ev.param_sig is None else None
+            key = constant_free_key(text) if ev.param_sig is None and not backslashes else None
             if key is None:
-                statements = self._describe_cached(text, text)
+                shape = self._describe_cached(text, text, backslashes)
             else:
                 # Literals inline (simple protocol): every execution is a new text, but all its
                 # variants share one cache entry; the parameter signature is this text's own.
-                statements = self._describe_cached(key, text)
+                shape = self._describe_cached(key, text, False)
                 ev.param_sig = hash(text)
-        # The server and pglast can disagree on the count (another server version's syntax):
-        # extra statements are described as the last one.
-        shape = statements[min(ev.query_index, len(statements) - 1)]
         ev.fingerprint = shape.fingerprint
         ev.normalized = shape.normalized
         ev.kind = shape.kind
@@ -203,53 +214,37 @@ def constant_free_key(text: str) -> str | None:
 
 
 def fingerprint_text(sql: str) -> tuple[str, str, str]:
-    """(fingerprint, normalized, kind) of the first statement in `sql`, uncached."""
-    shape = derive(sql).statements[0]
+    """(fingerprint, normalized, kind) of `sql` (all its statements together), uncached."""
+    shape = derive(sql).shape
     return shape.fingerprint, shape.normalized, shape.kind
 
 
-def derive(sql: str) -> DerivedText:
-    """Everything the fingerprinter takes from one SQL text; never raises."""
+def derive(sql: str, backslashes: bool = False) -> DerivedText:
+    """Everything the fingerprinter takes from one SQL text; never raises. A text over
+    MAX_PARSE_CHARS is described from its first LEXED_PREFIX_CHARS characters."""
     if len(sql) <= MAX_PARSE_CHARS:
         tags, text = parse_comments(sql)
-        return DerivedText(tags, describe_statements(text))
+        return DerivedText(tags, describe(text, backslashes))
     tags, prefix = parse_comments(sql[:LEXED_PREFIX_CHARS])
-    return DerivedText(tags, (_lex(prefix)[0]._replace(param_sig=hash(sql)),))
+    return DerivedText(tags, _lexed_shape(prefix, backslashes)._replace(param_sig=hash(sql)))
 
 
-def describe_statements(text: str) -> tuple[StatementShape, ...]:
-    """One shape per statement of comment-free `text` (at least one); never raises."""
-    if "\x00" in text or "\ufffd" in text:
-        return _lex(text)
-    pieces = _split(text) if ";" in text else (text,)
-    return tuple(_describe(piece) for piece in pieces)
-
-
-def _split(text: str) -> tuple[str, ...]:
+def describe(text: str, backslashes: bool = False) -> StatementShape:
+    """The shape of comment-free `text`, all its statements together; never raises.
+    `backslashes`: the session reads a backslash in any string as an escape."""
+    if backslashes or "\x00" in text or "\ufffd" in text:
+        return _lexed_shape(text, backslashes)
     try:
-        pieces = pg.split(text)
-    except pg.ParseError:
-        # pglast's scanner-only split drops statements it cannot read: split on `;` ourselves.
-        pieces = _split_on_semicolons(text)
-    return pieces or (text,)
-
-
-def _split_on_semicolons(text: str) -> tuple[str, ...]:
-    ends = [m.start() for m in _STATEMENT_END.finditer(text) if m.lastgroup == "semicolon"]
-    starts = [0] + [end + 1 for end in ends]
-    pieces = (text[start:end].strip() for start, end in zip(starts, [*ends, len(text)]))
-    return tuple(piece for piece in pieces if piece)
-
-
-def _describe(statement: str) -> StatementShape:
-    try:
-        fingerprint = pg.fingerprint(statement)
-        normalized = pg.normalize(statement)
+        fingerprint = pg.fingerprint(text)
+        normalized = pg.normalize(text)
     except (pg.ParseError, UnicodeEncodeError):  # UnicodeEncodeError: lone surrogates
-        return _lex(statement)[0]
-    if _MAY_HOLD_STRING.search(normalized):
-        normalized = _redact_strings(normalized)
-    return StatementShape(fingerprint, normalized, _classify(normalized), hash(statement), True)
+        return _lexed_shape(text, False)
+    kind = _classify(normalized)
+    if kind == "ddl" or _MAY_HOLD_STRING.search(normalized):
+        # pglast's normalize leaves DDL's numbers (RESTART WITH n, DEFAULT n, CHECK (c <> n))
+        # and some strings (COPY file names, function bodies) in place.
+        normalized = _redact_literals(normalized, numbers=kind == "ddl")
+    return StatementShape(fingerprint, normalized, kind, hash(text), True)
 
 
 def _classify(normalized: str) -> str:
@@ -265,23 +260,20 @@ def _classify(normalized: str) -> str:
     return _KIND_BY_FIRST_WORD.get(first, "other")
 
 
-def _redact_strings(normalized: str) -> str:
-    """Replace the string and dollar-quoted literals pglast kept with `$n` after its own."""
-    numbers = [int(n[1:]) for n in _PLACEHOLDER.findall(normalized)]
-    next_number = itertools.count(max(numbers, default=0) + 1)
+def _redact_literals(normalized: str, numbers: bool) -> str:
+    """Replace the literals pglast kept (strings, and numbers too when asked) with `$n` after
+    its own."""
+    placeholders = [int(n[1:]) for n in _PLACEHOLDER.findall(normalized)]
+    next_number = itertools.count(max(placeholders, default=0) + 1)
+    redacted = ("string", "number") if numbers else ("string",)
 
     def redact(token: re.Match) -> str:
-        return f"${next(next_number)}" if token.lastgroup == "string" else token.group()
+        return f"${next(next_number)}" if token.lastgroup in redacted else token.group()
 
     return _LITERAL.sub(redact, normalized)
 
 
-def _lex(text: str) -> tuple[StatementShape, ...]:
-    """Describe comment-free text without a parser: one shape per `;`-separated statement."""
-    return tuple(_lexed_shape(piece) for piece in _split_on_semicolons(text) or (text,))
-
-
-def _lexed_shape(statement: str) -> StatementShape:
+def _lexed_shape(statement: str, backslashes: bool) -> StatementShape:
     """The lexer reads at most LEXED_PREFIX_CHARS: it is the slow path, and a prefix that long
     already tells statements apart."""
     next_number = itertools.count(1)
@@ -289,7 +281,8 @@ def _lexed_shape(statement: str) -> StatementShape:
     def replace(token: re.Match) -> str:
         return token.group() if token.lastgroup == "identifier" else f"${next(next_number)}"
 
-    normalized = " ".join(_LITERAL.sub(replace, statement[:LEXED_PREFIX_CHARS]).split())
+    lexer = _BACKSLASH_LITERAL if backslashes else _LITERAL
+    normalized = " ".join(lexer.sub(replace, statement[:LEXED_PREFIX_CHARS]).split())
     shape = _SPACE_AROUND_SYMBOL.sub(r"\1", _PLACEHOLDER.sub("?", normalized.lower()))
     fingerprint = hashlib.blake2b(
         _LITERAL_LIST.sub("(?)", shape).encode("utf-8", "surrogatepass"),

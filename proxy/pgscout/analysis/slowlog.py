@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pgscout.dataplane.events import StatementDone
-from pgscout.analysis.statements import MAX_APPLICATIONS
+from pgscout.labels import MAX_APPLICATIONS
 
 MAX_PARAMETER_CHARS = 200
 MAX_LOGGED_PARAMETERS = 64

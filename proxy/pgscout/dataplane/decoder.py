@@ -2,9 +2,15 @@
 
 Owns: the per-connection protocol state pgscout needs to see statements: prepared statement and
 portal names, the FIFO of requests the server still owes a response to, transaction status, the
-backend pid and cancel key. One dispatch table per direction, keyed by message type.
-Must not: write to either peer, block, log, or keep password/SASL messages (type 'p' has no
-handler, so the framer skips those bytes unread).
+backend pid and cancel key; and the compact records (dataplane/records.py) it emits: one per
+Execute, one per simple Query however many statements it holds, and the session's milestones.
+One dispatch table per direction, keyed by message type.
+Its work is bounded by the bytes it is fed, whatever the SQL says: texts are cut to
+`max_sql_chars`, prepared statements are kept up to a character budget, the FIFO of outstanding
+requests holds runs of Sync as one entry and refuses to grow past MAX_PENDING (DecoderError: the
+session is then forwarded unobserved).
+Must not: write to either peer, block, log, look inside SQL text beyond what the protocol needs,
+or keep password/SASL messages (type 'p' has no handler, so the framer skips those bytes unread).
 Reference: PostgreSQL docs, "Message Flow" (Extended Query: after an ErrorResponse the server
 discards messages until Sync) and "Message Formats".
 """
@@ -17,8 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from pgscout.dataplane import wire
-from pgscout.dataplane.events import Session, SessionReady, StatementDone, TransactionEnded
+from pgscout.dataplane import records, wire
+from pgscout.dataplane.events import Session
 from pgscout.dataplane.framer import Framer
 
 _INT16: Final = struct.Struct("!h")
@@ -36,8 +42,15 @@ _KIND_NAMES: Final = ("Execute", "Sync", "Query", "FunctionCall")
 
 # A client that pipelines thousands of Executes before one Sync: report them without waiting.
 _MAX_HELD_EVENTS: Final = 256
-# Prepared statements kept per connection; the oldest are forgotten (their executions show as "").
+# Prepared statements kept per connection, in number and in characters of text; past either the
+# oldest are forgotten (their executions show as "").
 _MAX_STATEMENTS: Final = 10000
+_MAX_STATEMENT_CHARS: Final = 512 * 1024
+# Outstanding requests a client may pipeline before pgscout stops observing its session.
+MAX_PENDING: Final = 10000
+DEFAULT_MAX_SQL_CHARS: Final = 32 * 1024
+# ParameterStatus values the analysis needs (attribution; how string literals are lexed).
+_REPORTED_PARAMETERS: Final = frozenset((b"application_name", b"standard_conforming_strings"))
 
 _DEALLOCATE: Final = re.compile(r'\bdeallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|[\w$]+)', re.IGNORECASE)
 
@@ -47,34 +60,46 @@ class DecoderError(Exception):
 
 
 class _Request:
-    __slots__ = ("kind", "sent_at", "portal", "pipelined")
+    __slots__ = ("kind", "sent_at", "portal", "pipelined", "count")
 
     def __init__(self, kind: int, sent_at: float, portal: _Portal | None = None):
         self.kind = kind
         self.sent_at = sent_at
         self.portal = portal
         self.pipelined = False
+        self.count = 1  # a run of consecutive Syncs is one entry
 
 
 class _Query(_Request):
-    """A simple Query; its statements complete one CommandComplete at a time."""
+    """A simple Query. PostgreSQL sends the results of all its statements in one flush, so the
+    time of each cannot be seen on the wire: the Query is reported whole, with how many
+    statements completed, their rows summed and the last tag."""
 
-    __slots__ = ("sql", "index", "statement_sent_at")
+    __slots__ = ("sql", "truncated", "param_sig", "statements", "rows", "tag", "sqlstate",
+                 "done_at", "deallocated")
 
-    def __init__(self, sql: str, sent_at: float):
+    def __init__(self, sql: str, truncated: bool, param_sig: int | None, sent_at: float):
         super().__init__(QUERY, sent_at)
         self.sql = sql
-        self.index = 0
-        self.statement_sent_at = sent_at
+        self.truncated = truncated
+        self.param_sig = param_sig
+        self.statements = 0
+        self.rows = 0
+        self.tag = ""
+        self.sqlstate: str | None = None
+        self.done_at = sent_at
+        self.deallocated = False  # a named DEALLOCATE ran: its names are read once, at the end
 
 
 class _Portal:
     """A Bind's portal: the statement text and the parameter signature it runs with."""
 
-    __slots__ = ("sql", "param_sig", "n_params", "params", "suspended_at", "suspended_rows")
+    __slots__ = ("sql", "truncated", "param_sig", "n_params", "params", "suspended_at",
+                 "suspended_rows")
 
-    def __init__(self, sql: str, param_sig: int, n_params: int, params):
+    def __init__(self, sql: str, truncated: bool, param_sig: int, n_params: int, params):
         self.sql = sql
+        self.truncated = truncated
         self.param_sig = param_sig
         self.n_params = n_params
         self.params = params
@@ -85,18 +110,22 @@ class _Portal:
 class Decoder:
     """Feed it what each side sent (`client_data`, `server_data`); it calls `emit(event)`."""
 
-    def __init__(self, session: Session, emit: Callable[[object], None], *,
+    def __init__(self, session: Session, emit: Callable[[list], None], *,
+                 ready: Callable[[float], None] | None = None,
                  max_message_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH,
-                 keep_parameters: bool = False):
+                 keep_parameters: bool = False, max_sql_chars: int = DEFAULT_MAX_SQL_CHARS):
         self.session = session
         self.cancel_key: bytes | None = None
         self._emit = emit
+        self._on_ready = ready  # the first ReadyForQuery: authentication succeeded
         self._keep_parameters = keep_parameters
+        self._max_sql_chars = max_sql_chars
         self._now = 0.0
         self._pending: deque[_Request] = deque()
-        self._statements: dict[bytes, str] = {}
+        self._statements: dict[bytes, tuple[str, bool]] = {}  # name -> (text, truncated)
+        self._statement_chars = 0
         self._portals: dict[bytes, _Portal] = {}
-        self._held: list[StatementDone] = []  # completed, waiting for ReadyForQuery's status
+        self._held: list[list] = []  # completed statement records, waiting for ReadyForQuery
         self._discarding = False  # an extended-protocol error: the server ignores all until Sync
         self._open_executes = 0
         self._last_execute: _Request | None = None
@@ -150,18 +179,33 @@ class Decoder:
         """The connection ended: report statements that completed without a ReadyForQuery after."""
         held = self._held
         self._held = []
-        for event in held:
-            self._emit(event)
+        for record in held:
+            self._emit(record)
 
     # -- client messages (Frontend) --------------------------------------------------------
     def _push(self, request: _Request) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            raise DecoderError(f"the client has over {MAX_PENDING} requests outstanding")
         self._pending.append(request)
         self.session.active = True
 
+    def _cut(self, body: bytes, start: int, end: int) -> tuple[str, bool]:
+        """The String at body[start:end], cut to max_sql_chars characters (bytes, as decoded
+        text is never longer in characters than in bytes)."""
+        limit = self._max_sql_chars
+        if end - start <= limit:
+            return body[start:end].decode("utf-8", "replace"), False
+        return body[start:start + limit].decode("utf-8", "ignore"), True
+
     def _query(self, body: bytes, complete: bool) -> None:
         """Query: String query."""
-        sql = _text(body if complete else body + b"\0")
-        self._push(_Query(sql, self._now))
+        end = body.find(0)
+        if end < 0:
+            end = len(body)
+        sql, truncated = self._cut(body, 0, end)
+        # The analysis can only hash what it is sent: a cut text's signature is made here, from
+        # the bytes, so repeats of one long statement still compare equal.
+        self._push(_Query(sql, truncated, hash(body[:end]) if truncated else None, self._now))
 
     def _parse(self, body: bytes, complete: bool) -> None:
         """Parse: String name, String query, Int16 n, Int32[n] parameter type OIDs."""
@@ -170,13 +214,18 @@ class Decoder:
         name_end = body.index(0)
         query_end = body.find(0, name_end + 1)
         name = body[:name_end]
-        sql = _text(body[name_end + 1:query_end if query_end >= 0 else len(body)])
         statements = self._statements
         if name and name in statements:
             return  # the server refuses to redefine a named statement (42P05) until it is Closed
-        if name and len(statements) >= _MAX_STATEMENTS:
-            del statements[next(iter(statements))]
-        statements[name] = sql
+        text = self._cut(body, name_end + 1, query_end if query_end >= 0 else len(body))
+        old = statements.pop(name, None)
+        if old is not None:
+            self._statement_chars -= len(old[0])
+        while statements and (len(statements) >= _MAX_STATEMENTS
+                              or self._statement_chars + len(text[0]) > _MAX_STATEMENT_CHARS):
+            self._statement_chars -= len(statements.pop(next(iter(statements)))[0])
+        statements[name] = text
+        self._statement_chars += len(text[0])
 
     def _bind(self, body: bytes, complete: bool) -> None:
         """Bind: String portal, String statement, Int16 nfmt, Int16[nfmt], Int16 nparams,
@@ -193,12 +242,12 @@ class Decoder:
         # the values themselves are never kept.
         signature = hash(body[pos:]) if complete else hash((body[pos:], "incomplete"))
         params = _bind_values(body, pos, n_params) if self._keep_parameters and complete else None
-        sql = self._statements.get(body[portal_end + 1:statement_end], "")
+        sql, truncated = self._statements.get(body[portal_end + 1:statement_end], _UNKNOWN)
         name = body[:portal_end]
         old = self._portals.get(name)
         if old is not None and old.suspended_at:
             self._finish_suspended(old)
-        self._portals[name] = _Portal(sql, signature, n_params, params)
+        self._portals[name] = _Portal(sql, truncated, signature, n_params, params)
 
     def _execute(self, body: bytes, complete: bool) -> None:
         """Execute: String portal, Int32 maximum rows (0 = no limit)."""
@@ -206,7 +255,7 @@ class Decoder:
             return
         portal = self._portals.get(body[:body.index(0)])
         if portal is None:  # pgscout did not see the Bind (e.g. evicted): time it anyway
-            portal = _Portal("", 0, 0, None)
+            portal = _Portal("", False, 0, 0, None)
         request = _Request(EXECUTE, self._now, portal)
         if self._open_executes:
             request.pipelined = True
@@ -223,7 +272,7 @@ class Decoder:
             return
         name = body[1:body.index(0, 1)]
         if body[0] == 0x53:  # 'S'
-            self._statements.pop(name, None)
+            self._forget_statement(name)
         else:
             portal = self._portals.pop(name, None)
             if portal is not None and portal.suspended_at:
@@ -239,6 +288,12 @@ class Decoder:
                 if request.kind == EXECUTE:
                     request.pipelined = True
         self._group_executes = 0
+        pending = self._pending
+        if pending and pending[-1].kind == SYNC:
+            # Sync after Sync: one entry counts them, so a flood of Syncs costs no memory.
+            pending[-1].count += 1
+            self.session.active = True
+            return
         self._push(_Request(SYNC, self._now))
 
     def _function_call(self, body: bytes, complete: bool) -> None:
@@ -321,16 +376,24 @@ class Decoder:
         status = chr(body[0])
         # The startup's ReadyForQuery answers no request: a client may have sent its first
         # statements before it arrived, and they are still owed.
-        while self._ready and self._pending:
-            if self._pending.popleft().kind in (SYNC, QUERY, FUNCTION):
+        pending = self._pending
+        while self._ready and pending:
+            head = pending[0]
+            if head.kind == SYNC and head.count > 1:
+                head.count -= 1
                 break
+            pending.popleft()
+            if head.kind == EXECUTE:  # its reply was skipped after an error
+                self._open_executes -= 1
+                continue
+            if isinstance(head, _Query):
+                self._query_done(head)
+            break
         session = self.session
         previous = session.txn_status
         session.txn_status = status
-        session.active = bool(self._pending)
-        if self._pending:
-            self._open_executes = sum(1 for r in self._pending if r.kind == EXECUTE)
-        else:
+        session.active = bool(pending)
+        if not pending:
             self._open_executes = 0
             self._last_execute = None
         if status == "I" and self._suspended:
@@ -339,12 +402,14 @@ class Decoder:
                 self._finish_suspended(self._portals.pop(name))
         held = self._held
         self._held = []
-        for event in held:
-            event.txn_status = status
-            self._emit(event)
+        for record in held:
+            record[records.S_TXN_STATUS] = status
+            self._emit(record)
         if not self._ready:
             self._ready = True
-            self._emit(SessionReady(session, self._now))
+            self._emit([records.READY, session.conn_id, self._now, session.backend_pid])
+            if self._on_ready is not None:
+                self._on_ready(self._now)
         elif status != "I" and previous in ("I", ""):
             self._txn_started_at = self._work_started_at or self._now
             self._idle_in_txn = 0.0
@@ -362,8 +427,12 @@ class Decoder:
     def _parameter_status(self, body: bytes, complete: bool) -> None:
         """ParameterStatus: String name, String value (sent at startup and when a GUC_REPORT changes)."""
         name_end = body.index(0)
-        if body[:name_end] == b"application_name":
-            self.session.application_name = _text(body[name_end + 1:-1])
+        name = body[:name_end]
+        if name in _REPORTED_PARAMETERS:
+            value = _text(body[name_end + 1:])
+            if name == b"application_name":
+                self.session.application_name = value
+            self._emit([records.PARAMETER, self.session.conn_id, name.decode(), value])
 
     # -- statement completion --------------------------------------------------------------
     def _statement_done(self, tag: str, rows: int, sqlstate: str | None) -> None:
@@ -382,17 +451,26 @@ class Decoder:
                      data_rows)
 
     def _query_statement_done(self, query: _Query, tag: str, rows: int, sqlstate: str | None) -> None:
-        self._hold(StatementDone(
-            self.session, query.sql, query.index, False, query.statement_sent_at, self._now, tag,
-            rows, sqlstate, None, 0, None, False))
-        if query.index:
-            # Several statements in one Query string run as a batch.
-            for event in self._held[-query.index - 1:]:
-                if event.sql is query.sql:
-                    event.pipelined = True
-        query.index += 1
-        query.statement_sent_at = self._now
-        self._track_pool_statements(query.sql, tag, sqlstate)
+        query.statements += 1
+        query.rows += rows
+        query.tag = tag
+        query.done_at = self._now
+        if sqlstate is not None:
+            query.sqlstate = sqlstate  # the server skips the rest of the Query string
+        elif tag == "DEALLOCATE":
+            query.deallocated = True
+        else:
+            self._track_pool_statements("", tag, sqlstate)
+
+    def _query_done(self, query: _Query) -> None:
+        """ReadyForQuery ended a simple Query: one record for all its statements."""
+        if query.deallocated:
+            self._track_pool_statements(query.sql, "DEALLOCATE", None)
+        if not query.statements:
+            return  # answered by an error before any statement (e.g. a FATAL): nothing ran
+        self._hold([records.STATEMENT, self.session.conn_id, query.sql, query.statements, False,
+                    query.sent_at, query.done_at, query.tag, query.rows, query.sqlstate,
+                    query.param_sig, 0, None, query.statements > 1, "", query.truncated])
 
     def _finish(self, portal: _Portal, sent_at: float, extended: bool, pipelined: bool, tag: str,
                 rows: int, sqlstate: str | None, data_rows: int = 0) -> None:
@@ -402,24 +480,24 @@ class Decoder:
             self._suspended -= 1
             portal.suspended_at = 0.0
             portal.suspended_rows = 0
-        self._hold(StatementDone(
-            self.session, portal.sql, 0, extended, sent_at, self._now, tag, rows, sqlstate,
-            portal.param_sig, portal.n_params, portal.params, pipelined))
+        self._hold([records.STATEMENT, self.session.conn_id, portal.sql, 1, extended, sent_at,
+                    self._now, tag, rows, sqlstate, portal.param_sig, portal.n_params,
+                    portal.params, pipelined, "", portal.truncated])
         self._track_pool_statements(portal.sql, tag, sqlstate)
 
     def _finish_suspended(self, portal: _Portal) -> None:
         """A portal closed before running to completion: report what ran of it."""
         self._finish(portal, portal.suspended_at, True, False, "", 0, None)
 
-    def _hold(self, event: StatementDone) -> None:
-        self._last_tag = event.tag
-        self._last_error = event.sqlstate is not None
-        self._held.append(event)
+    def _hold(self, record: list) -> None:
+        self._last_tag = record[records.S_TAG]
+        self._last_error = record[records.S_SQLSTATE] is not None
+        self._held.append(record)
         if len(self._held) >= _MAX_HELD_EVENTS:
             held = self._held
             self._held = []
-            for held_event in held:
-                self._emit(held_event)
+            for held_record in held:
+                self._emit(held_record)
 
     def _track_pool_statements(self, sql: str, tag: str, sqlstate: str | None) -> None:
         """SQL-level DEALLOCATE and DISCARD ALL drop protocol-level prepared statements too."""
@@ -427,6 +505,7 @@ class Decoder:
             return
         if tag in ("DEALLOCATE ALL", "DISCARD ALL"):
             self._statements.clear()
+            self._statement_chars = 0
             if tag == "DISCARD ALL":
                 self._portals.clear()
                 self._suspended = 0
@@ -438,7 +517,12 @@ class Decoder:
                     name = name[1:-1].replace('""', '"')
                 else:
                     name = name.lower()
-                self._statements.pop(name.encode(), None)
+                self._forget_statement(name.encode())
+
+    def _forget_statement(self, name: bytes) -> None:
+        text = self._statements.pop(name, None)
+        if text is not None:
+            self._statement_chars -= len(text[0])
 
     def _end_transaction(self, previous: str) -> None:
         if previous == "E" or self._last_error:
@@ -447,9 +531,12 @@ class Decoder:
             outcome = "rollback"
         else:
             outcome = "commit"
-        self._emit(TransactionEnded(self.session, self._txn_started_at, self._now, outcome,
-                                    self._idle_in_txn))
+        self._emit([records.TRANSACTION, self.session.conn_id, self._txn_started_at, self._now,
+                    outcome, self._idle_in_txn])
         self._idle_in_txn = 0.0
+
+
+_UNKNOWN: Final = ("", False)
 
 
 def _text(raw: bytes) -> str:

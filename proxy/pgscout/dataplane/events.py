@@ -1,6 +1,8 @@
-"""Events the protocol decoder emits and observers consume.
+"""The session's live state, and the events observers consume.
 
-Owns: the plain data classes passed from the decoder (sans-IO) to observers through the bus.
+Owns: `Session` (one client connection; the data plane keeps its live fields current, and the
+analysis process keeps its own copy rebuilt from records) and the plain event classes the
+analysis replays from the data plane's records (analysis/replay.py) for its observers.
 Must not: import asyncio, sockets or prometheus_client, or hold behaviour beyond field defaults.
 Times named `*_at` are `time.monotonic()` seconds unless a field says wall clock.
 """
@@ -29,6 +31,7 @@ class Session:
     backend_pid: int | None = None
     txn_status: str = ""  # "" before the first ReadyForQuery, then "I", "T" or "E"
     active: bool = False
+    standard_strings: bool = True  # standard_conforming_strings, from ParameterStatus
     bytes_from_client: int = 0
     bytes_from_server: int = 0
 
@@ -54,7 +57,9 @@ class StatementDone:
 
     Extended protocol: one per Execute run to completion (PortalSuspended continuations of the
     same portal are merged: `sent_at` is the first Execute, `rows` is cumulative). Simple protocol:
-    one per statement of a (possibly multi-statement) Query; `query_index` says which.
+    one per Query, however many statements it holds (`statement_count`): PostgreSQL sends their
+    results in one flush, so the time of each is not on the wire; `rows` is their sum and `tag`
+    the last one's. `sql` is cut to the configured length when `truncated`.
 
     The decoder fills the wire fields. The fingerprint observer, which runs first on the bus,
     fills the enrichment fields before any other observer sees the event.
@@ -62,7 +67,7 @@ class StatementDone:
 
     session: Session
     sql: str  # the client's text: Query string, or the prepared statement's Parse text
-    query_index: int  # statement index inside a simple Query; 0 for the extended protocol
+    statement_count: int  # statements the server completed: >1 for a multi-statement Query
     extended: bool
     sent_at: float
     done_at: float
@@ -74,6 +79,7 @@ class StatementDone:
     params: tuple[bytes | None, ...] | None  # only when the decoder is asked to keep them
     pipelined: bool  # sent while another statement was outstanding, or shared a Sync/Query
     txn_status: str = ""  # ReadyForQuery status that followed ("" if none came)
+    truncated: bool = False
     # Enrichment (fingerprint observer):
     fingerprint: str = ""
     normalized: str = ""
@@ -82,14 +88,15 @@ class StatementDone:
 
     # Written out, not generated: compiled by mypyc, a dataclass keeps the interpreted __init__
     # that `dataclasses` generates (about 0.35 us more per statement).
-    def __init__(self, session: Session, sql: str, query_index: int, extended: bool,
+    def __init__(self, session: Session, sql: str, statement_count: int, extended: bool,
                  sent_at: float, done_at: float, tag: str, rows: int, sqlstate: str | None,
                  param_sig: int | None, n_params: int, params: tuple[bytes | None, ...] | None,
-                 pipelined: bool, txn_status: str = "", fingerprint: str = "",
+                 pipelined: bool, txn_status: str = "", truncated: bool = False,
+                 fingerprint: str = "",
                  normalized: str = "", kind: str = "", tags: dict[str, str] | None = None) -> None:
         self.session = session
         self.sql = sql
-        self.query_index = query_index
+        self.statement_count = statement_count
         self.extended = extended
         self.sent_at = sent_at
         self.done_at = done_at
@@ -101,6 +108,7 @@ class StatementDone:
         self.params = params
         self.pipelined = pipelined
         self.txn_status = txn_status
+        self.truncated = truncated
         self.fingerprint = fingerprint
         self.normalized = normalized
         self.kind = kind

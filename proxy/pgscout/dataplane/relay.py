@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pgscout.dataplane import wire
 from pgscout.dataplane.decoder import Decoder
-from pgscout.dataplane.events import Desynced, Session, SessionClosed, SessionOpened
+from pgscout.dataplane.events import Session
 from pgscout.dataplane.framer import FramingError, StartupPacket, parse_startup_packet
 from pgscout.dataplane.upstream import UpstreamError, UpstreamProtocol, connect
 
@@ -107,7 +107,6 @@ class Relay:
         session.opened_at = monotonic()
         session.opened_wall = time.time()
         self.server.session_opened(self)
-        self.server.publish(SessionOpened(session))
         refusal = self.server.admit(session)
         if refusal is not None:
             sqlstate, message = refusal
@@ -132,9 +131,11 @@ class Relay:
         transport.set_write_buffer_limits(limits.write_buffer_high_bytes, limits.write_buffer_low_bytes)
         self.upstream.transport = transport
         if server.observing and not self.session.replication:
-            self.decoder = Decoder(self.session, server.publish,
+            self.decoder = Decoder(self.session, server.emit,
+                                   ready=lambda at: server.session_ready(self, at),
                                    max_message_length=limits.max_message_bytes,
-                                   keep_parameters=server.keep_parameters)
+                                   keep_parameters=server.keep_parameters,
+                                   max_sql_chars=server.settings.statements.max_sql_chars)
         pending = bytes(self._startup)
         self._startup = bytearray()
         transport.write(startup_packet + pending)
@@ -202,7 +203,7 @@ class Relay:
     def desync(self, exc: Exception) -> None:
         """Stop observing this session; its bytes keep flowing untouched."""
         self.decoder = None
-        self.server.publish(Desynced(self.session, f"{type(exc).__name__}: {exc}"))
+        self.server.desynced(self, f"{type(exc).__name__}: {exc}")
 
     async def watch_paused_client(self) -> None:
         """While the upstream is full and the client is not being read, a hang-up by the client
@@ -243,8 +244,7 @@ class Relay:
         if self.decoder is not None:
             self.decoder.close()
         if self.session.opened_at:
-            self.server.publish(SessionClosed(self.session, monotonic(), reason))
-            self.server.session_closed(self)
+            self.server.session_closed(self, monotonic())
         elif reason.startswith("error"):
             self.server.startup_failed(self)
 

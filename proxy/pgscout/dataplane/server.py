@@ -3,8 +3,9 @@
 Owns: accepting client connections, the set of open sessions, per-connection open/close log
 lines, forwarding CancelRequests to the upstream on connections of their own, admission checks
 (budgets plug in here), upstream reachability for /readyz, and draining on shutdown.
-Must not: touch message bytes (pipe.py relays them) or know what observers exist (it publishes
-the events it is handed a bus for).
+Must not: touch message bytes (relay.py relays them) or know what observes the sessions: it hands
+records to `emit` (the analysis hand-off) and session milestones to `session_events` (the
+connection tracker).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Callable, Coroutine
 
 import structlog
 
-from pgscout.dataplane import wire
+from pgscout.dataplane import records, wire
+from pgscout.dataplane.events import SessionClosed, SessionOpened, SessionReady
 from pgscout.dataplane.relay import ClientLeg, Relay
 from pgscout.settings import Settings
 from pgscout.dataplane.upstream import UpstreamError, UpstreamProtocol, connect
@@ -32,9 +34,11 @@ Admission = Callable[[object], tuple[str, str] | None]
 
 
 class Server:
-    def __init__(self, settings: Settings, publish: Callable[[object], None], *, observing: bool = True):
+    def __init__(self, settings: Settings, emit: Callable[[list], None],
+                 session_events: Callable[[object], None], *, observing: bool = True):
         self.settings = settings
-        self.publish = publish
+        self.emit = emit
+        self.session_events = session_events
         self.observing = observing
         self.keep_parameters = settings.slowlog.log_parameters
         self.client_tls = _client_tls_context(settings)
@@ -46,6 +50,7 @@ class Server:
         self.upstream_errors_total = 0
         self.cancels_forwarded_total = 0
         self.startup_errors_total = 0
+        self.desyncs_total = 0
         self._closed_bytes = [0, 0]  # from client, from server, of sessions already closed
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
@@ -88,9 +93,32 @@ class Server:
         log.info("connection_opened", conn_id=s.conn_id, client_addr=s.client_addr, user=s.user,
                  database=s.database, application_name=s.application_name,
                  replication=s.replication or None)
+        self.emit([records.OPENED, s.conn_id, s.client_addr, s.user, s.database,
+                   s.application_name, s.replication, s.opened_at, s.opened_wall])
+        self.session_events(SessionOpened(s))
 
-    def session_closed(self, relay: Relay) -> None:
+    def session_ready(self, relay: Relay, at: float) -> None:
+        self.session_events(SessionReady(relay.session, at))
+
+    def desynced(self, relay: Relay, reason: str) -> None:
         s = relay.session
+        self.desyncs_total += 1
+        log.warning("decoder_desynced", conn_id=s.conn_id, application_name=s.application_name,
+                    reason=reason)
+        self.emit([records.DESYNCED, s.conn_id, reason])
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self.relays)
+
+    @property
+    def upstream_display(self) -> str:
+        return self.settings.proxy.upstream.display()
+
+    def session_closed(self, relay: Relay, at: float) -> None:
+        s = relay.session
+        self.emit([records.CLOSED, s.conn_id, at, relay.close_reason])
+        self.session_events(SessionClosed(s, at, relay.close_reason))
         if self.relays.pop(s.conn_id, None) is None:
             return
         self._closed_bytes[0] += s.bytes_from_client

@@ -1,7 +1,10 @@
-"""The admin HTTP server: /healthz, /readyz, /metrics and the JSON API, served on the event loop.
+"""The admin HTTP server and the routing of its requests.
 
 Owns: a deliberately small HTTP/1.1 server (GET only, one request per connection, bounded request
-size), routing to registered handlers, and the optional bearer token on /metrics and /api/*.
+size) that runs in the data-plane process, answers its own routes there (/healthz, /readyz, the
+status page's files) and hands every other request to a `relay` (the analysis process answers
+/metrics and /api); the optional bearer token on /metrics and /api/*, checked before anything is
+relayed; and `Router`, the route table the analysis process answers relayed requests with.
 Must not: compute observer state itself (handlers do) or run anything in threads.
 """
 
@@ -37,17 +40,41 @@ def json_response(data: object, status: int = 200) -> Response:
 
 
 Handler = Callable[[dict[str, list[str]]], Awaitable[Response]]
+# (method, path, raw query string, headers with lower-cased names) -> Response
+Relay = Callable[[str, str, str, dict[str, str]], Awaitable[Response]]
 
 
-class AdminServer:
-    def __init__(self, token: str = ""):
-        self._token = token.encode()
+class Router:
+    """Routes by path to registered GET handlers."""
+
+    def __init__(self) -> None:
         self._routes: dict[str, tuple[Handler, bool]] = {}
-        self._server: asyncio.base_events.Server | None = None
 
     def route(self, path: str, handler: Handler, *, protected: bool) -> None:
         """Register a GET handler; protected routes need the bearer token when one is set."""
         self._routes[path] = (handler, protected)
+
+    def get(self, path: str) -> tuple[Handler, bool] | None:
+        return self._routes.get(path)
+
+    async def respond(self, method: str, path: str, query: dict[str, list[str]],
+                      headers: dict[str, str]) -> Response:
+        route = self._routes.get(path)
+        if route is None:
+            return Response(404, f"no such endpoint: {path}\n")
+        try:
+            return await route[0](query)
+        except Exception:
+            log.exception("admin_handler_failed", path=path)
+            return Response(500, "internal error\n")
+
+
+class AdminServer(Router):
+    def __init__(self, token: str = "", relay: Relay | None = None):
+        super().__init__()
+        self._token = token.encode()
+        self._relay = relay
+        self._server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
@@ -85,23 +112,29 @@ class AdminServer:
         if method not in ("GET", "HEAD"):
             return Response(405, "only GET is served\n")
         url = urlsplit(target)
-        route = self._routes.get(url.path)
-        if route is None:
+        headers = _headers(lines[1:])
+        route = self.get(url.path)
+        if route is None and self._relay is None:
             return Response(404, f"no such endpoint: {url.path}\n")
-        handler, protected = route
-        if protected and self._token and not self._authorized(lines[1:]):
+        # Everything relayed is protected: it is the observation data.
+        protected = route is None or route[1]
+        if protected and self._token and not self._authorized(headers):
             return Response(401, "missing or wrong bearer token\n")
-        try:
-            return await handler(parse_qs(url.query))
-        except Exception:
-            log.exception("admin_handler_failed", path=url.path)
-            return Response(500, "internal error\n")
+        if route is None:
+            assert self._relay is not None
+            return await self._relay(method, url.path, url.query, headers)
+        return await self.respond(method, url.path, parse_qs(url.query), headers)
 
-    def _authorized(self, header_lines: list[str]) -> bool:
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "authorization":
-                scheme, _, credential = value.strip().partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(),
-                                                                          self._token)
-        return False
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        scheme, _, credential = headers.get("authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(),
+                                                                  self._token)
+
+
+def _headers(lines: list[str]) -> dict[str, str]:
+    headers = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    return headers

@@ -14,7 +14,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from pgscout.exposition.admin import AdminServer, Response, json_response
+from pgscout.exposition.admin import Response, Router, json_response
 from pgscout.exposition.metrics import Sources
 from pgscout.analysis.statements import SORT_KEYS
 
@@ -22,7 +22,7 @@ _DEFAULT_LIMIT = 50
 _MAX_LIMIT = 1000
 
 
-def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) -> None:
+def register(admin: Router, sources: Sources, registry: CollectorRegistry) -> None:
     async def metrics(query) -> Response:
         return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
 
@@ -71,10 +71,11 @@ def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) 
             "errors": sum(totals.errors.values()),
             "latency_buckets": [[bound if math.isfinite(bound) else "+Inf", count]
                                 for bound, count in totals.histogram().cumulative()],
-            "open_sessions": len(server.relays),
+            "open_sessions": server.open_sessions,
             "slow_total": sources.slowlog.slow_total,
             "findings": sum(sources.nplusone.counts().values()),
-            "desyncs": sources.desyncs(),
+            "desyncs": server.desyncs_total,
+            "analysis_records_shed": sources.dataplane.handoff.records_shed,
             "draining": server.draining,
         })
 

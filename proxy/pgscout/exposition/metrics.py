@@ -12,7 +12,7 @@ change observer state.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import ProcessCollector
@@ -29,7 +29,9 @@ from pgscout.labels import OTHER
 
 @dataclass
 class Sources:
-    """The live objects the collector reads; the composition root fills it."""
+    """The objects the collector reads. The analysis observers are live; `server`,
+    `connections`, `limits` and `dataplane` are the data-plane process's snapshot taken for the
+    request being answered (dataplane/handoff.py `DataPlaneSnapshot`)."""
 
     server: object
     statements: StatementStats
@@ -40,7 +42,7 @@ class Sources:
     connections: object
     limits: object  # control.UpstreamLimits
     bus: object
-    desyncs: Callable[[], int]
+    dataplane: object
 
 
 class FingerprintLabels:
@@ -146,7 +148,18 @@ class PgscoutCollector(Collector):
         traffic.add_metric(["server_to_client"], from_server)
         yield traffic
         yield CounterMetricFamily("pgscout_decoder_desyncs", "Sessions whose traffic pgscout "
-                                  "stopped decoding (bytes kept flowing)", value=s.desyncs())
+                                  "stopped decoding (bytes kept flowing)", value=server.desyncs_total)
+        handoff = s.dataplane.handoff
+        yield CounterMetricFamily("pgscout_analysis_records", "Statement and session records the "
+                                  "data plane handed to the analysis process",
+                                  value=handoff.records_sent)
+        yield CounterMetricFamily("pgscout_analysis_records_shed", "Statement records dropped "
+                                  "unanalysed because the analysis process was behind or down "
+                                  "(forwarding never waits for analysis)", value=handoff.records_shed)
+        yield CounterMetricFamily("pgscout_analysis_restarts", "Times the analysis process was "
+                                  "started again after it died", value=handoff.restarts)
+        yield GaugeMetricFamily("pgscout_analysis_backlog_bytes", "Records written to the "
+                                "analysis process and not yet read by it", value=handoff.backlog_bytes)
         errors = CounterMetricFamily("pgscout_observer_errors", "Exceptions raised by observers",
                                      labels=["observer"])
         for name, count in s.bus.errors.items():
@@ -305,7 +318,7 @@ class PgscoutCollector(Collector):
         """Every upstream series carries `upstream` (host:port), so one PromQL expression over
         all sidecars can compute each database server's headroom `by (upstream)`."""
         reading = self.sources.limits.snapshot()
-        label = [self.sources.server.settings.proxy.upstream.display()]
+        label = [self.sources.server.upstream_display]
         up = GaugeMetricFamily("pgscout_upstream_up", "1 when pgscout's control connection read "
                                "the upstream's limits on its last attempt", labels=["upstream"])
         up.add_metric(label, int(bool(reading.get("ok"))))

@@ -1,0 +1,81 @@
+"""Turns the data plane's records back into sessions and events for the analysis observers.
+
+Owns: the analysis side's table of live sessions (its own copies, kept current from OPENED,
+READY, PARAMETER and CLOSED records) and building one event per record, published on the bus in
+the order the records were made.
+Must not: drop or reorder records, or do any work of its own beyond rebuilding the event (the
+observers on the bus do the analysis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pgscout.dataplane import records as r
+from pgscout.dataplane.events import (Desynced, Session, SessionClosed, SessionOpened,
+                                      SessionReady, StatementDone, TransactionEnded)
+
+
+class Replay:
+    def __init__(self, publish: Callable[[object], None]) -> None:
+        self._publish = publish
+        self.sessions: dict[int, Session] = {}
+        self._handlers: dict[int, Callable[[list], None]] = {
+            r.OPENED: self._opened, r.READY: self._ready, r.PARAMETER: self._parameter,
+            r.STATEMENT: self._statement, r.TRANSACTION: self._transaction,
+            r.DESYNCED: self._desynced, r.CLOSED: self._closed,
+        }
+
+    def feed(self, batch: list) -> None:
+        handlers = self._handlers
+        for record in batch:
+            handlers[record[0]](record)
+
+    def _session(self, conn_id: int) -> Session:
+        session = self.sessions.get(conn_id)
+        if session is None:  # OPENED is never shed, but a restarted analysis process missed it
+            session = self.sessions[conn_id] = Session(conn_id=conn_id, client_addr="")
+        return session
+
+    def _opened(self, record: list) -> None:
+        _, conn_id, client_addr, user, database, application_name, replication, opened_at, \
+            opened_wall = record
+        session = Session(conn_id=conn_id, client_addr=client_addr, user=user, database=database,
+                          application_name=application_name, replication=replication,
+                          opened_at=opened_at, opened_wall=opened_wall)
+        self.sessions[conn_id] = session
+        self._publish(SessionOpened(session))
+
+    def _ready(self, record: list) -> None:
+        session = self._session(record[1])
+        session.backend_pid = record[3]
+        self._publish(SessionReady(session, record[2]))
+
+    def _parameter(self, record: list) -> None:
+        session = self._session(record[1])
+        name, value = record[2], record[3]
+        if name == "application_name":
+            session.application_name = value
+        elif name == "standard_conforming_strings":
+            session.standard_strings = value == "on"
+
+    def _statement(self, record: list) -> None:
+        self._publish(StatementDone(
+            self._session(record[r.S_CONN]), record[r.S_SQL], record[r.S_COUNT],
+            record[r.S_EXTENDED], record[r.S_SENT_AT], record[r.S_DONE_AT], record[r.S_TAG],
+            record[r.S_ROWS], record[r.S_SQLSTATE], record[r.S_PARAM_SIG], record[r.S_N_PARAMS],
+            record[r.S_PARAMS], record[r.S_PIPELINED], record[r.S_TXN_STATUS],
+            record[r.S_TRUNCATED]))
+
+    def _transaction(self, record: list) -> None:
+        _, conn_id, started_at, ended_at, outcome, idle_seconds = record
+        self._publish(TransactionEnded(self._session(conn_id), started_at, ended_at, outcome,
+                                       idle_seconds))
+
+    def _desynced(self, record: list) -> None:
+        self._publish(Desynced(self._session(record[1]), record[2]))
+
+    def _closed(self, record: list) -> None:
+        session = self.sessions.pop(record[1], None)
+        if session is not None:
+            self._publish(SessionClosed(session, record[2], record[3]))

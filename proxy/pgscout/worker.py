@@ -1,0 +1,207 @@
+"""Composition root of the analysis process: records in, observers, admin answers out.
+
+Owns: the analysis process's life (started by the data plane's AnalysisLink with one end of a
+socketpair; it ends when that channel closes), subscribing every observer on the bus in order
+(fingerprints first), replaying the record batches into events, answering the admin requests
+the data plane relays (/metrics and /api, with the data plane's snapshot), the per-second N+1
+tick, and what a settings reload changes live.
+The channel is read only while fewer than MAX_BACKLOG_BYTES of frames wait to be analysed, so
+that a burst of hostile SQL backs up into the data plane, which sheds it (counted), instead of
+growing this process.
+Must not: touch client traffic (it has none), or let an observer's failure end the process (the
+bus contains it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import socket
+import sys
+from urllib.parse import parse_qs
+
+import structlog
+
+from pgscout import logs
+from pgscout.analysis.bus import Bus
+from pgscout.analysis.fingerprint import Fingerprinter
+from pgscout.analysis.nplusone import NPlusOneDetector
+from pgscout.analysis.replay import Replay
+from pgscout.analysis.slowlog import SlowLog
+from pgscout.analysis.statements import StatementStats
+from pgscout.analysis.transactions import TransactionStats
+from pgscout.dataplane.events import SessionClosed, StatementDone, TransactionEnded
+from pgscout.dataplane.records import (RECORDS, REPLY, REQUEST, SETTINGS, FrameReader,
+                                       decode_payload, pickled_frame)
+from pgscout.exposition import api
+from pgscout.exposition.admin import Response, Router
+from pgscout.exposition.metrics import PgscoutCollector, Sources, build_registry
+from pgscout.settings import Settings
+
+log = structlog.get_logger("pgscout.analysis")
+
+MAX_BACKLOG_BYTES = 16 * 1024 * 1024
+# Records of one batch analysed between two looks at the channel (requests, new frames).
+_SLICE_RECORDS = 200
+
+
+class Analysis:
+    """Every observer of one analysis process, fed through the bus."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        logs.configure(settings.log.level, settings.log.format)
+        self.bus = Bus(on_error=lambda handler, exc: log.error(
+            "observer_failed", observer=getattr(handler, "__qualname__", repr(handler)),
+            error=f"{type(exc).__name__}: {exc}"))
+        self.replay = Replay(self.bus.publish)
+        self.sources = self._wire_observers(settings)
+        self.router = Router()
+        collector = PgscoutCollector(self.sources, settings.metrics.top_k,
+                                     settings.metrics.sql_text_max_chars)
+        api.register(self.router, self.sources, build_registry(collector))
+
+    def _wire_observers(self, settings: Settings) -> Sources:
+        """Subscribe every observer; the fingerprinter first, since the others read what it adds."""
+        slow = settings.slowlog
+        fingerprinter = Fingerprinter(cache_size=settings.statements.fingerprint_cache_size,
+                                      display_chars=settings.statements.display_chars)
+        statements = StatementStats(settings.statements.max_fingerprints)
+        slowlog = SlowLog(slow.threshold_ms, slow.per_application, slow.log_parameters,
+                          slow.max_per_second, slow.keep,
+                          emit=lambda record: log.warning("slow_query", **record))
+        nplusone = NPlusOneDetector(settings.nplusone,
+                                    emit=lambda finding: log.warning("n_plus_one", **finding.to_dict()))
+        transactions = TransactionStats()
+        for event_type, handler in (
+                (StatementDone, fingerprinter.on_statement),
+                (StatementDone, statements.on_statement),
+                (StatementDone, slowlog.on_statement),
+                (StatementDone, nplusone.on_statement),
+                (TransactionEnded, transactions.on_transaction),
+                (SessionClosed, nplusone.on_session_closed)):
+            self.bus.subscribe(event_type, handler)
+        return Sources(server=None, statements=statements, fingerprinter=fingerprinter,
+                       slowlog=slowlog, transactions=transactions, nplusone=nplusone,
+                       connections=None, limits=None, bus=self.bus, dataplane=None)
+
+    def reconfigure(self, new: Settings) -> None:
+        """What a reload may change live here; the data plane decided what needs a restart."""
+        logs.configure(new.log.level, new.log.format)
+        slow = new.slowlog
+        self.sources.slowlog.reconfigure(slow.threshold_ms, slow.per_application,
+                                         slow.log_parameters, slow.max_per_second)
+        self.sources.nplusone.reconfigure(new.nplusone)
+        self.settings = new
+
+    async def answer(self, request: dict, snapshot) -> Response:
+        """Answer an admin request the data plane relayed: a dict of method, path, query (the
+        raw query string) and headers (lower-cased names)."""
+        sources = self.sources
+        sources.dataplane = snapshot
+        sources.server = snapshot.server
+        sources.connections = snapshot.connections
+        sources.limits = snapshot.limits
+        return await self.router.respond(request["method"], request["path"],
+                                         parse_qs(request["query"]), request["headers"])
+
+
+class _Channel(asyncio.Protocol):
+    """The analysis end of the socketpair: frames in, replies out, reading paused while the
+    frames waiting to be analysed exceed MAX_BACKLOG_BYTES."""
+
+    def __init__(self) -> None:
+        self.reader = FrameReader()
+        self.frames: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.waiting_bytes = 0
+        self.arrived = asyncio.Event()
+        self.closed = False
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self.reader.feed(data):
+            self.frames.append(frame)
+            self.waiting_bytes += len(frame[1])
+        if self.waiting_bytes > MAX_BACKLOG_BYTES and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self.arrived.set()
+
+    def taken(self, size: int) -> None:
+        self.waiting_bytes -= size
+        if self.paused and self.waiting_bytes < MAX_BACKLOG_BYTES // 2:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.arrived.set()
+
+    def reply(self, request_id: int, response: Response) -> None:
+        if not self.closed:
+            self.transport.write(pickled_frame(REPLY, (request_id, response)))
+
+
+async def _serve(fd: int) -> int:
+    loop = asyncio.get_running_loop()
+    channel = _Channel()
+    await loop.create_unix_connection(lambda: channel, sock=socket.socket(fileno=fd))
+    analysis: Analysis | None = None
+    ticker: asyncio.Task | None = None
+    while True:
+        if not channel.frames:
+            if channel.closed:
+                break
+            channel.arrived.clear()
+            await channel.arrived.wait()
+            continue
+        kind, payload = channel.frames.popleft()
+        value = decode_payload(kind, payload)
+        if kind == SETTINGS:
+            if analysis is None:
+                analysis = Analysis(value)
+                ticker = loop.create_task(_tick(analysis))
+            else:
+                analysis.reconfigure(value)
+        elif analysis is None:
+            pass  # nothing comes before the settings
+        elif kind == RECORDS:
+            for start in range(0, len(value), _SLICE_RECORDS):
+                analysis.replay.feed(value[start:start + _SLICE_RECORDS])
+                await asyncio.sleep(0)  # let replies and reads interleave with a long batch
+        elif kind == REQUEST:
+            request_id, request, snapshot = value
+            channel.reply(request_id, await analysis.answer(request, snapshot))
+        channel.taken(len(payload))
+    if ticker is not None:
+        ticker.cancel()
+    if analysis is not None:
+        analysis.sources.nplusone.flush()
+    return 0
+
+
+async def _tick(analysis: Analysis) -> None:
+    """Once a second: end idle N+1 segments and emit the per-minute roll-ups that are due."""
+    while True:
+        await asyncio.sleep(1.0)
+        analysis.sources.nplusone.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    # The data plane decides when this process ends (by closing the channel, after its drain):
+    # a Ctrl-C or SIGTERM sent to the whole process group must not end analysis first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import uvloop
+
+    return uvloop.run(_serve(int(args[0])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
