@@ -102,12 +102,25 @@ def find_bindir() -> Path:
 
 
 def rss_bytes(pid: int) -> int:
-    """A process's resident set size, from /proc."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    """A process's resident set size with its children's (pgscout's analysis process), from /proc."""
+    total = 0
+    for member in [pid, *child_pids(pid)]:
+        try:
+            with open(f"/proc/{member}/status") as status:
+                total += next(int(line.split()[1]) * 1024 for line in status
+                              if line.startswith("VmRSS:"))
+        except (FileNotFoundError, StopIteration):
+            if member == pid:
+                raise AssertionError(f"no VmRSS for {pid}") from None
+    return total
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except FileNotFoundError:
+        return []
 
 
 def _tail(path: Path, lines: int = OUTPUT_TAIL_LINES) -> str:

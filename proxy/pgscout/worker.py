@@ -32,7 +32,7 @@ from pgscout.analysis.slowlog import SlowLog
 from pgscout.analysis.statements import StatementStats
 from pgscout.analysis.transactions import TransactionStats
 from pgscout.dataplane.events import SessionClosed, StatementDone, TransactionEnded
-from pgscout.dataplane.records import (RECORDS, REPLY, REQUEST, SETTINGS, FrameReader,
+from pgscout.dataplane.records import (LOG, RECORDS, REPLY, REQUEST, SETTINGS, FrameReader,
                                        decode_payload, pickled_frame)
 from pgscout.exposition import api
 from pgscout.exposition.admin import Response, Router
@@ -49,9 +49,10 @@ _SLICE_RECORDS = 200
 class Analysis:
     """Every observer of one analysis process, fed through the bus."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, channel: _Channel) -> None:
         self.settings = settings
-        logs.configure(settings.log.level, settings.log.format)
+        self._channel = channel
+        self._configure_logs(settings)
         self.bus = Bus(on_error=lambda handler, exc: log.error(
             "observer_failed", observer=getattr(handler, "__qualname__", repr(handler)),
             error=f"{type(exc).__name__}: {exc}"))
@@ -86,9 +87,18 @@ class Analysis:
                        slowlog=slowlog, transactions=transactions, nplusone=nplusone,
                        connections=None, limits=None, bus=self.bus, dataplane=None)
 
+    def _configure_logs(self, settings: Settings) -> None:
+        """Log lines go to the data plane, which writes them into pgscout's one log (and the
+        demo's narrator sees them there)."""
+        def forward(logger, level: str, event: dict) -> dict:
+            self._channel.send(LOG, (level, event))
+            raise structlog.DropEvent
+
+        logs.configure(settings.log.level, "json", processors=(forward,))
+
     def reconfigure(self, new: Settings) -> None:
         """What a reload may change live here; the data plane decided what needs a restart."""
-        logs.configure(new.log.level, new.log.format)
+        self._configure_logs(new)
         slow = new.slowlog
         self.sources.slowlog.reconfigure(slow.threshold_ms, slow.per_application,
                                          slow.log_parameters, slow.max_per_second)
@@ -142,9 +152,9 @@ class _Channel(asyncio.Protocol):
         self.closed = True
         self.arrived.set()
 
-    def reply(self, request_id: int, response: Response) -> None:
+    def send(self, kind: int, value: object) -> None:
         if not self.closed:
-            self.transport.write(pickled_frame(REPLY, (request_id, response)))
+            self.transport.write(pickled_frame(kind, value))
 
 
 async def _serve(fd: int) -> int:
@@ -164,7 +174,7 @@ async def _serve(fd: int) -> int:
         value = decode_payload(kind, payload)
         if kind == SETTINGS:
             if analysis is None:
-                analysis = Analysis(value)
+                analysis = Analysis(value, channel)
                 ticker = loop.create_task(_tick(analysis))
             else:
                 analysis.reconfigure(value)
@@ -176,7 +186,7 @@ async def _serve(fd: int) -> int:
                 await asyncio.sleep(0)  # let replies and reads interleave with a long batch
         elif kind == REQUEST:
             request_id, request, snapshot = value
-            channel.reply(request_id, await analysis.answer(request, snapshot))
+            channel.send(REPLY, (request_id, await analysis.answer(request, snapshot)))
         channel.taken(len(payload))
     if ticker is not None:
         ticker.cancel()

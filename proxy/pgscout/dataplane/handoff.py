@@ -5,7 +5,8 @@ it again when it dies; the batch of records (`put` is `list.append`, so a statem
 forwarding loop one C call here), written every FLUSH_SECONDS as one frame; shedding statement
 records, counted, while the channel's write buffer is over its byte bound (the analysis process
 is behind), so that forwarding never waits for analysis and memory stays bounded; and relaying
-admin requests to the analysis process with the data plane's snapshot.
+admin requests to the analysis process with the data plane's snapshot; and writing the analysis
+process's log lines (findings, slow statements: few, rate-limited) into the data plane's one log.
 Session records (opened, ready, closed...) are never shed: they are few and keep the analysis
 process's session table right.
 Must not: block, wait on the analysis process anywhere but in `request`, or look into records.
@@ -21,10 +22,11 @@ from typing import Any
 
 import structlog
 
-from pgscout.dataplane.records import (REPLY, REQUEST, SETTINGS, STATEMENT, FrameReader,
+from pgscout.dataplane.records import (LOG, REPLY, REQUEST, SETTINGS, STATEMENT, FrameReader,
                                        decode_payload, pickled_frame, records_frame)
 
 log = structlog.get_logger("pgscout.handoff")
+analysis_log = structlog.get_logger("pgscout.analysis")
 
 FLUSH_SECONDS = 0.01
 _RESTART_DELAY_SECONDS = 1.0
@@ -178,6 +180,11 @@ class _ChannelProtocol(asyncio.Protocol):
             if kind == REPLY:
                 request_id, response = decode_payload(kind, payload)
                 self.link.replied(request_id, response)
+            elif kind == LOG:
+                level, fields = decode_payload(kind, payload)
+                fields.pop("level", None)
+                fields.pop("timestamp", None)
+                getattr(analysis_log, level)(fields.pop("event"), **fields)
 
     def connection_lost(self, exc) -> None:
         self.link.channel_lost()

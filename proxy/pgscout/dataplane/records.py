@@ -47,6 +47,7 @@ RECORDS: Final = 1  # data plane -> analysis: marshal(list of records)
 REQUEST: Final = 2  # data plane -> analysis: pickle((request_id, Request, snapshot))
 REPLY: Final = 3  # analysis -> data plane: pickle((request_id, status, headers, body))
 SETTINGS: Final = 4  # data plane -> analysis: pickle(Settings), at start and on reload
+LOG: Final = 5  # analysis -> data plane: pickle((level, event dict)), logged by the data plane
 
 _HEADER: Final = struct.Struct("!iB")
 HEADER_SIZE: Final = _HEADER.size
