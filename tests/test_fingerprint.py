@@ -1,13 +1,15 @@
 """Fingerprinter: enrichment of StatementDone events, from events alone."""
 
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgscout.dataplane.events import Session, StatementDone
-from pgscout.analysis.fingerprint import MAX_PARSE_CHARS, Fingerprinter, fingerprint_text
+from pgscout.analysis.fingerprint import (MAX_PARSE_CHARS, Fingerprinter, abandoned_parses,
+                                          fingerprint_text)
 
 HEX16 = re.compile(r"[0-9a-f]{16}")
 
@@ -343,3 +345,12 @@ def test_texts_sharing_a_cache_key_share_the_fingerprint(tokens, constants):
     second = enriched(text + " " + " ".join("7" for _ in constants), fingerprinter)
     assert first.fingerprint == fingerprint_text(first.sql)[0]
     assert second.fingerprint == fingerprint_text(second.sql)[0]
+
+
+def test_a_parse_past_its_budget_is_abandoned_for_the_lexer():
+    nested = "select " + "(select " * 2000 + "1" + ")" * 2000
+    started = time.perf_counter()
+    ev = enriched(nested)
+    assert time.perf_counter() - started < 1.0  # the parse alone takes over a second
+    assert HEX16.fullmatch(ev.fingerprint)
+    assert abandoned_parses() >= 1

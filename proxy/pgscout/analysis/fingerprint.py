@@ -18,7 +18,11 @@ LEXED_PREFIX_CHARS of any text (about 0.5 us a character, pglast about 0.3).
 The cache is keyed by the comment-stripped text, so the comment scan runs per execution (a few
 microseconds when there is a comment) and the parse once per distinct statement text.
 This runs in the analysis process, never on the forwarding loop: a slow parse delays analysis
-(which sheds load when it falls behind), not traffic.
+(which sheds load when it falls behind), not traffic. libpg_query's normalize costs about 0.7 ms
+per level of nested subquery (1.5 s for 2,000 levels), so a text with many parentheses is parsed
+in a thread (pglast releases the GIL) for at most PARSE_BUDGET_SECONDS; past that the parse is
+abandoned, counted, and the lexer describes that text. One abandoned parse runs on at a time;
+while it does, such texts go straight to the lexer.
 
 Read interface (for the Collector and the API): `cache_info()` (hits, misses, maxsize,
 currsize), `lexed_statements` (statements described by the fallback lexer).
@@ -31,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import threading
 from collections import OrderedDict
 from typing import Final, NamedTuple
 
@@ -40,6 +45,9 @@ from pgscout.analysis.comments import parse_comments
 from pgscout.dataplane.events import StatementDone
 
 MAX_PARSE_CHARS: Final = 100_000
+PARSE_BUDGET_SECONDS: Final = 0.25
+# Texts with fewer parentheses than this cannot nest deeply enough to be slow: parsed inline.
+_GUARDED_PARENTHESES: Final = 64
 DEFAULT_DISPLAY_CHARS: Final = 2048
 _CONSTANT: Final = re.compile(r"""("(?:[^"]|"")*")|'(?:[^']|'')*'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?""")
 _NOT_KEYABLE: Final = re.compile(r"\\|\$(?!\d)")
@@ -234,17 +242,55 @@ def describe(text: str, backslashes: bool = False) -> StatementShape:
     `backslashes`: the session reads a backslash in any string as an escape."""
     if backslashes or "\x00" in text or "\ufffd" in text:
         return _lexed_shape(text, backslashes)
-    try:
-        fingerprint = pg.fingerprint(text)
-        normalized = pg.normalize(text)
-    except (pg.ParseError, UnicodeEncodeError):  # UnicodeEncodeError: lone surrogates
+    parsed = _parse(text) if text.count("(") < _GUARDED_PARENTHESES else _parse_within_budget(text)
+    if parsed is None:
         return _lexed_shape(text, False)
+    fingerprint, normalized = parsed
     kind = _classify(normalized)
     if kind == "ddl" or _MAY_HOLD_STRING.search(normalized):
         # pglast's normalize leaves DDL's numbers (RESTART WITH n, DEFAULT n, CHECK (c <> n))
         # and some strings (COPY file names, function bodies) in place.
         normalized = _redact_literals(normalized, numbers=kind == "ddl")
     return StatementShape(fingerprint, normalized, kind, hash(text), True)
+
+
+def _parse(text: str) -> tuple[str, str] | None:
+    try:
+        return pg.fingerprint(text), pg.normalize(text)
+    except (pg.ParseError, UnicodeEncodeError):  # UnicodeEncodeError: lone surrogates
+        return None
+
+
+class _AbandonedParses:
+    """The parse still running past its budget, and how many were given up."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.count = 0
+
+
+_abandoned: Final = _AbandonedParses()
+
+
+def _parse_within_budget(text: str) -> tuple[str, str] | None:
+    running = _abandoned.thread
+    if running is not None and running.is_alive():
+        _abandoned.count += 1
+        return None
+    result: list[tuple[str, str] | None] = []
+    thread = threading.Thread(target=lambda: result.append(_parse(text)), daemon=True)
+    thread.start()
+    thread.join(PARSE_BUDGET_SECONDS)
+    if not result:
+        _abandoned.thread = thread
+        _abandoned.count += 1
+        return None
+    return result[0]
+
+
+def abandoned_parses() -> int:
+    """Parses given up past PARSE_BUDGET_SECONDS (or skipped while one still ran)."""
+    return _abandoned.count
 
 
 def _classify(normalized: str) -> str:

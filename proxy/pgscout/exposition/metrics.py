@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from pgscout import __version__
 from pgscout.histogram import Histogram
+from pgscout.analysis.fingerprint import abandoned_parses
 from pgscout.analysis.statements import FingerprintStats, StatementStats
 from pgscout.labels import OTHER
 
@@ -173,6 +174,9 @@ class PgscoutCollector(Collector):
         yield cache
         yield GaugeMetricFamily("pgscout_fingerprint_cache_entries", "Distinct SQL texts cached",
                                 value=size)
+        yield CounterMetricFamily("pgscout_fingerprint_parses_abandoned", "Statements whose parse "
+                                  "ran past its time budget (deeply nested SQL) and were described "
+                                  "by the lexer instead", value=abandoned_parses())
 
     # -- statements ------------------------------------------------------------------------
     def _statements(self):
