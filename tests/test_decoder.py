@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 import wirebuild as w
 from pgscout.analysis.replay import Replay
-from pgscout.dataplane.decoder import DEFAULT_MAX_SQL_CHARS, MAX_PENDING, Decoder, DecoderError
+from pgscout.dataplane.decoder import (DEFAULT_MAX_SQL_CHARS, MAX_PENDING, Decoder, DecoderError,
+                                       TextBudget)
 from pgscout.dataplane.events import Session, SessionReady, StatementDone, TransactionEnded
 from pgscout.dataplane.framer import DECODE_LIMIT
 
@@ -714,3 +715,16 @@ def test_a_flood_of_syncs_costs_no_memory_and_each_is_answered(conv):
 def test_past_max_pending_requests_the_session_is_no_longer_observed(conv):
     with pytest.raises(DecoderError):
         conv.client((w.query("select 1")) * (MAX_PENDING + 1))
+
+
+def test_prepared_statement_texts_share_one_budget_across_sessions():
+    budget = TextBudget(limit=1000)
+    first, second = Conversation(), Conversation()
+    for conv in (first, second):
+        conv.decoder = Decoder(conv.session, lambda record: None, texts=budget)
+    first.client(*(w.parse(f"s{i}", "select " + "x" * 90) for i in range(10)))
+    assert budget.used <= 1000
+    second.client(w.parse("mine", "select 1"))
+    assert budget.used <= 1000
+    first.decoder.close()
+    assert budget.used == len("select 1")

@@ -46,6 +46,8 @@ _MAX_HELD_EVENTS: Final = 256
 # oldest are forgotten (their executions show as "").
 _MAX_STATEMENTS: Final = 10000
 _MAX_STATEMENT_CHARS: Final = 512 * 1024
+# ...and all sessions together (text decoded from ASCII takes a byte a character).
+PREPARED_TEXT_BUDGET: Final = 32 * 1024 * 1024
 # Outstanding requests a client may pipeline before pgscout stops observing its session.
 MAX_PENDING: Final = 10000
 DEFAULT_MAX_SQL_CHARS: Final = 32 * 1024
@@ -57,6 +59,16 @@ _DEALLOCATE: Final = re.compile(r'\bdeallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|
 
 class DecoderError(Exception):
     """The stream does not follow the protocol as pgscout understands it."""
+
+
+class TextBudget:
+    """Characters of prepared-statement text the decoders of all sessions keep together."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int = PREPARED_TEXT_BUDGET) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 class _Request:
@@ -113,7 +125,8 @@ class Decoder:
     def __init__(self, session: Session, emit: Callable[[list], None], *,
                  ready: Callable[[float], None] | None = None,
                  max_message_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH,
-                 keep_parameters: bool = False, max_sql_chars: int = DEFAULT_MAX_SQL_CHARS):
+                 keep_parameters: bool = False, max_sql_chars: int = DEFAULT_MAX_SQL_CHARS,
+                 texts: TextBudget | None = None):
         self.session = session
         self.cancel_key: bytes | None = None
         self._emit = emit
@@ -124,6 +137,7 @@ class Decoder:
         self._pending: deque[_Request] = deque()
         self._statements: dict[bytes, tuple[str, bool]] = {}  # name -> (text, truncated)
         self._statement_chars = 0
+        self._texts = TextBudget() if texts is None else texts
         self._portals: dict[bytes, _Portal] = {}
         self._held: list[list] = []  # completed statement records, waiting for ReadyForQuery
         self._discarding = False  # an extended-protocol error: the server ignores all until Sync
@@ -177,6 +191,7 @@ class Decoder:
 
     def close(self) -> None:
         """The connection ended: report statements that completed without a ReadyForQuery after."""
+        self._release(self._statement_chars)
         held = self._held
         self._held = []
         for record in held:
@@ -218,14 +233,18 @@ class Decoder:
         if name and name in statements:
             return  # the server refuses to redefine a named statement (42P05) until it is Closed
         text = self._cut(body, name_end + 1, query_end if query_end >= 0 else len(body))
-        old = statements.pop(name, None)
-        if old is not None:
-            self._statement_chars -= len(old[0])
+        size = len(text[0])
+        self._forget_statement(name)
+        texts = self._texts
         while statements and (len(statements) >= _MAX_STATEMENTS
-                              or self._statement_chars + len(text[0]) > _MAX_STATEMENT_CHARS):
-            self._statement_chars -= len(statements.pop(next(iter(statements)))[0])
+                              or self._statement_chars + size > _MAX_STATEMENT_CHARS
+                              or texts.used + size > texts.limit):
+            self._release(len(statements.pop(next(iter(statements)))[0]))
+        if texts.used + size > texts.limit:
+            return  # other sessions hold the budget: this statement's executions show as ""
         statements[name] = text
-        self._statement_chars += len(text[0])
+        self._statement_chars += size
+        texts.used += size
 
     def _bind(self, body: bytes, complete: bool) -> None:
         """Bind: String portal, String statement, Int16 nfmt, Int16[nfmt], Int16 nparams,
@@ -505,7 +524,7 @@ class Decoder:
             return
         if tag in ("DEALLOCATE ALL", "DISCARD ALL"):
             self._statements.clear()
-            self._statement_chars = 0
+            self._release(self._statement_chars)
             if tag == "DISCARD ALL":
                 self._portals.clear()
                 self._suspended = 0
@@ -522,7 +541,11 @@ class Decoder:
     def _forget_statement(self, name: bytes) -> None:
         text = self._statements.pop(name, None)
         if text is not None:
-            self._statement_chars -= len(text[0])
+            self._release(len(text[0]))
+
+    def _release(self, size: int) -> None:
+        self._statement_chars -= size
+        self._texts.used -= size
 
     def _end_transaction(self, previous: str) -> None:
         if previous == "E" or self._last_error:

@@ -135,7 +135,8 @@ class Relay:
                                    ready=lambda at: server.session_ready(self, at),
                                    max_message_length=limits.max_message_bytes,
                                    keep_parameters=server.keep_parameters,
-                                   max_sql_chars=server.settings.statements.max_sql_chars)
+                                   max_sql_chars=server.settings.statements.max_sql_chars,
+                                   texts=server.prepared_texts)
         pending = bytes(self._startup)
         self._startup = bytearray()
         transport.write(startup_packet + pending)
@@ -202,6 +203,7 @@ class Relay:
 
     def desync(self, exc: Exception) -> None:
         """Stop observing this session; its bytes keep flowing untouched."""
+        self.decoder.close()  # gives back what it held (its share of the prepared-text budget)
         self.decoder = None
         self.server.desynced(self, f"{type(exc).__name__}: {exc}")
 

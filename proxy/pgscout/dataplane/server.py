@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 import structlog
 
 from pgscout.dataplane import records, wire
+from pgscout.dataplane.decoder import TextBudget
 from pgscout.dataplane.events import SessionClosed, SessionOpened, SessionReady
 from pgscout.dataplane.relay import ClientLeg, Relay
 from pgscout.settings import Settings
@@ -51,6 +52,7 @@ class Server:
         self.cancels_forwarded_total = 0
         self.startup_errors_total = 0
         self.desyncs_total = 0
+        self.prepared_texts = TextBudget()  # shared by every session's decoder
         self._closed_bytes = [0, 0]  # from client, from server, of sessions already closed
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
