@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -55,14 +56,18 @@ class HarnessError(AssertionError):
     """The test machine cannot provide what the integration tests need."""
 
 
+# Below the kernel's ephemeral range (32768-60999 by default): a port picked there can be taken
+# as the source port of an outgoing connection before the server binds it, which connection
+# storms (the resource and fault tests) make likely.
+_LISTEN_PORTS = range(20000, 32768)
+
+
 def free_port(*hosts: str) -> int:
-    """A TCP port nothing listens on at any of `hosts` right now."""
+    """A TCP port nothing uses at any of `hosts` right now, outside the ephemeral range."""
     hosts = hosts or (LOOPBACK,)
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((hosts[0], 0))
-            port = probe.getsockname()[1]
-        if all(_port_is_free(host, port) for host in hosts[1:]):
+    for _ in range(200):
+        port = random.choice(_LISTEN_PORTS)
+        if all(_port_is_free(host, port) for host in hosts):
             return port
     raise HarnessError(f"no TCP port free on all of {hosts}")
 

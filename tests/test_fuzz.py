@@ -137,7 +137,7 @@ CONVERSATION = b"".join([
     _message(b"S", b""),
     _message(b"Q", b"select generate_series(1, 3)\0"),
 ])
-CONVERSATION_STATEMENTS = 4
+CONVERSATION_STATEMENTS = 3  # the two-statement Query counts once: it is reported whole
 TERMINATE = _message(b"X", b"")
 
 

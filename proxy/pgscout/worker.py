@@ -1,13 +1,14 @@
 """Composition root of the analysis process: records in, observers, admin answers out.
 
-Owns: the analysis process's life (started by the data plane's AnalysisLink with one end of a
-socketpair; it ends when that channel closes), subscribing every observer on the bus in order
+Owns: the analysis process's life (started by the data plane's AnalysisLink with one end of two
+socketpairs, records and control; it ends when the records channel closes), subscribing every observer on the bus in order
 (fingerprints first), replaying the record batches into events, answering the admin requests
 the data plane relays (/metrics and /api, with the data plane's snapshot), the per-second N+1
 tick, and what a settings reload changes live.
-The channel is read only while fewer than MAX_BACKLOG_BYTES of frames wait to be analysed, so
-that a burst of hostile SQL backs up into the data plane, which sheds it (counted), instead of
-growing this process.
+The records channel is read only while fewer than MAX_BACKLOG_BYTES of frames wait to be
+analysed, so that a burst of hostile SQL backs up into the data plane, which sheds it (counted),
+instead of growing this process. The control channel is always read: a request is answered once
+the records sent before it are analysed, or after REQUEST_CATCH_UP_SECONDS with what is.
 Must not: touch client traffic (it has none), or let an observer's failure end the process (the
 bus contains it).
 """
@@ -32,8 +33,8 @@ from pgscout.analysis.slowlog import SlowLog
 from pgscout.analysis.statements import StatementStats
 from pgscout.analysis.transactions import TransactionStats
 from pgscout.dataplane.events import SessionClosed, StatementDone, TransactionEnded
-from pgscout.dataplane.records import (LOG, RECORDS, REPLY, REQUEST, SETTINGS, FrameReader,
-                                       decode_payload, pickled_frame)
+from pgscout.dataplane.records import (LOG, RECORDS, REPLY, REQUEST, REQUEST_CATCH_UP_SECONDS,
+                                       SETTINGS, FrameReader, decode_payload, pickled_frame)
 from pgscout.exposition import api
 from pgscout.exposition.admin import Response, Router
 from pgscout.exposition.metrics import PgscoutCollector, Sources, build_registry
@@ -49,9 +50,10 @@ _SLICE_RECORDS = 200
 class Analysis:
     """Every observer of one analysis process, fed through the bus."""
 
-    def __init__(self, settings: Settings, channel: _Channel) -> None:
+    def __init__(self, settings: Settings, control: _ControlChannel) -> None:
         self.settings = settings
-        self._channel = channel
+        self._control = control
+        self.records_analysed = 0
         self._configure_logs(settings)
         self.bus = Bus(on_error=lambda handler, exc: log.error(
             "observer_failed", observer=getattr(handler, "__qualname__", repr(handler)),
@@ -91,7 +93,7 @@ class Analysis:
         """Log lines go to the data plane, which writes them into pgscout's one log (and the
         demo's narrator sees them there)."""
         def forward(logger, level: str, event: dict) -> dict:
-            self._channel.send(LOG, (level, event))
+            self._control.send(LOG, (level, event))
             raise structlog.DropEvent
 
         logs.configure(settings.log.level, "json", processors=(forward,))
@@ -117,9 +119,9 @@ class Analysis:
                                          parse_qs(request["query"]), request["headers"])
 
 
-class _Channel(asyncio.Protocol):
-    """The analysis end of the socketpair: frames in, replies out, reading paused while the
-    frames waiting to be analysed exceed MAX_BACKLOG_BYTES."""
+class _RecordsChannel(asyncio.Protocol):
+    """The records socket: frames in, reading paused while the frames waiting to be analysed
+    exceed MAX_BACKLOG_BYTES (the data plane then sheds)."""
 
     def __init__(self) -> None:
         self.reader = FrameReader()
@@ -152,46 +154,80 @@ class _Channel(asyncio.Protocol):
         self.closed = True
         self.arrived.set()
 
+
+class _ControlChannel(asyncio.Protocol):
+    """The control socket: settings and requests in, replies and log lines out. Read at all
+    times, so a backlog of records never holds up a scrape."""
+
+    def __init__(self) -> None:
+        self.reader = FrameReader()
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.analysis: Analysis | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._answering: set[asyncio.Task] = set()  # the loop keeps only weak references
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for kind, payload in self.reader.feed(data):
+            value = decode_payload(kind, payload)
+            if kind == SETTINGS:
+                # Built here, not where it is awaited: requests may follow in this same read.
+                if self.analysis is None:
+                    self.analysis = Analysis(value, self)
+                    self.ready.set_result(self.analysis)
+                else:
+                    self.analysis.reconfigure(value)
+            elif kind == REQUEST and self.analysis is not None:
+                task = asyncio.get_running_loop().create_task(self._answer(*value))
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, request_id: int, request: dict, snapshot, records_before: int) -> None:
+        analysis = self.analysis
+        assert analysis is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REQUEST_CATCH_UP_SECONDS
+        while analysis.records_analysed < records_before and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        self.send(REPLY, (request_id, await analysis.answer(request, snapshot)))
+
     def send(self, kind: int, value: object) -> None:
         if not self.closed:
             self.transport.write(pickled_frame(kind, value))
 
+    def connection_lost(self, exc) -> None:
+        self.closed = True
 
-async def _serve(fd: int) -> int:
+
+async def _serve(records_fd: int, control_fd: int) -> int:
     loop = asyncio.get_running_loop()
-    channel = _Channel()
-    await loop.create_unix_connection(lambda: channel, sock=socket.socket(fileno=fd))
-    analysis: Analysis | None = None
-    ticker: asyncio.Task | None = None
+    control = _ControlChannel()
+    await loop.create_unix_connection(lambda: control, sock=socket.socket(fileno=control_fd))
+    analysis = await control.ready
+    records = _RecordsChannel()
+    await loop.create_unix_connection(lambda: records, sock=socket.socket(fileno=records_fd))
+    ticker = loop.create_task(_tick(analysis))
     while True:
-        if not channel.frames:
-            if channel.closed:
+        if not records.frames:
+            if records.closed:
                 break
-            channel.arrived.clear()
-            await channel.arrived.wait()
+            records.arrived.clear()
+            await records.arrived.wait()
             continue
-        kind, payload = channel.frames.popleft()
-        value = decode_payload(kind, payload)
-        if kind == SETTINGS:
-            if analysis is None:
-                analysis = Analysis(value, channel)
-                ticker = loop.create_task(_tick(analysis))
-            else:
-                analysis.reconfigure(value)
-        elif analysis is None:
-            pass  # nothing comes before the settings
-        elif kind == RECORDS:
-            for start in range(0, len(value), _SLICE_RECORDS):
-                analysis.replay.feed(value[start:start + _SLICE_RECORDS])
-                await asyncio.sleep(0)  # let replies and reads interleave with a long batch
-        elif kind == REQUEST:
-            request_id, request, snapshot = value
-            channel.send(REPLY, (request_id, await analysis.answer(request, snapshot)))
-        channel.taken(len(payload))
-    if ticker is not None:
-        ticker.cancel()
-    if analysis is not None:
-        analysis.sources.nplusone.flush()
+        kind, payload = records.frames.popleft()
+        if kind == RECORDS:
+            batch = decode_payload(kind, payload)
+            for start in range(0, len(batch), _SLICE_RECORDS):
+                piece = batch[start:start + _SLICE_RECORDS]
+                analysis.replay.feed(piece)
+                analysis.records_analysed += len(piece)
+                await asyncio.sleep(0)  # let requests and reads interleave with a long batch
+        records.taken(len(payload))
+    ticker.cancel()
+    analysis.sources.nplusone.flush()
     return 0
 
 
@@ -210,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import uvloop
 
-    return uvloop.run(_serve(int(args[0])))
+    return uvloop.run(_serve(int(args[0]), int(args[1])))
 
 
 if __name__ == "__main__":

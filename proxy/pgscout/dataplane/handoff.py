@@ -1,12 +1,15 @@
 """The data plane's end of the channel to the analysis process: records out, requests answered.
 
-Owns: starting the analysis process (`python -m pgscout.worker`, over a socketpair) and starting
-it again when it dies; the batch of records (`put` is `list.append`, so a statement costs the
-forwarding loop one C call here), written every FLUSH_SECONDS as one frame; shedding statement
-records, counted, while the channel's write buffer is over its byte bound (the analysis process
-is behind), so that forwarding never waits for analysis and memory stays bounded; and relaying
-admin requests to the analysis process with the data plane's snapshot; and writing the analysis
-process's log lines (findings, slow statements: few, rate-limited) into the data plane's one log.
+Owns: starting the analysis process (`python -m pgscout.worker`, with two socketpairs) and
+starting it again when it dies; the batch of records (`put` is `list.append`, so a statement
+costs the forwarding loop one C call here), written every FLUSH_SECONDS as one frame on the
+records channel; shedding statement records, counted, while that channel's write buffer is over
+its byte bound (the analysis process is behind), so that forwarding never waits for analysis and
+memory stays bounded; relaying admin requests, with the data plane's snapshot, on the control
+channel, which no backlog of records can hold up (a request names the records sent before it,
+and is answered once those are analysed, or after records.REQUEST_CATCH_UP_SECONDS with what is); and
+writing the analysis process's log lines (findings, slow statements: few, rate-limited) into
+the data plane's one log.
 Session records (opened, ready, closed...) are never shed: they are few and keep the analysis
 process's session table right.
 Must not: block, wait on the analysis process anywhere but in `request`, or look into records.
@@ -43,7 +46,9 @@ class AnalysisLink:
         self._backlog_bytes = backlog_bytes
         self._batch: list[list] = []
         self.put = self._batch.append  # the hot path: records are appended, nothing else
-        self._transport: asyncio.Transport | None = None
+        self._transport: asyncio.Transport | None = None  # records channel
+        self._control: asyncio.Transport | None = None
+        self._channel_records = 0  # records written to this analysis process
         self._process: asyncio.subprocess.Process | None = None
         self._replies: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -66,8 +71,9 @@ class AnalysisLink:
         if self._flusher is not None:
             self._flusher.cancel()
         self.flush()
-        if self._transport is not None:
-            self._transport.close()
+        for transport in (self._transport, self._control):
+            if transport is not None:
+                transport.close()
         process = self._process
         if process is not None and process.returncode is None:
             try:
@@ -80,19 +86,24 @@ class AnalysisLink:
 
     def reconfigure(self, settings: Any) -> None:
         self.settings = settings
-        if self._transport is not None:
-            self._transport.write(pickled_frame(SETTINGS, settings))
+        if self._control is not None:
+            self._control.write(pickled_frame(SETTINGS, settings))
 
     async def _spawn(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with theirs:
+        records_ours, records_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        control_ours, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with records_theirs, control_theirs:
+            fds = (records_theirs.fileno(), control_theirs.fileno())
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pgscout.worker", str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),))
+                sys.executable, "-m", "pgscout.worker", *map(str, fds), pass_fds=fds)
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_unix_connection(lambda: _ChannelProtocol(self), sock=ours)
-        transport.write(pickled_frame(SETTINGS, self.settings))
-        self._transport = transport
+        control, _ = await loop.create_unix_connection(lambda: _ControlProtocol(self),
+                                                       sock=control_ours)
+        control.write(pickled_frame(SETTINGS, self.settings))
+        records, _ = await loop.create_unix_connection(asyncio.Protocol, sock=records_ours)
+        self._channel_records = 0
+        self._control = control
+        self._transport = records
 
     async def _supervise(self) -> None:
         """An analysis process that dies is started again: observation resumes, traffic never
@@ -110,7 +121,10 @@ class AnalysisLink:
             await self._spawn()
 
     def channel_lost(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
         self._transport = None
+        self._control = None
         for reply in self._replies.values():
             if not reply.done():
                 reply.set_exception(AnalysisUnavailable("the analysis process went away"))
@@ -140,6 +154,7 @@ class AnalysisLink:
             sending = kept
         transport.write(records_frame(sending))
         self.records_sent += len(sending)
+        self._channel_records += len(sending)
 
     @property
     def backlog_bytes(self) -> int:
@@ -147,16 +162,16 @@ class AnalysisLink:
 
     # -- requests --------------------------------------------------------------------------
     async def request(self, request: dict, snapshot: object, timeout: float) -> object:
-        """Ask the analysis process to answer an admin request. Records batched before it are
-        analysed before it is answered."""
+        """Ask the analysis process to answer an admin request, once it has analysed the records
+        made before it (or after records.REQUEST_CATCH_UP_SECONDS, if it is that far behind)."""
         self.flush()
-        transport = self._transport
-        if transport is None:
+        control = self._control
+        if control is None:
             raise AnalysisUnavailable("the analysis process is not running")
         request_id = next(self._ids)
         reply = asyncio.get_running_loop().create_future()
         self._replies[request_id] = reply
-        transport.write(pickled_frame(REQUEST, (request_id, request, snapshot)))
+        control.write(pickled_frame(REQUEST, (request_id, request, snapshot, self._channel_records)))
         try:
             return await asyncio.wait_for(reply, timeout)
         except TimeoutError:
@@ -170,7 +185,7 @@ class AnalysisLink:
             reply.set_result(response)
 
 
-class _ChannelProtocol(asyncio.Protocol):
+class _ControlProtocol(asyncio.Protocol):
     def __init__(self, link: AnalysisLink) -> None:
         self.link = link
         self.reader = FrameReader()

@@ -44,10 +44,13 @@ S_TRUNCATED: Final = 15
 
 # Frame kinds.
 RECORDS: Final = 1  # data plane -> analysis: marshal(list of records)
-REQUEST: Final = 2  # data plane -> analysis: pickle((request_id, Request, snapshot))
+REQUEST: Final = 2  # data plane -> analysis: pickle((request_id, request, snapshot, records before it))
 REPLY: Final = 3  # analysis -> data plane: pickle((request_id, status, headers, body))
 SETTINGS: Final = 4  # data plane -> analysis: pickle(Settings), at start and on reload
 LOG: Final = 5  # analysis -> data plane: pickle((level, event dict)), logged by the data plane
+
+# A request waits at most this long for the records sent before it to be analysed.
+REQUEST_CATCH_UP_SECONDS: Final = 1.0
 
 _HEADER: Final = struct.Struct("!iB")
 HEADER_SIZE: Final = _HEADER.size
