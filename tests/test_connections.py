@@ -66,7 +66,8 @@ def test_states_are_read_from_the_live_sessions():
         ("web", "app", "shop", "starting"): 1,
         ("web", "app", "shop", "idle"): 1,
         ("web", "app", "shop", "active"): 1,
-        ("web", "app", "shop", "idle_in_transaction"): 2,
+        ("web", "app", "shop", "idle in transaction"): 1,
+        ("web", "app", "shop", "idle in transaction (aborted)"): 1,
     }
     # A statement running inside a transaction block is active, not idle in transaction.
     in_transaction.active = True

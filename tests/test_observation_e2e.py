@@ -245,7 +245,7 @@ async def test_budget_warns_enforces_and_reports_states(start_pgscout, tmp_path,
 
         report = await asyncio.to_thread(api, proxy, "/api/connections")
         states = {row["state"]: row["count"] for row in report["live"] if row["application"] == app_name}
-        assert states == {"idle_in_transaction": 1, "active": 1, "idle": 3}
+        assert states == {"idle in transaction": 1, "active": 1, "idle": 3}
         budget, = report["budgets"]
         assert (budget["name"], budget["current"], budget["max_connections"], budget["refused_total"]) == \
             ("obs-web", 5, 5, 1)
@@ -254,7 +254,7 @@ async def test_budget_warns_enforces_and_reports_states(start_pgscout, tmp_path,
         assert value(text, "pgscout_budget_max_connections", budget="obs-web") == 5
         assert value(text, "pgscout_budget_refused_total", budget="obs-web") == 1
         assert value(text, "pgscout_client_connections", application=app_name,
-                     state="idle_in_transaction") == 1
+                     state="idle in transaction") == 1
         await sleeping
         await in_transaction.rollback()
     finally:

@@ -7,9 +7,11 @@ sliding minute and a histogram of connection lifetimes; the "not pooling" churn 
 Budget, the count of matching live sessions, the admission check that refuses a session over an
 enforced budget (SQLSTATE 53300), and the warning records for budgets and churn.
 
-States: "starting" until the session's first ReadyForQuery (SessionReady), then "active" while the
-server owes a response, "idle_in_transaction" inside a transaction block (status T or E), else
-"idle". Replication sessions are never decoded, so they are reported as "replication".
+States are spelled as pg_stat_activity.state spells them, so one dashboard reads both:
+"starting" (pgscout's own) until the session's first ReadyForQuery (SessionReady), then "active"
+while the server owes a response, "idle in transaction" inside a transaction block (status T),
+"idle in transaction (aborted)" inside a failed one (status E), else "idle". Replication
+sessions are never decoded, so they are reported as "replication".
 Opens count connection attempts (every StartupMessage); lifetimes are observed only for sessions
 that became ready, and a session this tracker refused is neither a lifetime nor part of any count.
 
@@ -35,7 +37,8 @@ from pgscout.settings import Budget
 from pgscout.dataplane.wire import TOO_MANY_CONNECTIONS
 
 LIFETIME_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600)
-STATES = ("starting", "active", "idle", "idle_in_transaction", "replication")
+STATES = ("starting", "active", "idle", "idle in transaction", "idle in transaction (aborted)",
+          "replication")
 
 WINDOW_SECONDS = 60
 WARNING_INTERVAL_SECONDS = 60.0
@@ -319,8 +322,10 @@ class ConnectionTracker:
             return "starting"
         if session.active:
             return "active"
-        if session.txn_status in ("T", "E"):
-            return "idle_in_transaction"
+        if session.txn_status == "T":
+            return "idle in transaction"
+        if session.txn_status == "E":
+            return "idle in transaction (aborted)"
         return "idle"
 
     def opens_per_second(self) -> dict[str, float]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import gzip
+
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
-from pgscout.exposition.admin import AdminServer, Response, json_response
+from pgscout.exposition.admin import AdminServer, Request, Response, json_response
 from pgscout.exposition.metrics import Sources
 from pgscout.analysis.statements import SORT_KEYS
 
@@ -23,10 +25,19 @@ _MAX_LIMIT = 1000
 
 
 def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) -> None:
-    async def metrics(query) -> Response:
-        return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        # prometheus_client's own negotiation: OpenMetrics when the scraper's Accept asks for it
+        # (Prometheus does), else the text format; gzip when Accept-Encoding allows it.
+        encoder, content_type = choose_encoder(request.header("accept"))
+        body = encoder(registry)
+        headers = [("Vary", "Accept, Accept-Encoding")]
+        if gzip_accepted(request.header("accept-encoding")):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        return Response(200, body, content_type, headers=tuple(headers))
 
-    async def fingerprints(query) -> Response:
+    async def fingerprints(request: Request) -> Response:
+        query = request.query
         sort = query.get("sort", ["total_time"])[0]
         if sort not in SORT_KEYS:
             return json_response({"error": f"sort must be one of {sorted(SORT_KEYS)}"}, 400)
@@ -42,15 +53,15 @@ def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) 
             "tracked": len(stats.entries()),
         })
 
-    async def nplusone(query) -> Response:
+    async def nplusone(request: Request) -> Response:
         return json_response({"findings": sources.nplusone.recent()})
 
-    async def slow(query) -> Response:
+    async def slow(request: Request) -> Response:
         return json_response({"slow_queries": list(reversed(sources.slowlog.recent())),
                               "slow_total": sources.slowlog.slow_total,
                               "suppressed_total": sources.slowlog.suppressed_total})
 
-    async def connections(query) -> Response:
+    async def connections(request: Request) -> Response:
         tracker = sources.connections
         return json_response({
             "live": [{"application": a, "user": u, "database": d, "state": s, "count": n}
@@ -60,7 +71,7 @@ def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) 
             "upstream": sources.limits.snapshot(),
         })
 
-    async def overview(query) -> Response:
+    async def overview(request: Request) -> Response:
         totals = sources.statements.totals()
         server = sources.server
         return json_response({

@@ -109,6 +109,12 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
+def _one_line(sql: str) -> str:
+    """SQL with each run of whitespace (newlines, indentation) as one space: a label value is
+    shown on one line by every Prometheus tool."""
+    return " ".join(sql.split())
+
+
 class PgscoutCollector(Collector):
     def __init__(self, sources: Sources, top_k: int, sql_text_max_chars: int):
         self.sources = sources
@@ -203,8 +209,8 @@ class PgscoutCollector(Collector):
             fp_rows.add_metric(label, entry.rows)
             fp_errors.add_metric(label, entry.error_count)
             _histogram(fp_latency, label, entry.histogram)
-            fp_info.add_metric(label, {"kind": entry.kind,
-                                       "query": entry.normalized[:self.sql_text_max_chars]})
+            fp_info.add_metric(label, {"kind": entry.kind, "query": _one_line(entry.normalized)
+                                       [:self.sql_text_max_chars]})
         other = self.labels.other
         fp_calls.add_metric([OTHER], other[0])
         fp_seconds.add_metric([OTHER], other[1])
@@ -263,16 +269,13 @@ class PgscoutCollector(Collector):
         for (application, user, database, state), count in tracker.live().items():
             live.add_metric([application, user, database, state], count)
         yield live
+        # A counter, not a rate: PromQL's rate() picks the window (the demo's page and the
+        # churn verdict use the tracker's own one-minute window).
         opened = CounterMetricFamily("pgscout_client_connections_opened", "Client sessions started "
                                      "(StartupMessage received)", labels=["application"])
         for application, count in tracker.opened_total.items():
             opened.add_metric([application], count)
         yield opened
-        opens = GaugeMetricFamily("pgscout_client_connection_opens_per_second", "Client sessions "
-                                  "opened per second over the last minute", labels=["application"])
-        for application, rate in tracker.opens_per_second().items():
-            opens.add_metric([application], rate)
-        yield opens
         lifetime = HistogramMetricFamily("pgscout_client_connection_lifetime_seconds",
                                          "Lifetime of closed client sessions", labels=["application"])
         for application, histogram in tracker.lifetimes().items():
@@ -294,7 +297,7 @@ class PgscoutCollector(Collector):
                                 labels=["budget"])
         for budget in tracker.budgets():
             info.add_metric([budget["name"]], {
-                "application_name": budget["application_name"] or "", "user": budget["user"] or "",
+                "application": budget["application_name"] or "", "user": budget["user"] or "",
                 "database": budget["database"] or "", "enforce": str(budget["enforce"]).lower()})
             limit.add_metric([budget["name"]], budget["max_connections"])
             used.add_metric([budget["name"]], budget["current"])

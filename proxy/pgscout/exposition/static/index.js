@@ -303,8 +303,10 @@ function renderConnections(connections) {
   const byApplication = new Map();
   for (const row of connections.live) {
     const name = row.application || "(none)";
-    const counts = byApplication.get(name) || { active: 0, idle: 0, idle_in_transaction: 0, other: 0 };
-    const state = row.state in counts ? row.state : "other";
+    const counts = byApplication.get(name) || { active: 0, idle: 0, inTransaction: 0, other: 0 };
+    // pg_stat_activity's spellings: "idle in transaction" and "idle in transaction (aborted)".
+    const state = row.state.startsWith("idle in transaction") ? "inTransaction"
+      : row.state in counts ? row.state : "other";
     counts[state] += row.count;
     byApplication.set(name, counts);
   }
@@ -312,9 +314,9 @@ function renderConnections(connections) {
     el("td", {}, name),
     el("td", { class: "num" }, c.active),
     el("td", { class: "num" }, c.idle),
-    el("td", { class: "num" }, c.idle_in_transaction),
+    el("td", { class: "num" }, c.inTransaction),
     el("td", { class: "num" }, c.other),
-    el("td", { class: "num" }, c.active + c.idle + c.idle_in_transaction + c.other))),
+    el("td", { class: "num" }, c.active + c.idle + c.inTransaction + c.other))),
   "No open connections.", 6);
 
   document.getElementById("churn").replaceChildren(...connections.churn.map((c) =>
