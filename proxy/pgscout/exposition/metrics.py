@@ -138,8 +138,10 @@ class PgscoutCollector(Collector):
         yield info
         yield GaugeMetricFamily("pgscout_draining", "1 while pgscout drains after SIGTERM",
                                 value=int(server.draining))
-        yield CounterMetricFamily("pgscout_upstream_connect_errors", "Sessions refused because the "
-                                  "upstream could not be reached", value=server.upstream_errors_total)
+        yield CounterMetricFamily("pgscout_upstream_connect_errors", "Sessions pgscout could not "
+                                  "establish upstream: connect, TLS or startup failures the server "
+                                  "is to blame for (not wrong credentials)",
+                                  value=server.upstream_errors_total)
         yield CounterMetricFamily("pgscout_startup_errors", "Connections closed before a valid "
                                   "StartupMessage (garbage, bad lengths, direct TLS)",
                                   value=server.startup_errors_total)
@@ -310,7 +312,8 @@ class PgscoutCollector(Collector):
         reading = self.sources.limits.snapshot()
         label = [self.sources.server.settings.proxy.upstream.display()]
         up = GaugeMetricFamily("pgscout_upstream_up", "1 when pgscout's control connection read "
-                               "the upstream's limits on its last attempt", labels=["upstream"])
+                               "the upstream's limits on its last attempt (retried at once when "
+                               "the connection is lost)", labels=["upstream"])
         up.add_metric(label, int(bool(reading.get("ok"))))
         yield up
         for key, name, text in (
