@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import socket
 import time
 
 import asyncpg
@@ -82,6 +83,9 @@ def describe_error(upstream: Upstream, error: BaseException) -> str:
                 f"with a user and password in the upstream URL, or PGUSER/PGPASSWORD")
     if isinstance(error, TimeoutError):
         return f"{where} timed out"
+    if isinstance(error, socket.gaierror):
+        # Its errno is a resolver code (EAI_*), which os.strerror calls "Unknown error -2".
+        return f"{where} failed: cannot resolve host {upstream.host!r}: {error.strerror}"
     if isinstance(error, OSError) and error.errno is not None:
         # asyncio says "Connect call failed"; the reason is what the operator needs.
         return f"{where} failed: {os.strerror(error.errno)}"
