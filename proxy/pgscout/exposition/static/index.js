@@ -297,7 +297,8 @@ function renderConnections(connections) {
       .map((k) => `${k}=${b[k]}`).join(" ") || "all sessions";
     const refused = b.refused_total ? ` · ${b.refused_total} refused` : "";
     return meter(`${b.name} (${match})`, b.current, b.max_connections,
-      `${b.current} of ${b.max_connections}${b.enforce ? " (enforced)" : ""}${refused}`);
+      el("span", {}, `${b.current} of ${b.max_connections}${b.enforce ? " (enforced)" : ""}${refused}`,
+        b.over_budget ? el("strong", { class: "error over-budget" }, " · over budget") : null));
   }) : [el("p", { class: "empty" }, "No budgets configured.")]));
 
   const byApplication = new Map();
