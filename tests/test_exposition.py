@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import json
+import time
 import uuid
 
 import psycopg
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgharness import APP_DATABASE
+from pgharness import APP_DATABASE, wait_until
+from pgscout.exposition.history import HISTORY_SECONDS, SAMPLE_SECONDS, History
 
 TOKEN = "exposition-token"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
@@ -85,6 +88,8 @@ def test_methods_a_route_does_not_answer_get_405_with_allow(start_pgscout):
     proxy = start_pgscout()
     status, headers, _ = request(proxy, "POST", "/metrics")
     assert (status, headers["allow"]) == (405, "GET, HEAD")
+    status, headers, _ = request(proxy, "GET", "/api/reset")
+    assert (status, headers["allow"]) == (405, "POST")
     assert request(proxy, "DELETE", "/nowhere")[0] == 404
 
 
@@ -126,3 +131,71 @@ def test_metric_labels_follow_one_convention(start_pgscout, tmp_path):
     spread, = [q for q in queries if "generate_series" in q]
     assert spread.startswith("SELECT g FROM generate_series($") and spread.endswith("g WHERE g > $1"), spread
     assert not [q for q in queries if "\n" in q or "  " in q]
+
+
+def fingerprints(proxy, headers=None) -> dict:
+    status, _, body = request(proxy, "GET", "/api/fingerprints", headers)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_reset_forgets_statement_statistics_like_pg_stat_statements_reset(start_pgscout):
+    proxy = start_pgscout(env={"PGSCOUT_ADMIN_TOKEN": TOKEN})
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with psycopg.connect(proxy.dsn("trust_user", APP_DATABASE), autocommit=True) as connection:
+        connection.execute("SELECT 'before the reset'")
+        assert wait_until(lambda: fingerprints(proxy, bearer)["tracked"] >= 1, timeout=5)
+        assert fingerprints(proxy, bearer)["stats_reset"] is None
+        _, _, overview = request(proxy, "GET", "/api/overview", bearer)
+        statements_before = json.loads(overview)["statements"]
+
+        # Protected like the rest, and only by POST from the page's own origin (or no browser).
+        status, headers, _ = request(proxy, "POST", "/api/reset")
+        assert (status, headers["www-authenticate"]) == (401, 'Bearer realm="pgscout"')
+        status, _, _ = request(proxy, "POST", "/api/reset",
+                               {**bearer, "Origin": "http://evil.example", "Host": "127.0.0.1"})
+        assert status == 403
+        assert fingerprints(proxy, bearer)["tracked"] >= 1
+
+        started = time.time()
+        status, _, body = request(proxy, "POST", "/api/reset", bearer)
+        assert status == 200, body
+        assert json.loads(body)["stats_reset"] >= started
+        after = fingerprints(proxy, bearer)
+        assert (after["tracked"], after["fingerprints"], after["other"]["calls"]) == (0, [], 0)
+        assert after["stats_reset"] >= started
+
+        connection.execute("SELECT 'after the reset'")
+        assert wait_until(lambda: [f["calls"] for f in fingerprints(proxy, bearer)["fingerprints"]] == [1],
+                          timeout=5)
+    # The process's own counters keep counting: Prometheus rates see no reset.
+    _, _, overview = request(proxy, "GET", "/api/overview", bearer)
+    assert json.loads(overview)["statements"] >= statements_before + 1
+
+
+def test_history_serves_samples_taken_since_start(start_pgscout):
+    proxy = start_pgscout()
+    with psycopg.connect(proxy.dsn("trust_user", APP_DATABASE), autocommit=True) as connection:
+        deadline = time.monotonic() + SAMPLE_SECONDS + 1
+        while time.monotonic() < deadline:
+            connection.execute("SELECT 1")
+            time.sleep(0.01)
+    status, _, body = request(proxy, "GET", "/api/history")
+    assert status == 200
+    history = json.loads(body)
+    assert (history["sample_seconds"], history["history_seconds"]) == (SAMPLE_SECONDS, HISTORY_SECONDS)
+    samples = history["samples"]
+    assert len(samples) >= 2
+    assert samples[-1]["statements"] > samples[0]["statements"]
+    assert samples[-1]["now"] - samples[0]["now"] >= SAMPLE_SECONDS * 0.9
+    assert samples[-1]["latency_buckets"][-1][0] == "+Inf"
+
+
+def test_history_keeps_fifteen_minutes_and_no_more():
+    readings = iter(range(10_000))
+    history = History(lambda: {"now": next(readings)})
+    for _ in range(1000):
+        history.sample()
+    kept = history.samples()
+    assert len(kept) == HISTORY_SECONDS / SAMPLE_SECONDS == 180
+    assert [kept[0]["now"], kept[-1]["now"]] == [820, 999]

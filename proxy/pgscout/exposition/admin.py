@@ -4,7 +4,8 @@ Owns: a deliberately small HTTP/1.1 server (one request per connection, bounded 
 routing a request to the handler registered for its path and method (GET, with HEAD answered
 from it without the body; POST for the few routes that change state), the optional bearer token
 on protected routes (RFC 6750: a 401 names the Bearer scheme in WWW-Authenticate), and refusing
-cross-origin POSTs, so a web page open in the operator's browser cannot reset pgscout.
+cross-origin POSTs, so a web page open in the operator's browser cannot reset pgscout; and the
+exposition's periodic work (`every`), which runs while the server does.
 Must not: compute observer state itself (handlers are functions of the Request returning a
 Response), or run anything in threads.
 """
@@ -67,6 +68,12 @@ class AdminServer:
         self._token = token.encode()
         self._routes: dict[str, dict[str, tuple[Handler, bool]]] = {}
         self._server: asyncio.base_events.Server | None = None
+        self._periodic: list[tuple[float, Callable[[], None]]] = []
+        self._tasks: list[asyncio.Task] = []
+
+    def every(self, seconds: float, work: Callable[[], None]) -> None:
+        """Call `work` at start and then every `seconds` until stop()."""
+        self._periodic.append((seconds, work))
 
     def route(self, path: str, handler: Handler, *, protected: bool, method: str = "GET") -> None:
         """Register a handler for `method` on `path`; protected routes need the bearer token when
@@ -75,8 +82,12 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(_repeat(seconds, work)) for seconds, work in self._periodic]
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         if self._server is not None:
             self._server.close()
 
@@ -150,6 +161,15 @@ class AdminServer:
             return None
         return Response(401, "wrong bearer token\n", headers=(
             ("WWW-Authenticate", 'Bearer realm="pgscout", error="invalid_token"'),))
+
+
+async def _repeat(seconds: float, work: Callable[[], None]) -> None:
+    while True:
+        try:
+            work()
+        except Exception:  # a bug in one sample must not end the sampling
+            log.exception("admin_periodic_work_failed", work=getattr(work, "__qualname__", repr(work)))
+        await asyncio.sleep(seconds)
 
 
 def _parse(head: bytes) -> Request | Response:

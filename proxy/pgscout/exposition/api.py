@@ -1,9 +1,12 @@
-"""The admin server's read-only endpoints: /metrics and the JSON API under /api/.
+"""The admin server's endpoints: /metrics and the JSON API under /api/.
 
 Owns: turning observer state into JSON documents (top fingerprints, N+1 findings, slow queries,
-connections and budgets, an overview for the status page) and the /metrics exposition.
-Must not: change observer state, or put SQL literals or parameter values anywhere the observers
-did not already redact them.
+connections and budgets, an overview for the status page, the last 15 minutes of the overview's
+counters for the page's charts) and the /metrics exposition; and the one endpoint that changes
+anything, POST /api/reset, which resets the per-fingerprint statistics like
+pg_stat_statements_reset() (see StatementStats.reset).
+Must not: change observer state otherwise, or put SQL literals or parameter values anywhere the
+observers did not already redact them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
 from pgscout.exposition.admin import AdminServer, Request, Response, json_response
+from pgscout.exposition.history import HISTORY_SECONDS, SAMPLE_SECONDS, History
 from pgscout.exposition.metrics import Sources
 from pgscout.analysis.statements import SORT_KEYS
 
@@ -24,7 +28,22 @@ _DEFAULT_LIMIT = 50
 _MAX_LIMIT = 1000
 
 
+def _counters(sources: Sources) -> dict:
+    """What the page's charts are computed from: cumulative, so any two readings give a rate."""
+    totals = sources.statements.totals()
+    return {
+        "now": time.time(),
+        "statements": totals.calls,
+        "statement_seconds": totals.seconds,
+        "latency_buckets": [[bound if math.isfinite(bound) else "+Inf", count]
+                            for bound, count in totals.histogram().cumulative()],
+    }
+
+
 def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) -> None:
+    history = History(lambda: _counters(sources))
+    admin.every(SAMPLE_SECONDS, history.sample)
+
     async def metrics(request: Request) -> Response:
         # prometheus_client's own negotiation: OpenMetrics when the scraper's Accept asks for it
         # (Prometheus does), else the text format; gzip when Accept-Encoding allows it.
@@ -51,6 +70,7 @@ def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) 
             "fingerprints": [entry.as_dict() for entry in stats.top(limit, sort)],
             "other": stats.other().as_dict(),
             "tracked": len(stats.entries()),
+            "stats_reset": stats.stats_reset,
         })
 
     async def nplusone(request: Request) -> Response:
@@ -72,16 +92,12 @@ def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) 
         })
 
     async def overview(request: Request) -> Response:
-        totals = sources.statements.totals()
         server = sources.server
         return json_response({
-            "now": time.time(),
+            **_counters(sources),
             "started_at": server.started_at,
-            "statements": totals.calls,
-            "statement_seconds": totals.seconds,
-            "errors": sum(totals.errors.values()),
-            "latency_buckets": [[bound if math.isfinite(bound) else "+Inf", count]
-                                for bound, count in totals.histogram().cumulative()],
+            "stats_reset": sources.statements.stats_reset,
+            "errors": sum(sources.statements.totals().errors.values()),
             "open_sessions": len(server.relays),
             "slow_total": sources.slowlog.slow_total,
             "findings": sum(sources.nplusone.counts().values()),
@@ -89,9 +105,19 @@ def register(admin: AdminServer, sources: Sources, registry: CollectorRegistry) 
             "draining": server.draining,
         })
 
+    async def history_samples(request: Request) -> Response:
+        return json_response({"sample_seconds": SAMPLE_SECONDS, "history_seconds": HISTORY_SECONDS,
+                              "samples": history.samples()})
+
+    async def reset(request: Request) -> Response:
+        sources.statements.reset()
+        return json_response({"stats_reset": sources.statements.stats_reset})
+
     admin.route("/metrics", metrics, protected=True)
     admin.route("/api/fingerprints", fingerprints, protected=True)
     admin.route("/api/nplusone", nplusone, protected=True)
     admin.route("/api/slow", slow, protected=True)
     admin.route("/api/connections", connections, protected=True)
     admin.route("/api/overview", overview, protected=True)
+    admin.route("/api/history", history_samples, protected=True)
+    admin.route("/api/reset", reset, protected=True, method="POST")
