@@ -9,6 +9,7 @@ Must not: leave the shared server stopped or frozen (every test restores it in `
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import time
 import psycopg
 import pytest
 
-from pgharness import APP_DATABASE, UNCERTIFIED_LOOPBACK, wait_until
+from pgharness import APP_DATABASE, UNCERTIFIED_LOOPBACK, Pgscout, wait_until
 
 CONNECT_TIMEOUT_SECONDS = 1.0
 FAST = {"PGSCOUT_PROXY_CONNECT_TIMEOUT_SECONDS": str(CONNECT_TIMEOUT_SECONDS)}
@@ -106,3 +107,29 @@ def test_upstream_up_follows_a_server_that_stops_within_moments(pg, start_pgscou
         print(f"\npgscout_upstream_up went 0 {time.monotonic() - stopped:.2f} s after the server stopped")
     finally:
         pg.start()
+
+
+class ForwardOnlyPgscout(Pgscout):
+    @property
+    def argv(self) -> list[str]:
+        return [*super().argv, "--forward-only"]
+
+
+def test_forward_only_keeps_readiness_counts_and_budgets_but_observes_no_statement(pg, tmp_path):
+    """What the README says --forward-only keeps and drops."""
+    config = tmp_path / "pgscout.yaml"
+    config.write_text("budgets:\n  - {name: fwd, application_name: fwd-app, max_connections: 1}\n")
+    proxy = ForwardOnlyPgscout(pg.upstream_url(), config=config).start()
+    try:
+        dsn = proxy.dsn("trust_user", APP_DATABASE, application_name="fwd-app")
+        with psycopg.connect(dsn) as first, psycopg.connect(dsn):
+            assert first.execute("SELECT 41 + 1").fetchone() == (42,)
+            status, body = proxy.admin_get("/readyz")
+            assert status == 200 and "accepts sessions" in body, body
+            report = json.loads(proxy.admin_get("/api/connections")[1])
+            assert [(r["state"], r["count"]) for r in report["live"]] == [("starting", 2)]
+            budget, = report["budgets"]
+            assert (budget["current"], budget["over_budget"]) == (2, True)
+        assert json.loads(proxy.admin_get("/api/fingerprints")[1])["fingerprints"] == []
+    finally:
+        proxy.cleanup()
