@@ -12,7 +12,8 @@ database name) is the asker's problem: the server did establish sessions, so tha
 for the probe and no evidence at all for an application session.
 Must not: touch a session's bytes, or log (the server logs session failures; the probe's result
 is what /readyz says).
-Reference: PostgreSQL protocol, "Start-up" (53.2.1) and "ErrorResponse" fields (55.8).
+Reference: PostgreSQL docs, Frontend/Backend Protocol: "Start-up" and "Error and Notice Message
+Fields" (the SQLSTATE is field C, the message field M).
 """
 
 from __future__ import annotations
