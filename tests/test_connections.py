@@ -66,7 +66,8 @@ def test_states_are_read_from_the_live_sessions():
         ("web", "app", "shop", "starting"): 1,
         ("web", "app", "shop", "idle"): 1,
         ("web", "app", "shop", "active"): 1,
-        ("web", "app", "shop", "idle_in_transaction"): 2,
+        ("web", "app", "shop", "idle in transaction"): 1,
+        ("web", "app", "shop", "idle in transaction (aborted)"): 1,
     }
     # A statement running inside a transaction block is active, not idle in transaction.
     in_transaction.active = True
@@ -115,8 +116,8 @@ def test_budget_counts_matching_sessions_only():
     world.connect("web", database="reports")
     web = world.budget("web")
     assert web == {"name": "web", "application_name": "web", "user": None, "database": None,
-                   "max_connections": 20, "current": 4, "usage": 0.2, "enforce": False,
-                   "refused_total": 0}
+                   "max_connections": 20, "current": 4, "usage": 0.2, "over_budget": False,
+                   "enforce": False, "refused_total": 0}
     assert world.budget("everyone-on-shop")["current"] == 4
 
 
@@ -150,13 +151,23 @@ def test_a_freed_slot_admits_again():
     assert world.connect()[1] is None
 
 
-def test_budget_without_enforce_only_reports():
+def test_budget_without_enforce_admits_and_says_it_is_over():
     world = World(Budget(name="web", application_name="web", max_connections=2))
-    for _ in range(3):
+    for _ in range(2):
         assert world.connect()[1] is None
-    assert world.budget("web")["current"] == 3
-    assert world.budget("web")["usage"] == 1.5
+    assert world.budget("web")["over_budget"] is False
     assert not world.events("budget_exceeded")
+    for _ in range(2):
+        assert world.connect()[1] is None
+    assert world.budget("web")["current"] == 4
+    assert world.budget("web")["usage"] == 2.0
+    assert world.budget("web")["over_budget"] is True
+    exceeded = world.events("budget_exceeded")
+    # Once for passing the limit; the fourth session is within the minute.
+    assert [(e["current"], e["over_by"], e["enforce"]) for e in exceeded] == [(3, 1, False)]
+    world.clock.now += 61
+    world.connect()
+    assert [e["current"] for e in world.events("budget_exceeded")] == [3, 5]
 
 
 def test_refusal_records_are_rate_limited_and_count_what_they_hid():

@@ -3,6 +3,9 @@
 import argparse
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 
 import asyncpg
 import pytest
@@ -172,3 +175,35 @@ def test_budget_command_end_to_end(pg, capsys, monkeypatch):
                               "--replicas", "6", "--upstream", url])
     assert args.handler(args) == 1
     assert "Verdict: OVER" in capsys.readouterr().out
+
+
+async def test_an_unresolvable_host_is_said_in_words(pg):
+    target = parse_upstream_url("postgresql://postgres@no-such-host.invalid/postgres?sslmode=disable")
+    limits = UpstreamLimits(target, refresh_seconds=30, log=RecordingLog())
+    await limits.refresh()
+    error = limits.snapshot()["last_error"]
+    assert "cannot resolve host 'no-such-host.invalid'" in error, error
+    assert "Unknown error" not in error
+
+
+@pytest.mark.parametrize("command", ["budget", "run"])
+def test_an_upstream_that_is_not_a_url_is_refused_in_words(command):
+    result = subprocess.run([sys.executable, "-m", "pgscout", command, "--upstream", "not a url"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PGSCOUT_ADMIN_LISTEN": "127.0.0.1:0"})
+    assert result.returncode != 0
+    assert ("proxy.upstream: expected a postgresql:// URL or HOST:PORT, got 'not a url'"
+            in result.stderr), result.stderr
+
+
+def test_budget_does_not_count_its_own_control_connection(pg):
+    """With nothing else connected, `pgscout budget` sees zero other clients."""
+    async def settle():
+        limits = UpstreamLimits(upstream(pg), refresh_seconds=30, log=RecordingLog())
+        await no_other_clients(limits)
+        await limits.stop()
+    asyncio.run(settle())
+    result = subprocess.run([sys.executable, "-m", "pgscout", "budget", "--upstream", pg.upstream_url()],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "0 client connection(s) open right now" in result.stdout, result.stdout

@@ -246,7 +246,7 @@ async def test_budget_warns_enforces_and_reports_states(start_pgscout, tmp_path,
 
         report = await asyncio.to_thread(api, proxy, "/api/connections")
         states = {row["state"]: row["count"] for row in report["live"] if row["application"] == app_name}
-        assert states == {"idle_in_transaction": 1, "active": 1, "idle": 3}
+        assert states == {"idle in transaction": 1, "active": 1, "idle": 3}
         budget, = report["budgets"]
         assert (budget["name"], budget["current"], budget["max_connections"], budget["refused_total"]) == \
             ("obs-web", 5, 5, 1)
@@ -255,7 +255,7 @@ async def test_budget_warns_enforces_and_reports_states(start_pgscout, tmp_path,
         assert value(text, "pgscout_budget_max_connections", budget="obs-web") == 5
         assert value(text, "pgscout_budget_refused_total", budget="obs-web") == 1
         assert value(text, "pgscout_client_connections", application=app_name,
-                     state="idle_in_transaction") == 1
+                     state="idle in transaction") == 1
         await sleeping
         await in_transaction.rollback()
     finally:
@@ -361,3 +361,22 @@ def labelled_series(text: str) -> dict[str, int]:
             if label is not None and label != "other":
                 counts[label] = counts.get(label, 0) + 1
     return counts
+
+
+def test_a_budget_that_is_not_enforced_says_it_is_over(start_pgscout, tmp_path, app_name):
+    config = tmp_path / "pgscout.yaml"
+    config.write_text(f"budgets:\n  - {{name: obs-soft, application_name: {app_name}, max_connections: 2}}\n")
+    proxy = start_pgscout(config=config)
+    connections = [psycopg.connect(proxy_dsn(proxy, app_name)) for _ in range(4)]
+    try:
+        budget, = api(proxy, "/api/connections")["budgets"]
+        assert (budget["current"], budget["over_budget"]) == (4, True)
+        assert wait_until(lambda: logged(proxy, "budget_exceeded", budget="obs-soft"), timeout=5)
+        exceeded = logged(proxy, "budget_exceeded", budget="obs-soft")
+        # Rate-limited: one record for passing the limit, not one per session over it.
+        assert [(e["current"], e["over_by"], e["enforce"], e["level"]) for e in exceeded] == \
+            [(3, 1, False, "warning")]
+    finally:
+        for connection in connections:
+            connection.close()
+    assert wait_until(lambda: not api(proxy, "/api/connections")["budgets"][0]["over_budget"], timeout=5)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import time
+
 import psycopg
 import pytest
+
+from pgharness import APP_DATABASE
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parent / "output" / "status-page.png"
@@ -97,6 +101,8 @@ def test_status_page_asks_for_the_admin_token_and_sends_it(browser, start_pgscou
     page.goto(f"http://{proxy.host}:{proxy.admin_port}/")
 
     page.wait_for_selector("#token-form:not([hidden])", timeout=10_000)
+    # No data yet: the page must not claim a verdict it has not read.
+    assert page.inner_text("#findings") == "Loading…"
     page.fill("#token", "wrong")
     page.click("#token-form button")
     page.wait_for_selector("#token-error:text('refused')", timeout=10_000)
@@ -107,3 +113,43 @@ def test_status_page_asks_for_the_admin_token_and_sends_it(browser, start_pgscou
     assert page.is_hidden("#token-form")
     assert page.evaluate("sessionStorage.getItem('pgscout.adminToken')") == TOKEN
     page.close()
+
+
+def test_status_page_draws_the_last_minutes_on_load(browser, start_pgscout):
+    proxy = start_pgscout()
+    with psycopg.connect(proxy.dsn("trust_user", APP_DATABASE), autocommit=True) as connection:
+        deadline = time.monotonic() + 11  # three of pgscout's own samples, five seconds apart
+        while time.monotonic() < deadline:
+            connection.execute("SELECT 1")
+            time.sleep(0.005)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"http://{proxy.host}:{proxy.admin_port}/")
+    page.wait_for_selector("#state.live", timeout=10_000)
+    # Right after the first poll, the chart already has the points pgscout sampled before.
+    points = page.get_attribute("#rate-chart polyline", "points").split()
+    assert len(points) >= 2, points
+    assert page.inner_text("#findings") == "No N+1 loop found yet."
+    assert errors == []
+    page.close()
+
+
+def test_status_page_says_over_budget_and_resets_statistics(browser, start_pgscout, tmp_path):
+    config = tmp_path / "pgscout.yaml"
+    config.write_text("budgets:\n  - {name: page-soft, application_name: page-budget, max_connections: 1}\n")
+    proxy = start_pgscout(config=config)
+    dsn = proxy.dsn("trust_user", APP_DATABASE, application_name="page-budget")
+    with psycopg.connect(dsn, autocommit=True) as first, psycopg.connect(dsn, autocommit=True):
+        first.execute("SELECT 'counted before the reset'")
+        page = browser.new_page()
+        page.goto(f"http://{proxy.host}:{proxy.admin_port}/")
+        over = page.wait_for_selector("#budgets .over-budget", timeout=10_000)
+        assert "over budget" in over.inner_text()
+        assert "2 of 1" in page.inner_text("#budgets")
+        page.wait_for_selector("#fingerprints td.sql", timeout=10_000)
+
+        page.click("#reset")
+        page.wait_for_selector("#fingerprints td.empty:text('No statements yet.')", timeout=10_000)
+        assert page.inner_text("#stats-reset").startswith("since ")
+        page.close()

@@ -24,7 +24,7 @@ from pgscout.dataplane.events import SessionClosed, SessionOpened, SessionReady
 from pgscout.dataplane.handoff import AnalysisLink, AnalysisUnavailable, Frozen, freeze
 from pgscout.dataplane.server import Server
 from pgscout.exposition import status
-from pgscout.exposition.admin import AdminServer, Response
+from pgscout.exposition.admin import AdminServer, Request, Response
 from pgscout.settings import ConfigError, Settings
 
 log = structlog.get_logger("pgscout")
@@ -44,8 +44,7 @@ async def serve(settings: Settings, *, observing: bool,
     limits = UpstreamLimits(settings.proxy.upstream, settings.control.refresh_seconds, log,
                             connect_timeout=settings.proxy.connect_timeout_seconds)
 
-    async def relay_to_analysis(method: str, path: str, query: str, headers: dict) -> Response:
-        request = {"method": method, "path": path, "query": query, "headers": headers}
+    async def relay_to_analysis(request: Request) -> Response:
         try:
             return await link.request(request, _snapshot(server, tracker, limits, link),
                                       _ANALYSIS_ANSWER_SECONDS)
@@ -88,8 +87,8 @@ def _snapshot(server: Server, tracker: ConnectionTracker, limits: UpstreamLimits
         "server": freeze(server, numbers=True, calls=("bytes_relayed",),
                          open_sessions=server.open_sessions,
                          upstream_display=server.upstream_display),
-        "connections": freeze(tracker, calls=("live", "opens_per_second", "lifetimes", "churn",
-                                              "budgets"), attributes=("opened_total",)),
+        "connections": freeze(tracker, calls=("live", "lifetimes", "churn", "budgets"),
+                              attributes=("opened_total",)),
         "limits": freeze(limits, calls=("snapshot",)),
         "handoff": freeze(link, attributes=("records_sent", "records_shed", "restarts",
                                             "backlog_bytes")),
@@ -139,10 +138,10 @@ def _warn(record: dict) -> None:
 
 
 def _health_routes(admin: AdminServer, server: Server) -> None:
-    async def healthz(query) -> Response:
+    async def healthz(request: Request) -> Response:
         return Response(200, "ok\n")
 
-    async def readyz(query) -> Response:
+    async def readyz(request: Request) -> Response:
         if server.draining:
             return Response(503, "draining\n")
         ok, detail = await server.upstream_reachable()

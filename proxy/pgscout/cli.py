@@ -36,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="proxy connections to the upstream and observe them",
                               description="Listen for PostgreSQL clients and relay each to its own "
-                                          "upstream connection, observing the traffic.")
-    run.add_argument("-c", "--config", metavar="FILE", help="YAML config file (see config/pgscout.yaml)")
+                                          "upstream connection, observing the traffic.",
+                              epilog=_DEFAULTS_HINT)
+    run.add_argument("-c", "--config", metavar="FILE", help="YAML config file (every key: see below)")
     run.add_argument("--listen", metavar="HOST:PORT", help="client listen address (default 127.0.0.1:6432)")
     run.add_argument("--upstream", metavar="URL",
                      help="upstream libpq URL, e.g. postgresql://db:5432/app?sslmode=verify-full"
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     sizing.add_budget_command(commands)
     demo.add_demo_command(commands)
     return parser
+
+
+# config/pgscout.yaml (every key, commented) is in the source repository, not in the wheel.
+_DEFAULTS_HINT = ("Every setting and its default: `pgscout check-config /dev/null` prints them (an "
+                  "empty file means defaults); config/pgscout.yaml in the source repository "
+                  "documents each. Any key can also be set as PGSCOUT_<SECTION>_<KEY>.")
 
 
 def _load(config: str | None, overrides: dict[str, str]) -> Settings | None:

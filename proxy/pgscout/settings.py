@@ -199,13 +199,19 @@ def _percent_decode(text: str, part: str) -> str:
         raise _Invalid(f"the {part} is not UTF-8 after percent-decoding") from None
 
 
+# A DNS name, an IPv4 address or (unbracketed by _split_host_port) an IPv6 one; a Unix socket
+# directory starts with "/" instead. Without this, "not a url" would be looked up as a host name.
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%A-Za-z]*")
+
+
 def _url_parameters(url: str) -> dict[str, str]:
     """The libpq keywords a postgresql:// URL (or a bare "host:port") sets, decoded."""
     scheme, separator, rest = url.partition("://")
     if not separator:
         host, port = _split_host_port(url)
-        if not host or (not host.startswith("/") and ("/" in host or "@" in host)):
-            raise _Invalid("expected a postgresql:// URL or HOST:PORT")
+        if not host or not (host.startswith("/") or _HOST_NAME.fullmatch(host)):
+            shown = f", got {url!r}" if "@" not in url else ""  # it may carry a password
+            raise _Invalid(f"expected a postgresql:// URL or HOST:PORT{shown}")
         return {"host": host} | ({"port": port} if port is not None else {})
     if scheme not in ("postgresql", "postgres"):
         raise _Invalid(f"unsupported URL scheme {scheme!r} (expected postgresql:// or postgres://)")
@@ -223,7 +229,11 @@ def _url_parameters(url: str) -> dict[str, str]:
         raise _Invalid("several hosts are not supported: pgscout forwards to one server")
     host, port = _split_host_port(hostspec)
     if host:
-        parameters["host"] = _percent_decode(host, "host")
+        host = _percent_decode(host, "host")
+        if not (host.startswith("/") or _HOST_NAME.fullmatch(host)):
+            raise _Invalid(f"invalid host {host!r} (expected a host name, an IP address or a "
+                           f"socket directory)")
+        parameters["host"] = host
     if port:
         parameters["port"] = port
     if slash and path:

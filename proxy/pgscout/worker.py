@@ -20,7 +20,6 @@ import collections
 import signal
 import socket
 import sys
-from urllib.parse import parse_qs
 
 import structlog
 
@@ -36,7 +35,7 @@ from pgscout.dataplane.events import SessionClosed, StatementDone, TransactionEn
 from pgscout.dataplane.records import (LOG, RECORDS, REPLY, REQUEST, REQUEST_CATCH_UP_SECONDS,
                                        SETTINGS, FrameReader, decode_payload, pickled_frame)
 from pgscout.exposition import api
-from pgscout.exposition.admin import Response, Router
+from pgscout.exposition.admin import Request, Response, Router
 from pgscout.exposition.metrics import PgscoutCollector, Sources, build_registry
 from pgscout.settings import Settings
 
@@ -107,16 +106,14 @@ class Analysis:
         self.sources.nplusone.reconfigure(new.nplusone)
         self.settings = new
 
-    async def answer(self, request: dict, snapshot) -> Response:
-        """Answer an admin request the data plane relayed: a dict of method, path, query (the
-        raw query string) and headers (lower-cased names)."""
+    async def answer(self, request: Request, snapshot) -> Response:
+        """Answer an admin request the data plane relayed (its credentials already checked)."""
         sources = self.sources
         sources.dataplane = snapshot
         sources.server = snapshot.server
         sources.connections = snapshot.connections
         sources.limits = snapshot.limits
-        return await self.router.respond(request["method"], request["path"],
-                                         parse_qs(request["query"]), request["headers"])
+        return await self.router.respond(request)
 
 
 class _RecordsChannel(asyncio.Protocol):
@@ -185,7 +182,7 @@ class _ControlChannel(asyncio.Protocol):
                 self._answering.add(task)
                 task.add_done_callback(self._answering.discard)
 
-    async def _answer(self, request_id: int, request: dict, snapshot, records_before: int) -> None:
+    async def _answer(self, request_id: int, request: Request, snapshot, records_before: int) -> None:
         analysis = self.analysis
         assert analysis is not None
         loop = asyncio.get_running_loop()
@@ -210,6 +207,7 @@ async def _serve(records_fd: int, control_fd: int) -> int:
     records = _RecordsChannel()
     await loop.create_unix_connection(lambda: records, sock=socket.socket(fileno=records_fd))
     ticker = loop.create_task(_tick(analysis))
+    analysis.router.start_periodic()  # the status page's history sampling
     while True:
         if not records.frames:
             if records.closed:
@@ -227,6 +225,7 @@ async def _serve(records_fd: int, control_fd: int) -> int:
                 await asyncio.sleep(0)  # let requests and reads interleave with a long batch
         records.taken(len(payload))
     ticker.cancel()
+    analysis.router.stop_periodic()
     analysis.sources.nplusone.flush()
     return 0
 

@@ -5,12 +5,15 @@ SQLSTATE, first/last seen (wall clock), the application_names that sent it (at m
 MAX_APPLICATIONS_PER_FINGERPRINT), the normalized SQL and kind; and global totals (calls, seconds,
 errors by SQLSTATE, histogram, calls and seconds per application). At most `max_fingerprints`
 entries are kept: past that the least recently seen one is folded into the `other()` aggregate,
-which keeps counting, so no total ever goes down. A statement the fingerprinter could not
-describe (empty fingerprint) is counted under `other()` directly. Per-event work is O(1).
+which keeps counting, so no total goes down short of `reset()`. A statement the fingerprinter
+could not describe (empty fingerprint) is counted under `other()` directly. Per-event work is O(1).
+`reset()` is pg_stat_statements_reset(): it forgets every fingerprint and the `other()` aggregate
+and sets `stats_reset`; the global totals are the process's counters (like pg_stat_database's)
+and keep counting, so Prometheus rates and the status page's charts go on undisturbed.
 
 Read interface (the Collector and the JSON API read the live objects on the event loop's thread;
 treat them as read-only): `top(n, sort_by)` with sort_by in SORT_KEYS, `get(fingerprint)`,
-`entries()`, `other()`, `totals()`, `evicted_total`. Histograms are read with
+`entries()`, `other()`, `totals()`, `evicted_total`, `stats_reset`. Histograms are read with
 `Histogram.cumulative()` (Prometheus `le` buckets, +Inf last).
 Must not: keep SQL text with literals, log, or import asyncio/sockets/prometheus_client.
 """
@@ -167,6 +170,12 @@ class StatementStats:
         self._other = FingerprintStats(OTHER, "", "other", time.time())
         self._totals = Totals()
         self.evicted_total = 0
+        self.stats_reset: float | None = None  # wall clock of the last reset()
+
+    def reset(self) -> None:
+        self._entries.clear()
+        self.stats_reset = time.time()
+        self._other = FingerprintStats(OTHER, "", "other", self.stats_reset)
 
     def on_statement(self, ev: StatementDone) -> None:
         duration = ev.duration

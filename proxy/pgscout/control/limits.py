@@ -5,7 +5,9 @@ credentials from the upstream URL or PGUSER/PGPASSWORD, never the application's)
 max_connections, superuser_reserved_connections, reserved_connections (PostgreSQL 16+, else 0),
 the number of client backends (every client of the server, not only pgscout's; the control
 connection itself left out) and the server version; refreshing that reading in a background task
-every `refresh_seconds`; and turning connection failures into messages an operator can act on.
+every `refresh_seconds`, and at once when the server drops the control connection (a shutdown or
+a crash shows in pgscout_upstream_up within moments, not at the next refresh); and turning
+connection failures into messages an operator can act on.
 
 Read interface: `UpstreamLimits.snapshot()`. `connect`, `read_limits`, `describe_error` and
 CONNECTION_ERRORS are shared with `pgscout budget` (proxy/sizing.py).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import socket
 import time
 
 import asyncpg
@@ -80,6 +83,9 @@ def describe_error(upstream: Upstream, error: BaseException) -> str:
                 f"with a user and password in the upstream URL, or PGUSER/PGPASSWORD")
     if isinstance(error, TimeoutError):
         return f"{where} timed out"
+    if isinstance(error, socket.gaierror):
+        # Its errno is a resolver code (EAI_*), which os.strerror calls "Unknown error -2".
+        return f"{where} failed: cannot resolve host {upstream.host!r}: {error.strerror}"
     if isinstance(error, OSError) and error.errno is not None:
         # asyncio says "Connect call failed"; the reason is what the operator needs.
         return f"{where} failed: {os.strerror(error.errno)}"
@@ -102,6 +108,7 @@ class UpstreamLimits:
         self._ok = False
         self._last_error: str | None = None
         self._checked_at: float | None = None
+        self._refresh_now = asyncio.Event()
 
     def start(self) -> None:
         """Start refreshing (the first reading is taken at once, in the background)."""
@@ -148,7 +155,12 @@ class UpstreamLimits:
                 # (InternalClientError among them): a fresh attempt tells that apart from an outage.
                 await self._disconnect()
         self._connection = await connect(self._upstream, self._connect_timeout)
+        self._connection.add_termination_listener(self._connection_lost)
         return await self._query()
+
+    def _connection_lost(self, connection: asyncpg.Connection) -> None:
+        if connection is self._connection:  # dropped by the server, not closed by _disconnect
+            self._refresh_now.set()
 
     async def _query(self) -> dict:
         async with asyncio.timeout(self._connect_timeout):
@@ -161,7 +173,12 @@ class UpstreamLimits:
             except Exception as error:  # a bug here must not kill the refresh loop
                 self._failed(f"pgscout control connection: unexpected {type(error).__name__}: {error}")
                 await self._disconnect()
-            await asyncio.sleep(self._refresh_seconds)
+            try:
+                async with asyncio.timeout(self._refresh_seconds):
+                    await self._refresh_now.wait()
+            except TimeoutError:
+                pass
+            self._refresh_now.clear()
 
     def _failed(self, message: str) -> None:
         if message != self._last_error:

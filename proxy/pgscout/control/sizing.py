@@ -187,7 +187,8 @@ def add_budget_command(subparsers) -> None:
     command.add_argument("--upstream", metavar="URL",
                          help="the database as a libpq URL, with a user (and password) for pgscout's "
                               "own connection (default: proxy.upstream, DATABASE_URL, then PG*)")
-    command.add_argument("-c", "--config", metavar="FILE", help="YAML config file (see config/pgscout.yaml)")
+    command.add_argument("-c", "--config", metavar="FILE",
+                         help="YAML config file (`pgscout check-config /dev/null` prints every key)")
     command.set_defaults(handler=_run_budget)
 
 

@@ -5,11 +5,16 @@ Owns: the set of live sessions (SessionOpened to SessionClosed); their counts by
 that no statement ever costs this observer anything; per application the opens per second over a
 sliding minute and a histogram of connection lifetimes; the "not pooling" churn verdict; and, per
 Budget, the count of matching live sessions, the admission check that refuses a session over an
-enforced budget (SQLSTATE 53300), and the warning records for budgets and churn.
+enforced budget (SQLSTATE 53300), and the warning records for budgets and churn: budget_warning
+at 80% and 95% of a budget, budget_exceeded when a session is refused by an enforced budget or
+when a budget that is not enforced goes over its limit (at most once a minute per budget, so a
+budget that stays over keeps saying so without flooding the log).
 
-States: "starting" until the session's first ReadyForQuery (SessionReady), then "active" while the
-server owes a response, "idle_in_transaction" inside a transaction block (status T or E), else
-"idle". Replication sessions are never decoded, so they are reported as "replication".
+States are spelled as pg_stat_activity.state spells them, so one dashboard reads both:
+"starting" (pgscout's own) until the session's first ReadyForQuery (SessionReady), then "active"
+while the server owes a response, "idle in transaction" inside a transaction block (status T),
+"idle in transaction (aborted)" inside a failed one (status E), else "idle". Replication
+sessions are never decoded, so they are reported as "replication".
 Opens count connection attempts (every StartupMessage); lifetimes are observed only for sessions
 that became ready, and a session this tracker refused is neither a lifetime nor part of any count.
 
@@ -35,7 +40,8 @@ from pgscout.settings import Budget
 from pgscout.dataplane.wire import TOO_MANY_CONNECTIONS
 
 LIFETIME_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600)
-STATES = ("starting", "active", "idle", "idle_in_transaction", "replication")
+STATES = ("starting", "active", "idle", "idle in transaction", "idle in transaction (aborted)",
+          "replication")
 
 WINDOW_SECONDS = 60
 WARNING_INTERVAL_SECONDS = 60.0
@@ -207,9 +213,8 @@ class ConnectionTracker:
         state.refused_total += 1
         state.refused_since_record += 1
         self.refused_total += 1
-        if state.last_exceeded_at is not None and now - state.last_exceeded_at < WARNING_INTERVAL_SECONDS:
+        if not self._exceeded_record_due(state, now):
             return
-        state.last_exceeded_at = now
         record = self._budget_record("budget_exceeded", state.budget, current)
         record |= {"refused": state.refused_since_record, "refused_total": state.refused_total,
                    "refused_application_name": session.application_name,
@@ -218,12 +223,16 @@ class ConnectionTracker:
         self._warn(record)
 
     def _check_budgets(self, session: Session, now: float) -> None:
-        """Warn about budgets `session` counts against that reached 80% or 95% of their limit."""
+        """Warn about budgets `session` counts against that reached 80% or 95% of their limit,
+        or went over it."""
         for state in self._budgets:
             budget = state.budget
             if not _matches(budget, session):
                 continue
             current = self._count(budget)
+            if current > budget.max_connections and self._exceeded_record_due(state, now):
+                self._warn(self._budget_record("budget_exceeded", budget, current)
+                           | {"over_by": current - budget.max_connections})
             usage = current / budget.max_connections
             level = 2 if usage >= BUDGET_CRITICAL_RATIO else 1 if usage >= BUDGET_WARNING_RATIO else 0
             if level <= state.warned_level:
@@ -235,6 +244,13 @@ class ConnectionTracker:
             state.warned_level = level
             state.last_warning_at[level] = now
             self._warn(self._budget_record("budget_warning", budget, current))
+
+    @staticmethod
+    def _exceeded_record_due(state: _BudgetState, now: float) -> bool:
+        if state.last_exceeded_at is not None and now - state.last_exceeded_at < WARNING_INTERVAL_SECONDS:
+            return False
+        state.last_exceeded_at = now
+        return True
 
     def _budget_record(self, event: str, budget: Budget, current: int) -> dict:
         return {
@@ -319,8 +335,10 @@ class ConnectionTracker:
             return "starting"
         if session.active:
             return "active"
-        if session.txn_status in ("T", "E"):
-            return "idle_in_transaction"
+        if session.txn_status == "T":
+            return "idle in transaction"
+        if session.txn_status == "E":
+            return "idle in transaction (aborted)"
         return "idle"
 
     def opens_per_second(self) -> dict[str, float]:
@@ -349,7 +367,8 @@ class ConnectionTracker:
 
     def budgets(self) -> list[dict]:
         """Each budget: name, application_name, user, database, max_connections, current, usage
-        (current / max), enforce, refused_total."""
+        (current / max), over_budget (more open than allowed: only a budget that is not
+        enforced gets there), enforce, refused_total."""
         report = []
         for state in self._budgets:
             budget = state.budget
@@ -362,6 +381,7 @@ class ConnectionTracker:
                 "max_connections": budget.max_connections,
                 "current": current,
                 "usage": current / budget.max_connections,
+                "over_budget": current > budget.max_connections,
                 "enforce": budget.enforce,
                 "refused_total": state.refused_total,
             })

@@ -38,7 +38,7 @@ class Relay:
         self.upstream: ServerLeg | None = None
         self.decoder: Decoder | None = None
         self.relaying = False
-        self.authenticating = False  # until AuthenticationOk: server bytes pass through filter_auth
+        self.starting_up = False  # until the first ReadyForQuery: server bytes pass through filter_auth
         self._auth = bytearray()
         self.closed = False
         self.close_reason = ""
@@ -122,6 +122,7 @@ class Relay:
                 server.settings.proxy.upstream, lambda: ServerLeg(self),
                 server.settings.proxy.connect_timeout_seconds)
         except UpstreamError as exc:
+            server.upstream_session_failed(str(exc))
             self.fail(f"pgscout: {exc}", wire.CONNECTION_FAILURE)
             return
         if self.closed:  # the client went away while we were connecting
@@ -140,7 +141,7 @@ class Relay:
         pending = bytes(self._startup)
         self._startup = bytearray()
         transport.write(startup_packet + pending)
-        self.authenticating = True
+        self.starting_up = True
         self.relaying = True
         if pending:
             self.session.bytes_from_client += len(pending)
@@ -149,7 +150,8 @@ class Relay:
 
     # -- authentication --------------------------------------------------------------------
     def filter_auth(self, data: bytes) -> bytes:
-        """Pass the server's authentication messages on whole, minus SCRAM-SHA-256-PLUS.
+        """Pass the server's startup messages on whole, minus SCRAM-SHA-256-PLUS, and tell the
+        server how the startup ended (ReadyForQuery, or an ErrorResponse) for readiness.
 
         Channel binding ties SCRAM to the TLS session it runs over; pgscout ends both TLS legs,
         so the binding the client would compute never matches the server's. The server offers
@@ -171,13 +173,15 @@ class Relay:
                 code = int.from_bytes(message[5:9], "big")
                 if code == wire.AUTH_SASL:
                     message = _without_channel_binding(message)
-                elif code == wire.AUTH_OK:
-                    self.authenticating = False
-            elif message[0] != wire.B_AUTHENTICATION:
-                self.authenticating = False  # ErrorResponse, or a server that skipped auth
+            elif message[0] == wire.B_READY_FOR_QUERY:
+                self.starting_up = False
+                self.server.upstream_session_started()
+            elif message[0] == wire.B_ERROR_RESPONSE:
+                self.starting_up = False
+                self.server.upstream_startup_error(message)
             out.append(message)
             pos = end
-            if not self.authenticating:
+            if not self.starting_up:
                 out.append(bytes(buffer[end:]))
                 pos = len(buffer)
                 break
@@ -335,7 +339,7 @@ class ServerLeg(UpstreamProtocol):
             data = self.take_tls_answer(data)
             if not data:
                 return
-        if relay.authenticating:
+        if relay.starting_up:
             data = relay.filter_auth(data)
             if not data:
                 return
@@ -351,7 +355,12 @@ class ServerLeg(UpstreamProtocol):
         if self._tls_answer is not None:
             self.lose_tls_answer()  # connect() raises; nothing was relayed yet
         elif self.transport is not None:  # connected (maybe still writing the startup packet)
-            self.relay.close("server")
+            relay = self.relay
+            if relay.starting_up and not relay.closed:
+                relay.server.upstream_session_failed(
+                    f"upstream {relay.server.settings.proxy.upstream.display()} closed the "
+                    f"connection during startup")
+            relay.close("server")
 
     def pause_writing(self) -> None:
         relay = self.relay

@@ -2,7 +2,8 @@
 
 Owns: accepting client connections, the set of open sessions, per-connection open/close log
 lines, forwarding CancelRequests to the upstream on connections of their own, admission checks
-(budgets plug in here), upstream reachability for /readyz, and draining on shutdown.
+(budgets plug in here), feeding the sessions' startup outcomes to readiness (for /readyz and
+pgscout_upstream_connect_errors_total), and draining on shutdown.
 Must not: touch message bytes (relay.py relays them) or know what observes the sessions: it hands
 records to `emit` (the analysis hand-off) and session milestones to `session_events` (the
 connection tracker).
@@ -21,14 +22,13 @@ import structlog
 from pgscout.dataplane import records, wire
 from pgscout.dataplane.decoder import TextBudget
 from pgscout.dataplane.events import SessionClosed, SessionOpened, SessionReady
+from pgscout.dataplane.readiness import Readiness, error_fields, is_server_fault
 from pgscout.dataplane.relay import ClientLeg, Relay
 from pgscout.settings import Settings
 from pgscout.dataplane.upstream import UpstreamError, UpstreamProtocol, connect
 
 log = structlog.get_logger("pgscout.server")
 
-# /readyz would otherwise open a TCP connection per probe.
-_REACHABILITY_TTL = 1.0
 _CANCEL_TIMEOUT = 5.0
 
 Admission = Callable[[object], tuple[str, str] | None]
@@ -57,7 +57,8 @@ class Server:
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self._listener: asyncio.base_events.Server | None = None
-        self._reachable: tuple[float, bool, str] = (0.0, False, "not checked yet")
+        self.readiness = (Readiness(settings.proxy.upstream, settings.proxy.connect_timeout_seconds)
+                          if settings.proxy.upstream is not None else None)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,8 +126,6 @@ class Server:
             return
         self._closed_bytes[0] += s.bytes_from_client
         self._closed_bytes[1] += s.bytes_from_server
-        if relay.close_reason.startswith("error: pgscout: could not connect"):
-            self.upstream_errors_total += 1
         level = log.warning if relay.close_reason.startswith("error") else log.info
         level("connection_closed", conn_id=s.conn_id, client_addr=s.client_addr, user=s.user,
               database=s.database, application_name=s.application_name, backend_pid=s.backend_pid,
@@ -186,23 +185,28 @@ class Server:
             transport.close()
 
     # -- readiness -------------------------------------------------------------------------
+    def upstream_session_started(self) -> None:
+        """A session got its first ReadyForQuery: the upstream establishes sessions."""
+        self.readiness.record(True, f"upstream {self.settings.proxy.upstream.display()} accepts sessions")
+
+    def upstream_session_failed(self, reason: str) -> None:
+        """A session could not be established upstream: TCP, TLS, or the server closed it."""
+        self.upstream_errors_total += 1
+        self.readiness.record(False, reason)
+
+    def upstream_startup_error(self, message: bytes) -> None:
+        """The server answered a session's startup with this ErrorResponse."""
+        fields = error_fields(message)
+        sqlstate = fields.get("C", "")
+        if is_server_fault(sqlstate):  # not a wrong password or database name: the client's own
+            self.upstream_session_failed(f"upstream {self.settings.proxy.upstream.display()} refused "
+                                         f"a session: {fields.get('M', '')} (SQLSTATE {sqlstate})")
+
     async def upstream_reachable(self) -> tuple[bool, str]:
-        checked_at, ok, detail = self._reachable
-        if time.monotonic() - checked_at < _REACHABILITY_TTL:
-            return ok, detail
-        upstream = self.settings.proxy.upstream
-        try:
-            async with asyncio.timeout(self.settings.proxy.connect_timeout_seconds):
-                if upstream.is_unix_socket:
-                    _, writer = await asyncio.open_unix_connection(upstream.socket_path)
-                else:
-                    _, writer = await asyncio.open_connection(upstream.host, upstream.port)
-            writer.close()
-            ok, detail = True, f"upstream {upstream.display()} reachable"
-        except (OSError, TimeoutError) as exc:
-            ok, detail = False, f"upstream {upstream.display()} unreachable: {exc or 'timed out'}"
-        self._reachable = (time.monotonic(), ok, detail)
-        return ok, detail
+        """Whether a session can be established now, and why (see dataplane/readiness.py)."""
+        if self.readiness is None:
+            return False, "pgscout has no upstream configured"
+        return await self.readiness.check()
 
 
 class _CancelLeg(UpstreamProtocol):

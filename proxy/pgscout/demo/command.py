@@ -293,6 +293,9 @@ def _describe_budget_warning(record: dict) -> str:
 
 
 def _describe_budget_exceeded(record: dict) -> str:
+    if "refused" not in record:  # a budget that is not enforced, gone over its limit
+        return (f"connection budget \"{record['budget']}\" ({record['match']}) is over budget: "
+                f"{record['current']} of {record['max_connections']} connections in use")
     return (f"connection budget \"{record['budget']}\" ({record['match']}) is full: refused "
             f"{record['refused']} connection(s) from {record['refused_application_name']}")
 

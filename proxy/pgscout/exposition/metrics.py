@@ -112,6 +112,12 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
+def _one_line(sql: str) -> str:
+    """SQL with each run of whitespace (newlines, indentation) as one space: a label value is
+    shown on one line by every Prometheus tool."""
+    return " ".join(sql.split())
+
+
 class PgscoutCollector(Collector):
     def __init__(self, sources: Sources, top_k: int, sql_text_max_chars: int):
         self.sources = sources
@@ -135,8 +141,10 @@ class PgscoutCollector(Collector):
         yield info
         yield GaugeMetricFamily("pgscout_draining", "1 while pgscout drains after SIGTERM",
                                 value=int(server.draining))
-        yield CounterMetricFamily("pgscout_upstream_connect_errors", "Sessions refused because the "
-                                  "upstream could not be reached", value=server.upstream_errors_total)
+        yield CounterMetricFamily("pgscout_upstream_connect_errors", "Sessions pgscout could not "
+                                  "establish upstream: connect, TLS or startup failures the server "
+                                  "is to blame for (not wrong credentials)",
+                                  value=server.upstream_errors_total)
         yield CounterMetricFamily("pgscout_startup_errors", "Connections closed before a valid "
                                   "StartupMessage (garbage, bad lengths, direct TLS)",
                                   value=server.startup_errors_total)
@@ -220,8 +228,8 @@ class PgscoutCollector(Collector):
             fp_rows.add_metric(label, entry.rows)
             fp_errors.add_metric(label, entry.error_count)
             _histogram(fp_latency, label, entry.histogram)
-            fp_info.add_metric(label, {"kind": entry.kind,
-                                       "query": entry.normalized[:self.sql_text_max_chars]})
+            fp_info.add_metric(label, {"kind": entry.kind, "query": _one_line(entry.normalized)
+                                       [:self.sql_text_max_chars]})
         other = self.labels.other
         fp_calls.add_metric([OTHER], other[0])
         fp_seconds.add_metric([OTHER], other[1])
@@ -280,16 +288,13 @@ class PgscoutCollector(Collector):
         for (application, user, database, state), count in tracker.live().items():
             live.add_metric([application, user, database, state], count)
         yield live
+        # A counter, not a rate: PromQL's rate() picks the window (the demo's page and the
+        # churn verdict use the tracker's own one-minute window).
         opened = CounterMetricFamily("pgscout_client_connections_opened", "Client sessions started "
                                      "(StartupMessage received)", labels=["application"])
         for application, count in tracker.opened_total.items():
             opened.add_metric([application], count)
         yield opened
-        opens = GaugeMetricFamily("pgscout_client_connection_opens_per_second", "Client sessions "
-                                  "opened per second over the last minute", labels=["application"])
-        for application, rate in tracker.opens_per_second().items():
-            opens.add_metric([application], rate)
-        yield opens
         lifetime = HistogramMetricFamily("pgscout_client_connection_lifetime_seconds",
                                          "Lifetime of closed client sessions", labels=["application"])
         for application, histogram in tracker.lifetimes().items():
@@ -311,7 +316,7 @@ class PgscoutCollector(Collector):
                                 labels=["budget"])
         for budget in tracker.budgets():
             info.add_metric([budget["name"]], {
-                "application_name": budget["application_name"] or "", "user": budget["user"] or "",
+                "application": budget["application_name"] or "", "user": budget["user"] or "",
                 "database": budget["database"] or "", "enforce": str(budget["enforce"]).lower()})
             limit.add_metric([budget["name"]], budget["max_connections"])
             used.add_metric([budget["name"]], budget["current"])
@@ -324,7 +329,8 @@ class PgscoutCollector(Collector):
         reading = self.sources.limits.snapshot()
         label = [self.sources.server.upstream_display]
         up = GaugeMetricFamily("pgscout_upstream_up", "1 when pgscout's control connection read "
-                               "the upstream's limits on its last attempt", labels=["upstream"])
+                               "the upstream's limits on its last attempt (retried at once when "
+                               "the connection is lost)", labels=["upstream"])
         up.add_metric(label, int(bool(reading.get("ok"))))
         yield up
         for key, name, text in (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from pgscout.exposition.admin import AdminServer, Response
+from pgscout.exposition.admin import AdminServer, Request, Response
 
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -34,7 +34,7 @@ def register(admin: AdminServer) -> None:
 
 
 def _serve_bytes(body: bytes, content_type: str):
-    async def serve(query) -> Response:
+    async def serve(request: Request) -> Response:
         return Response(200, body, content_type)
 
     return serve

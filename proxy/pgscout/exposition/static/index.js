@@ -1,26 +1,27 @@
 // pgscout status page: polls the JSON API every 2 s and draws what it returns.
-// Rates and latencies are computed here from successive /api/overview polls; nothing is kept
-// server-side for the page. Everything from the API is inserted as text, never as HTML: SQL and
-// application names come from clients.
+// Rates and latencies are computed here from successive cumulative readings: first the last
+// 15 minutes pgscout sampled itself (/api/history), then each /api/overview poll. Everything from
+// the API is inserted as text, never as HTML: SQL and application names come from clients.
 "use strict";
 
 const POLL_MS = 2000;
-const HISTORY_SECONDS = 300;
+const HISTORY_SECONDS = 900;
 const TOKEN_KEY = "pgscout.adminToken";
 const SHOWN = { fingerprints: 15, findings: 10, slow: 15 };
 
 const history = [];  // {t, rate, mean, p95} per poll interval
 let previousOverview = null;
+let historyLoaded = false;
 
 class TokenNeeded extends Error {}
 
 // -- fetching ----------------------------------------------------------------------------------
 
-async function api(path) {
+async function api(path, method = "GET") {
   const headers = {};
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = "Bearer " + token;
-  const response = await fetch(path, { headers, cache: "no-store" });
+  const response = await fetch(path, { method, headers, cache: "no-store" });
   if (response.status === 401) throw new TokenNeeded();
   if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
   return response.json();
@@ -28,6 +29,10 @@ async function api(path) {
 
 async function poll() {
   try {
+    if (!historyLoaded) {
+      for (const sample of (await api("/api/history")).samples) record(sample);
+      historyLoaded = true;
+    }
     const [overview, fingerprints, findings, slow, connections] = await Promise.all([
       api("/api/overview"),
       api(`/api/fingerprints?sort=total_time&limit=${SHOWN.fingerprints}`),
@@ -41,7 +46,7 @@ async function poll() {
     renderTiles(overview);
     renderCharts(overview.now);
     renderFindings(findings.findings);
-    renderFingerprints(fingerprints.fingerprints);
+    renderFingerprints(fingerprints.fingerprints, fingerprints.stats_reset);
     renderSlow(slow.slow_queries);
     renderConnections(connections);
   } catch (error) {
@@ -67,6 +72,16 @@ function askForToken() {
 document.getElementById("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
   sessionStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
+  poll();
+});
+
+document.getElementById("reset").addEventListener("click", async () => {
+  try {
+    await api("/api/reset", "POST");
+  } catch (error) {
+    if (error instanceof TokenNeeded) askForToken();
+    return;
+  }
   poll();
 });
 
@@ -218,7 +233,7 @@ function drawChart(id, now, series, format) {
     nodes.push(svgEl("line", { class: "grid", x1: left, x2: width - right, y1: y(value), y2: y(value) }));
     nodes.push(svgEl("text", { x: left - 6, y: y(value) + 4, "text-anchor": "end" }, format(value)));
   }
-  for (const minutesAgo of [5, 4, 3, 2, 1, 0]) {
+  for (const minutesAgo of [15, 10, 5, 0]) {
     nodes.push(svgEl("text", { x: x(now - minutesAgo * 60), y: height - 4, "text-anchor": "middle" },
       minutesAgo ? `-${minutesAgo} min` : "now"));
   }
@@ -256,7 +271,8 @@ function renderFindings(findings) {
   }));
 }
 
-function renderFingerprints(fingerprints) {
+function renderFingerprints(fingerprints, statsReset) {
+  document.getElementById("stats-reset").textContent = statsReset ? `since ${clock(statsReset)}` : "";
   replaceRows("fingerprints", fingerprints.map((f) => el("tr", {},
     sqlCell(f.normalized),
     el("td", { class: "num" }, count(f.calls)),
@@ -297,14 +313,17 @@ function renderConnections(connections) {
       .map((k) => `${k}=${b[k]}`).join(" ") || "all sessions";
     const refused = b.refused_total ? ` · ${b.refused_total} refused` : "";
     return meter(`${b.name} (${match})`, b.current, b.max_connections,
-      `${b.current} of ${b.max_connections}${b.enforce ? " (enforced)" : ""}${refused}`);
+      el("span", {}, `${b.current} of ${b.max_connections}${b.enforce ? " (enforced)" : ""}${refused}`,
+        b.over_budget ? el("strong", { class: "error over-budget" }, " · over budget") : null));
   }) : [el("p", { class: "empty" }, "No budgets configured.")]));
 
   const byApplication = new Map();
   for (const row of connections.live) {
     const name = row.application || "(none)";
-    const counts = byApplication.get(name) || { active: 0, idle: 0, idle_in_transaction: 0, other: 0 };
-    const state = row.state in counts ? row.state : "other";
+    const counts = byApplication.get(name) || { active: 0, idle: 0, inTransaction: 0, other: 0 };
+    // pg_stat_activity's spellings: "idle in transaction" and "idle in transaction (aborted)".
+    const state = row.state.startsWith("idle in transaction") ? "inTransaction"
+      : row.state in counts ? row.state : "other";
     counts[state] += row.count;
     byApplication.set(name, counts);
   }
@@ -312,9 +331,9 @@ function renderConnections(connections) {
     el("td", {}, name),
     el("td", { class: "num" }, c.active),
     el("td", { class: "num" }, c.idle),
-    el("td", { class: "num" }, c.idle_in_transaction),
+    el("td", { class: "num" }, c.inTransaction),
     el("td", { class: "num" }, c.other),
-    el("td", { class: "num" }, c.active + c.idle + c.idle_in_transaction + c.other))),
+    el("td", { class: "num" }, c.active + c.idle + c.inTransaction + c.other))),
   "No open connections.", 6);
 
   document.getElementById("churn").replaceChildren(...connections.churn.map((c) =>
