@@ -104,22 +104,59 @@ def ensure_base_image() -> None:
         assert tar.wait() == 0 and imported.returncode == 0, f"podman import: {imported.stderr}"
 
 
-def build(context: Path, tag: str, *extra_tags: str) -> None:
-    """`podman build` as a user would, with this host's CA bundle for pip as a build secret only.
-    --format docker keeps HEALTHCHECK (the OCI format has no such field)."""
-    ca_bundle = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
-    tags = [arg for name in (tag, *extra_tags) for arg in ("-t", name)]
-    podman("build", "--format", "docker", "--secret", f"id=pip-ca,src={ca_bundle}", *tags, str(context),
-           timeout=BUILD_TIMEOUT_SECONDS)
+class Build:
+    """One `podman build` as a user would run it, in the background, with this host's CA bundle
+    for pip as a build secret only. --format docker keeps HEALTHCHECK (OCI's format has none)."""
+
+    def __init__(self, context: Path, *tags: str):
+        self.context, self.tags = context, tags
+        ca_bundle = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
+        self.log = tempfile.TemporaryFile()
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [shutil.which("podman"), "build", "--format", "docker", "--secret", f"id=pip-ca,src={ca_bundle}",
+             *[arg for tag in tags for arg in ("-t", tag)], str(context)],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)})
+
+    def wait(self) -> str:
+        """The first tag, once built; the build's output if it failed."""
+        try:
+            returncode = self.process.wait(timeout=max(1.0, BUILD_TIMEOUT_SECONDS - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        if returncode != 0:
+            self.log.seek(0)
+            output = self.log.read().decode(errors="replace")
+            raise AssertionError(f"podman build {self.context} failed:\n{output[-5000:]}")
+        return self.tags[0]
 
 
 @pytest.fixture(scope="session")
-def image() -> str:
-    started = time.monotonic()
+def builds():
+    """Every image the tests need, built at once: the pgscout image is mostly compiling (CPU),
+    the others mostly downloading Debian and PyPI packages, so they overlap well."""
+    assert shutil.which("podman"), "podman is missing: install Debian's podman, buildah and runc (.ci/run does)"
     ensure_base_image()
-    build(REPO_ROOT, IMAGE, COMPOSE_PGSCOUT_IMAGE)
-    print(f"\nimage {IMAGE} ready in {time.monotonic() - started:.0f} s")
-    return IMAGE
+    demo_app = yaml.safe_load((REPO_ROOT / "deploy/docker-compose.yml").read_text())["services"]["demo-app"]["build"]
+    started = {
+        "pgscout": Build(REPO_ROOT, IMAGE, COMPOSE_PGSCOUT_IMAGE),
+        "demo-app": Build(REPO_ROOT / "deploy" / demo_app, COMPOSE_DEMO_APP_IMAGE),
+        "postgres": Build(STANDINS / "postgres", "localhost/pgscout-standin-postgres:test"),
+        "prometheus": Build(STANDINS / "prometheus", "localhost/pgscout-standin-prometheus:test"),
+    }
+    yield started
+    for build in started.values():
+        build.process.wait(timeout=BUILD_TIMEOUT_SECONDS)  # never leave a build half-written
+
+
+@pytest.fixture(scope="session")
+def image(builds) -> str:
+    started = time.monotonic()
+    built = builds["pgscout"].wait()
+    print(f"\nimage {built} ready in {time.monotonic() - started:.0f} s")
+    return built
 
 
 def inspect(name: str) -> dict:
@@ -356,18 +393,17 @@ yaml.SafeDumper.add_representer(YamlTag, lambda dumper, data: dumper.represent_s
 
 
 @pytest.mark.slow
-def test_compose_stack_prometheus_scrapes_pgscout_and_loads_the_rules(image, tmp_path):
+def test_compose_stack_prometheus_scrapes_pgscout_and_loads_the_rules(image, builds, tmp_path):
     compose_file = REPO_ROOT / "deploy" / "docker-compose.yml"
     compose = yaml.safe_load(compose_file.read_text())
-    build(REPO_ROOT / "deploy" / compose["services"]["demo-app"]["build"], COMPOSE_DEMO_APP_IMAGE)
-    build(STANDINS / "postgres", "localhost/pgscout-standin-postgres:test")
-    build(STANDINS / "prometheus", "localhost/pgscout-standin-prometheus:test")
+    for name in ("demo-app", "postgres", "prometheus"):
+        builds[name].wait()
     # The override swaps in the stand-ins for the two public images and publishes every port on a
     # free loopback port (what the file publishes may be taken on a shared machine).
     published = {}
     override = {"services": {
-        "postgres": {"image": "localhost/pgscout-standin-postgres:test"},
-        "prometheus": {"image": "localhost/pgscout-standin-prometheus:test"},
+        "postgres": {"image": builds["postgres"].tags[0]},
+        "prometheus": {"image": builds["prometheus"].tags[0]},
     }}
     for name, service in compose["services"].items():
         if name == "grafana" or not service.get("ports"):
