@@ -463,6 +463,16 @@ class Book(Base):
 
 BUDGET = 5
 SLOW_THRESHOLD_MS = 20
+# What the stat panels must show under the Workload below (one colour per series).
+STAT_COLORS_UNDER_WORKLOAD = {
+    ("pgscout-connections", "Fleet headroom"): {"green"},  # about 10 of 200 connections in use
+    ("pgscout-connections", "Refused by budgets / s"): {"green"},  # the budget is not enforced
+    ("pgscout-overview", "Decoder desyncs (range)"): {"green"},
+    ("pgscout-overview", "Upstream reachable"): {"red", "green"},  # one sidecar's database is gone
+    ("pgscout-nplusone", "N+1 loops (range)"): {"orange"},
+    ("pgscout-nplusone", "Critical loops (range)"): {"red"},
+    ("pgscout-overview", "Sidecars"): {"green"},
+}
 
 
 class Workload:
@@ -582,6 +592,16 @@ def test_dashboards_and_alerts_return_data_from_a_real_prometheus(pg, start_pgsc
         assert not unexpected, "without data:\n" + "\n".join(f"{key}: {exprs}" for key, exprs in unexpected.items())
         assert set(NO_DATA_EXPECTED) <= set(empty), (
             f"listed as without data but answered: {sorted(set(NO_DATA_EXPECTED) - set(empty))}")
+
+        # The stat panels' colours for this workload: a healthy server with loops, two of them
+        # critical, a budget at its limit but not enforced, and no desync.
+        colors = {}
+        for uid, panel in stat_panels():
+            values = [float(series["value"][1]) for series in prometheus.query(substitute(panel["targets"][0]["expr"]))]
+            colors[uid, panel["title"]] = {threshold_color(panel, value) for value in values}
+        print(f"stat panels: {colors}")
+        for key, expected_colors in STAT_COLORS_UNDER_WORKLOAD.items():
+            assert colors[key] == expected_colors, f"{key}: {colors[key]}, expected {expected_colors}"
 
         rules_answered = 0
         for rule in alert_rules(ALERT_RULES):
