@@ -211,14 +211,13 @@ class ProxyContainer(Container):
     """The image in the host's network namespace, listening on free loopback ports, in front of
     the test PostgreSQL, with the manifests' security settings."""
 
-    def __init__(self, image: str, pg, **env: str):
+    def __init__(self, image: str, pg):
         self.port, self.admin_port = free_port(), free_port()
         super().__init__(image, "--network", "host", *RESTRICTED, env={
             "PGSCOUT_PROXY_LISTEN": f"127.0.0.1:{self.port}",
             "PGSCOUT_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
             "PGSCOUT_PROXY_UPSTREAM": pg.upstream_url(),
             "PGSCOUT_LOG_FORMAT": "json",
-            **env,
         })
         ready = wait_until(lambda: self._ready(), timeout=30, interval=0.2)
         assert ready, f"pgscout in {self.name} did not become ready:\n{self.logs()[-3000:]}"
