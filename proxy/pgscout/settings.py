@@ -97,7 +97,7 @@ def _split_host_port(text: str) -> tuple[str, str | None]:
         return host, rest[1:] if rest else None
     host, colon, port = text.partition(":")
     if colon and ":" in port:
-        raise _Invalid(f"IPv6 addresses need brackets, e.g. [::1]:6432; got {text!r}")
+        raise _Invalid(f"IPv6 addresses need brackets, e.g. [::1]:6434; got {text!r}")
     return host, port if colon else None
 
 
@@ -539,7 +539,8 @@ def _setting(default, kind: _Kind):
 
 @dataclass(frozen=True)
 class ProxySettings:
-    listen: Address = _setting(Address("127.0.0.1", 6432), _ListenAddress())
+    # 6434, not 6432: PgBouncer (and pgcat, Odyssey) listen on 6432, and pgscout often runs beside one.
+    listen: Address = _setting(Address("127.0.0.1", 6434), _ListenAddress())
     upstream: Upstream | None = _setting(None, _UpstreamURL())
     connect_timeout_seconds: float = _setting(5.0, _Number(0, above_minimum=True))
     drain_timeout_seconds: float = _setting(30.0, _Number(0))
@@ -552,7 +553,8 @@ class ProxySettings:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    listen: Address = _setting(Address("127.0.0.1", 9187), _ListenAddress())
+    # 9434, not 9187: 9187 is postgres_exporter's default (9127 pgbouncer_exporter's), often beside pgscout.
+    listen: Address = _setting(Address("127.0.0.1", 9434), _ListenAddress())
     token: str = _setting("", _Secret())
 
 

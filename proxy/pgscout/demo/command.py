@@ -28,11 +28,12 @@ from typing import TextIO
 
 from pgscout import app, logs
 from pgscout.demo.localpg import LocalPgError, LocalPostgres
-from pgscout.settings import ConfigError, Settings, load_settings
+from pgscout.settings import AdminSettings, ConfigError, ProxySettings, Settings, load_settings
 
 LOOPBACK = "127.0.0.1"
-DEFAULT_LISTEN_PORT = 6432
-DEFAULT_ADMIN_PORT = 9187
+# pgscout run's defaults, so the demo's addresses are the ones the README shows.
+DEFAULT_LISTEN_PORT = ProxySettings().listen.port
+DEFAULT_ADMIN_PORT = AdminSettings().listen.port
 BUDGET = {"name": "demo", "application_name": "demo-pool", "max_connections": 4}
 SLOW_THRESHOLD_MS = 200
 # The demo app is the only client and stops as soon as draining starts.
