@@ -602,6 +602,9 @@ class NPlusOneSettings:
     include_catalog: bool = _setting(False, _Flag())
     # Children on other connections of the same application (and trace) count toward an owner.
     correlate_connections: bool = _setting(True, _Flag())
+    # Median think time allowed when the children are separated by soft boundaries (a pool
+    # check-out per query is quick; unrelated requests on a pooled connection are further apart).
+    boundary_max_think_ms: float = _setting(10.0, _Number(0))
     # Repeats at least this far apart with steady gaps are polling, not a loop or a duplicate.
     poll_min_interval_ms: float = _setting(10.0, _Number(0))
     # Gaps count as steady when 80% of them are within this fraction of their median.

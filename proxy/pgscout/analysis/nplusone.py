@@ -18,7 +18,9 @@ Readings of the spec that the code relies on:
   query) end nothing: owners and open groups survive them, so pools that check out per query are
   followed. They do break a strict no-owner run, and a group whose children are separated by them
   is only reported when the owner's rows account for all its distinct children (high
-  confidence): with a boundary between them, unrelated requests are the other explanation.
+  confidence) and, when most of them are, its median think time is at most
+  `boundary_max_think_ms`: a check-out per query is quick, and unrelated requests on a pooled
+  connection are the other explanation.
 - The owner ring holds the last `owner_ring` distinct owner fingerprints; any execution of a
   fingerprint already in the ring counts as a new execution of that owner (opening new groups
   for its children) even when it returned fewer rows.
@@ -41,8 +43,9 @@ Readings of the spec that the code relies on:
   application's stream (application_name, user, database and client host, split by trace id).
   A group there is judged only when at least a fifth of its children ran on other connections
   with no owner of their own; then it replaces the per-connection groups it is made of. Without
-  a trace id it must also start within `max_think_ms` of the owner, keep its gaps under it and
-  have no more distinct children than the owner had rows.
+  a trace id it must also start within `max_think_ms` of the owner, keep its gaps under it,
+  keep the pool busy (children sent while others run) and have no more distinct children than
+  the owner had rows.
 - Duplicates are, like N+1 loops, only reported for tight (think time) unbatched repetition;
   without an owner, only when the repeats are at least half of the group's executions.
 
@@ -79,13 +82,19 @@ MAX_STREAMS_PER_APPLICATION: Final = 64
 MAX_COUNTED_LABEL_SETS = 4096
 # Connections a group remembers by id (only "more than one" matters).
 MAX_GROUP_CONNECTIONS: Final = 16
-# Statements longer than this are classified with regular expressions instead of a parse.
-MAX_PARSED_CHARS: Final = 20_000
+# Statements longer than this are classified with regular expressions instead of a parse, on
+# their head only (asyncpg's type introspection, the longest driver query, is about 6,500).
+MAX_PARSED_CHARS: Final = 10_000
+# How a statement is written (ORM style, table, key column) is read from its head.
+STYLE_HEAD_CHARS: Final = 2_000
 # A cross-connection group may have this share of gaps over the think time (a GC pause).
 CROSS_MAX_LONG_GAP_RATIO: Final = 0.1
 # Share of a group's children that must run on connections without their own owner for the
 # group to be judged per application.
 CROSS_MIN_FOREIGN_RATIO: Final = 0.2
+# Without a trace id, share of a cross-connection group's children that must have been sent
+# while another was running: gathered tasks keep the pool busy, unrelated requests rarely do.
+CROSS_MIN_OVERLAP_RATIO: Final = 0.3
 # Share of gaps that must sit near the median for a repeat to be periodic (polling).
 POLL_STEADY_RATIO: Final = 0.8
 
@@ -216,9 +225,10 @@ class _Shape:
                  "equality_key", "style", "table", "key_column", "bytes")
 
     def __init__(self, ev: StatementDone, text_max_chars: int) -> None:
-        normalized = ev.normalized
-        self.text = normalized[:text_max_chars - 1] + "…" if len(normalized) > text_max_chars \
-            else normalized
+        full = ev.normalized
+        self.text = full[:text_max_chars - 1] + "…" if len(full) > text_max_chars else full
+        # A bulk statement's head says what it is; scanning all of it would cost per character.
+        normalized = full[:MAX_PARSED_CHARS + 1]
         self.placeholders = len(set(_PLACEHOLDER.findall(normalized)))
         self.array_lookup = _ARRAY_LOOKUP.search(normalized) is not None
         self.soft_boundary = _is_pool_reset(ev.sql if len(ev.sql) <= _RESET_TEXT_MAX_CHARS
@@ -228,7 +238,7 @@ class _Shape:
             _RANGE_PARAM.search(normalized) is not None
             or _OFFSET_PARAM.search(normalized) is not None)
         self.equality_key = _EQUALITY_PARAM.search(normalized) is not None
-        head = normalized[:MAX_PARSED_CHARS]
+        head = normalized[:STYLE_HEAD_CHARS]
         self.style = next((name for name, pattern in _STYLES if pattern.search(head)), "")
         self.table = _table(head)
         self.key_column = _key_column(head)
@@ -259,7 +269,7 @@ class _Group:
                  "owner_rows_seen", "n", "pipelined", "by_params", "max_repeat", "gaps", "rows",
                  "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
                  "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
-                 "owner_done", "statement_mark", "interleaved")
+                 "owner_done", "statement_mark", "interleaved", "overlapped")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
                  ev: StatementDone, boundaries: int) -> None:
@@ -297,6 +307,7 @@ class _Group:
         self.app_group: _Group | None = None  # the application stream's group of the same child
         self.statement_mark = 0  # statements seen in the stream at the last child
         self.interleaved = 0  # children with other statements between them and the previous one
+        self.overlapped = 0  # children sent while an earlier one was still running elsewhere
 
     def add(self, ev: StatementDone, boundaries: int, statements: int) -> None:
         duration = ev.done_at - ev.sent_at
@@ -307,6 +318,8 @@ class _Group:
                 self.crossed += 1
             if statements != self.statement_mark + 1:
                 self.interleaved += 1
+            if ev.sent_at < self.last_done:
+                self.overlapped += 1
         self.boundary_mark = boundaries
         self.statement_mark = statements
         self.n += 1
@@ -445,6 +458,7 @@ class NPlusOneDetector:
         self._min_distinct_ratio = s.min_distinct_ratio
         self._max_pipelined_ratio = s.max_pipelined_ratio
         self._max_think = s.max_think_ms / 1000.0
+        self._boundary_max_think = s.boundary_max_think_ms / 1000.0
         self._max_median_rows = s.max_median_rows
         self._duplicate_min = s.duplicate_min
         self._no_owner_min_run = s.no_owner_min_run
@@ -729,6 +743,15 @@ class NPlusOneDetector:
 
     # -- judging ----------------------------------------------------------------------------
     def _judge(self, stream: _Stream, track: _Track, group: _Group, now: float) -> None:
+        try:
+            self._judge_group(stream, track, group, now)
+        finally:
+            # A judged group may still be some open group's `outer`: let go of what it points
+            # to, or a chain of nested loops would keep every group (and its text) alive.
+            group.outer = None
+            group.app_group = None
+
+    def _judge_group(self, stream: _Stream, track: _Track, group: _Group, now: float) -> None:
         n = group.n
         if n < self._smallest_reportable:
             return
@@ -741,8 +764,12 @@ class NPlusOneDetector:
                                            and group.owner_done == group.app_group.owner_done))):
             return  # part of an async fan-out: the application's stream judges the whole
         gaps = group.gaps
-        if gaps and statistics.median(gaps) > self._max_think:
-            return  # a loop doing real work between queries
+        if gaps:
+            think = statistics.median(gaps)
+            if think > self._max_think:
+                return  # a loop doing real work between queries
+            if group.crossed > len(gaps) // 2 and think > self._boundary_max_think:
+                return  # requests that each check out a pooled connection, not one loop
         if group.pipelined > self._max_pipelined_ratio * n:
             return  # a batch: executemany or a pipeline
         if group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps) and self._periodic(gaps):
@@ -776,7 +803,9 @@ class NPlusOneDetector:
             # Nothing but timing ties these connections together: a fan-out starts as the
             # owner's rows arrive and keeps going without pauses.
             long_gaps = sum(1 for gap in gaps if gap > self._max_think)
-            if group.lead > self._max_think or long_gaps > CROSS_MAX_LONG_GAP_RATIO * len(gaps):
+            if (group.lead > self._max_think
+                    or long_gaps > CROSS_MAX_LONG_GAP_RATIO * len(gaps)
+                    or group.overlapped < CROSS_MIN_OVERLAP_RATIO * len(gaps)):
                 return
         loop_time = group.last_done - group.first_sent
         self._report(stream, "n_plus_one", owner, track, group, n, group.child_time, loop_time,
