@@ -14,6 +14,7 @@ connection close. Every test ends its requests and closes its connections, then 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from orm_models import (AUTHORS, BOOKS, BOOKS_PER_AUTHOR, JOBS, REVIEWS, Author, Book, Job,
                         Review, create_bookshop, reset_jobs)
-from pgharness import APP_DATABASE, wait_until
+from pgharness import APP_DATABASE, run_client, wait_until
 from pgscout.analysis.fingerprint import fingerprint_text
 
 # What SQLAlchemy's loaders send, written by hand: a finding must name exactly these shapes.
@@ -481,5 +482,172 @@ def test_pooled_connection_serving_small_unrelated_requests_is_not_flagged(pgsco
             assert lookups[request % len(lookups)](session, request // len(lookups) + 1) is not None
             session.commit()
     engine.dispose()
+
+    assert_not_flagged(pgscout, app_name)
+
+
+# -- pools that check out per query, async fan-out (issue 13) ---------------------------------
+
+def wait_for_findings(proxy, app: str, count: int = 1, kind: str | None = None) -> list[dict]:
+    """Findings judged per application wait for the idle gap after the last statement."""
+    assert wait_until(lambda: len(findings(proxy, app, kind)) >= count, timeout=10), \
+        f"{app}: {findings(proxy, app)}"
+    return findings(proxy, app, kind)
+
+
+async def asyncpg_pool(proxy, app: str, size: int) -> asyncpg.Pool:
+    return await asyncpg.create_pool(proxy_dsn(proxy, app, connect_timeout=None),
+                                     min_size=size, max_size=size)
+
+
+async def test_asyncpg_pool_fetch_per_row_is_flagged(pgscout, bookshop, app_name):
+    """pool.fetch checks a connection out per query; its release runs asyncpg's reset script
+    (`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`) between children."""
+    pool = await asyncpg_pool(pgscout, app_name, size=2)
+    try:
+        for author in await pool.fetch(RAW_AUTHORS_SQL):
+            assert len(await pool.fetch(RAW_BOOKS_SQL, author["id"])) == BOOKS_PER_AUTHOR
+    finally:
+        await pool.close()
+
+    finding = only(wait_for_findings(pgscout, app_name))
+    assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix="author_id = ANY($1)")
+    assert finding["confidence"] == "high"
+
+
+def test_sqlalchemy_engine_connect_per_query_is_flagged(pgscout, bookshop, app_name):
+    """Each statement in its own `with engine.connect()`: BEGIN, the query, ROLLBACK on return."""
+    engine = orm_engine(pgscout, app_name)
+    with engine.connect() as connection:
+        authors = connection.execute(sa.text(RAW_AUTHORS_SQL)).all()
+    for author in authors:
+        with engine.connect() as connection:
+            connection.execute(sa.text(RAW_BOOKS_SQL.replace("$1", ":author")),
+                               {"author": author.id}).all()
+    engine.dispose()
+
+    finding = only(findings(pgscout, app_name))
+    assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix="author_id = ANY($1)")
+
+
+async def test_children_gathered_over_a_pool_of_four_are_one_finding(pgscout, bookshop, app_name):
+    pool = await asyncpg_pool(pgscout, app_name, size=4)
+    try:
+        authors = await pool.fetch(RAW_AUTHORS_SQL)
+        books = await asyncio.gather(*(pool.fetch(RAW_BOOKS_SQL, author["id"])
+                                       for author in authors))
+        assert sum(map(len, books)) == BOOKS
+    finally:
+        await pool.close()
+
+    finding = only(wait_for_findings(pgscout, app_name))
+    assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix="author_id = ANY($1)")
+    assert finding["connections"] > 1
+    assert counted_findings(pgscout, app_name) == {"n_plus_one": 1}
+
+
+# -- cursor walks and polling ------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_owner", [False, True])
+def test_keyset_pages_of_25_are_not_flagged(pgscout, bookshop, app_name, with_owner):
+    engine = orm_engine(pgscout, app_name)
+    with orm.Session(engine) as session:
+        if with_owner:
+            assert len(session.scalars(sa.select(Author).order_by(Author.id)).all()) == AUTHORS
+        last_id, pages = 0, 0
+        while page := session.scalars(sa.select(Review).where(Review.id > last_id)
+                                      .order_by(Review.id).limit(25)).all():
+            last_id, pages = page[-1].id, pages + 1
+        assert pages == REVIEWS // 25
+        session.commit()
+    engine.dispose()
+
+    assert_not_flagged(pgscout, app_name)
+
+
+async def test_asyncpg_keyset_pages_of_25_are_not_flagged(pgscout, bookshop, app_name):
+    page_sql = "SELECT id, body FROM np_reviews WHERE id > $1 ORDER BY id LIMIT 25"
+    connection = await asyncpg.connect(proxy_dsn(pgscout, app_name, connect_timeout=None))
+    try:
+        last_id = 0
+        while page := await connection.fetch(page_sql, last_id):
+            last_id = page[-1]["id"]
+    finally:
+        await connection.close()
+
+    assert_not_flagged(pgscout, app_name, page_sql)
+
+
+def test_polling_every_30_ms_is_not_flagged(pgscout, bookshop, app_name):
+    poll_sql = "SELECT count(*) FROM np_jobs WHERE status = $1"
+    with psycopg.connect(proxy_dsn(pgscout, app_name), autocommit=True) as connection:
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            connection.execute(poll_sql.replace("$1", "%s"), ("failed",)).fetchone()
+            time.sleep(0.03)
+
+    assert_not_flagged(pgscout, app_name, poll_sql)
+
+
+# -- driver and tool introspection -------------------------------------------------------------
+
+async def test_asyncpg_type_introspection_is_not_an_owner(pgscout, bookshop, app_name):
+    """asyncpg introspects np_shelf (WITH RECURSIVE typeinfo_tree ..., several rows), then the
+    app runs unrelated lookups: they are no loop over the introspection's rows."""
+    connection = await asyncpg.connect(proxy_dsn(pgscout, app_name, connect_timeout=None))
+    try:
+        assert await connection.fetchval("SELECT ('happy', '{sad}', 'x')::np_shelf") is not None
+        for book_id in range(1, 9):
+            await connection.fetch("SELECT id, title FROM np_books WHERE id = $1", book_id)
+    finally:
+        await connection.close()
+
+    assert_not_flagged(pgscout, app_name)
+
+
+def test_psycopg_type_info_and_sqlalchemy_reflection_are_not_flagged(pgscout, bookshop, app_name):
+    from psycopg.types.composite import CompositeInfo, register_composite
+    from psycopg.types.enum import EnumInfo, register_enum
+
+    with psycopg.connect(proxy_dsn(pgscout, app_name)) as connection:
+        for name in [row[0] for row in connection.execute(
+                "SELECT typname FROM pg_catalog.pg_type WHERE typnamespace = "
+                "'pg_catalog'::regnamespace AND typtype = 'b' ORDER BY oid LIMIT 20")]:
+            assert psycopg.types.TypeInfo.fetch(connection, name) is not None
+        register_enum(EnumInfo.fetch(connection, "np_mood"), connection)
+        register_composite(CompositeInfo.fetch(connection, "np_shelf"), connection)
+    engine = sa.create_engine(sqlalchemy_url(proxy_dsn(pgscout, app_name)))
+    with engine.connect() as connection:
+        reflect(connection)
+    engine.dispose()
+
+    assert_not_flagged(pgscout, app_name)
+
+
+def reflect(connection: sa.Connection) -> None:
+    """What schema tools do: reflect every table, then inspect each one by one."""
+    metadata = sa.MetaData()
+    metadata.reflect(connection)
+    assert "np_books" in metadata.tables
+    inspector = sa.inspect(connection)
+    for table in inspector.get_table_names():
+        inspector.get_columns(table), inspector.get_indexes(table)
+        inspector.get_foreign_keys(table), inspector.get_pk_constraint(table)
+
+
+async def test_sqlalchemy_reflection_over_asyncpg_is_not_flagged(pgscout, bookshop, app_name):
+    engine = async_orm_engine(pgscout, app_name)
+    async with engine.connect() as connection:
+        await connection.run_sync(reflect)
+    await engine.dispose()
+
+    assert_not_flagged(pgscout, app_name)
+
+
+def test_psql_describe_and_pg_dump_are_not_flagged(pg, pgscout, bookshop, app_name):
+    dsn = proxy_dsn(pgscout, app_name)
+    for command in (r"\d np_*", r"\d+ np_books", r"\dt+", r"\di", r"\dT+", r"\l", r"\dn"):
+        pg.psql("-c", command, dsn=dsn)
+    run_client([pg.bin("pg_dump"), "--schema-only", "-d", dsn])
 
     assert_not_flagged(pgscout, app_name)
