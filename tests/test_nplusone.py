@@ -1045,3 +1045,39 @@ def test_3000_distinct_100_kb_statements_keep_the_detector_small():
     assert h.detector.retained_bytes() <= budget
     assert retained < 2 * budget, f"{retained / 1e6:.1f} MB retained"
     assert all(len(shape.text) <= 500 for shape in h.detector._shapes.values())
+
+
+def test_chunked_in_lists_of_a_few_keys_are_batches():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=50)
+    for chunk in range(10):
+        client.run(in_list(5), *range(chunk * 5, chunk * 5 + 5), rows=12)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_in_list_beside_a_per_row_key_is_still_a_child():
+    child = ("SELECT books.id FROM books WHERE books.author_id = $1 "
+             "AND books.state IN ($2, $3)")
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in range(10):
+        client.run(child, author_id, "new", "used")
+    h.idle(1.5)
+    assert [f.child_sql for f in h.findings] == [child]
+
+
+def test_queue_worker_claiming_rows_after_an_owner_is_not_a_duplicate():
+    """A worker that read its configuration (several rows), then claims jobs one at a time."""
+    h = Harness()
+    client = h.connection("worker")
+    client.run("SELECT settings.key, settings.value FROM settings", rows=6)
+    for job_id in range(20):
+        client.begin()
+        client.run(NEXT_JOB, "queued", 1, rows=1, txn="T")
+        client.run(FINISH_JOB, "done", job_id, kind="dml", txn="T")
+        client.commit()
+    h.idle(1.5)
+    assert h.findings == []

@@ -30,7 +30,10 @@ Readings of the spec that the code relies on:
   its owner did, it was looping over the owner's owner (two relationships per parent), and is
   reported against that one.
 - A child that found no owner on its first execution binds to the first owner that runs later.
-- A parameter of `= ANY(...)` is counted as a set of values: the query is a batch loader.
+- A parameter of `= ANY(...)` is counted as a set of values: the query is a batch loader; so is
+  an IN list of parameters when no equality on a parameter sits beside it.
+- A locking read (FOR UPDATE / FOR SHARE) repeated with the same parameters claims a new row each
+  time (a queue worker): never a duplicate.
 - Statements that read only the system catalogs (driver type introspection, psql's \\d) are
   invisible unless `include_catalog`; statements that read no relation at all (`SELECT $1::int`,
   `SELECT now()`) are neither owners nor children: there is nothing to batch.
@@ -121,6 +124,9 @@ _RESET_TEXT_MAX_CHARS: Final = 400
 _CATALOG_SCHEMAS: Final = frozenset({"pg_catalog", "information_schema"})
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _ARRAY_LOOKUP = re.compile(r"\b(?:ANY|SOME)\s*\(", re.IGNORECASE)
+_IN_LIST = re.compile(r"\bIN\s*\(\s*\$\d+\s*,", re.IGNORECASE)
+# Row locks: a claim of the next queue row repeats its parameters and gets another row each time.
+_LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE)\b", re.IGNORECASE)
 _JSON_STRING = r'"((?:[^"\\]|\\.)*)"'
 # A relation in pglast's JSON: a RangeVar, or the bare `relation` of INSERT/UPDATE/DELETE.
 _RANGE_VAR = re.compile(r'\{(?:"catalogname":"(?:[^"\\]|\\.)*",)?'
@@ -222,7 +228,7 @@ class _Shape:
     """What the detector needs from one statement fingerprint, computed once per fingerprint."""
 
     __slots__ = ("text", "placeholders", "array_lookup", "soft_boundary", "reads", "page_walk",
-                 "equality_key", "style", "table", "key_column", "bytes")
+                 "equality_key", "locking", "style", "table", "key_column", "bytes")
 
     def __init__(self, ev: StatementDone, text_max_chars: int) -> None:
         full = ev.normalized
@@ -230,14 +236,18 @@ class _Shape:
         # A bulk statement's head says what it is; scanning all of it would cost per character.
         normalized = full[:MAX_PARSED_CHARS + 1]
         self.placeholders = len(set(_PLACEHOLDER.findall(normalized)))
-        self.array_lookup = _ARRAY_LOOKUP.search(normalized) is not None
+        self.equality_key = _EQUALITY_PARAM.search(normalized) is not None
+        # `= ANY($1)`, or an IN list of parameters as the only key: a batch loader (chunks of
+        # keys), not a per-row lookup.
+        self.array_lookup = _ARRAY_LOOKUP.search(normalized) is not None or (
+            not self.equality_key and _IN_LIST.search(normalized) is not None)
+        self.locking = _LOCKING.search(normalized) is not None
         self.soft_boundary = _is_pool_reset(ev.sql if len(ev.sql) <= _RESET_TEXT_MAX_CHARS
                                             else normalized)
         self.reads = _reads(normalized)
         self.page_walk = _LIMIT.search(normalized) is not None and (
             _RANGE_PARAM.search(normalized) is not None
             or _OFFSET_PARAM.search(normalized) is not None)
-        self.equality_key = _EQUALITY_PARAM.search(normalized) is not None
         head = normalized[:STYLE_HEAD_CHARS]
         self.style = next((name for name, pattern in _STYLES if pattern.search(head)), "")
         self.table = _table(head)
@@ -774,7 +784,7 @@ class NPlusOneDetector:
             return  # a batch: executemany or a pipeline
         if group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps) and self._periodic(gaps):
             return  # polling: the connection sleeps between repeats, it does not loop over rows
-        if group.max_repeat >= self._duplicate_min and not shared:
+        if group.max_repeat >= self._duplicate_min and not shared and not track.shape.locking:
             self._judge_duplicates(stream, track, group, now)
 
         distinct = len(group.by_params)
