@@ -973,8 +973,8 @@ def test_correlation_across_connections_can_be_switched_off():
     gather_over_pool(pool, BOOKS, list(range(24)), start=h.now)
     assert h.detector._applications == {}
     h.idle(1.5)
-    # Only the owner's connection's share of the loop is seen.
-    assert [(f.n, f.connections) for f in h.of_kind("n_plus_one")] == [(6, 1)]
+    # The owner's connection sees only a quarter of the loop, across resets: not enough.
+    assert h.of_kind("n_plus_one") == []
 
 
 # -- suggestions for the client's stack ---------------------------------------------------------

@@ -144,7 +144,7 @@ def assert_loop(finding: dict, owner_sql: str, child_sql: str, n: int,
 
 def assert_not_flagged(proxy, app: str, *statements: str) -> None:
     """No finding for `app`, although pgscout saw each of `statements` from it."""
-    assert findings(proxy, app) == []
+    assert findings(proxy, app) == [], json.dumps(findings(proxy, app), indent=1)
     assert logged_findings(proxy, app) == []
     seen = {entry["fingerprint"]: entry
             for entry in api(proxy, "/api/fingerprints?sort=calls&limit=1000")["fingerprints"]}
@@ -651,3 +651,65 @@ def test_psql_describe_and_pg_dump_are_not_flagged(pg, pgscout, bookshop, app_na
     run_client([pg.bin("pg_dump"), "--schema-only", "-d", dsn])
 
     assert_not_flagged(pgscout, app_name)
+
+
+async def test_concurrent_unrelated_requests_over_a_pool_are_not_flagged(pgscout, bookshop, app_name):
+    """Eight async workers share a pool of four: listings, single-row lookups of every kind."""
+    pool = await asyncpg_pool(pgscout, app_name, size=4)
+
+    async def worker(number: int) -> None:
+        for request in range(15):
+            kind = (number + request) % 5
+            if kind == 0:
+                await pool.fetch(RAW_AUTHORS_SQL)
+            elif kind == 1:
+                await pool.fetchrow("SELECT id, title FROM np_books WHERE id = $1",
+                                    (number * 15 + request) % BOOKS + 1)
+            elif kind == 2:
+                await pool.fetchrow("SELECT id, body FROM np_reviews WHERE id = $1",
+                                    (number * 37 + request * 11) % REVIEWS + 1)
+            elif kind == 3:
+                async with pool.acquire() as connection:
+                    async with connection.transaction():
+                        await connection.fetchrow("SELECT id, name FROM np_authors WHERE id = $1",
+                                                  request % AUTHORS + 1)
+            else:
+                await pool.fetchrow("SELECT id, status FROM np_jobs WHERE id = $1",
+                                    request % JOBS + 1)
+            await asyncio.sleep(0.002 * (number % 3))
+
+    try:
+        await asyncio.gather(*(worker(number) for number in range(8)))
+    finally:
+        await pool.close()
+    await asyncio.sleep(2.5)  # past the idle gap: the application's stream is judged too
+
+    assert_not_flagged(pgscout, app_name)
+
+
+async def test_two_async_sessions_lazy_loading_at_once_are_two_loops(pgscout, bookshop, app_name):
+    engine = async_orm_engine(pgscout, app_name)
+
+    async def request() -> None:
+        async with AsyncSession(engine) as session:
+            for author in (await session.scalars(sa.select(Author).order_by(Author.id))).all():
+                assert len(await author.awaitable_attrs.books) == BOOKS_PER_AUTHOR
+            await session.commit()
+
+    await asyncio.gather(request(), request())
+    await engine.dispose()
+
+    assert wait_until(lambda: counted_findings(pgscout, app_name) == {"n_plus_one": 2}, timeout=10), \
+        (counted_findings(pgscout, app_name), findings(pgscout, app_name))
+    assert_loop(findings(pgscout, app_name)[-1], AUTHORS_SQL, BOOKS_OF_AUTHOR_SQL, n=AUTHORS)
+
+
+def test_polling_for_new_rows_every_30_ms_is_not_flagged(pgscout, bookshop, app_name):
+    tail_sql = "SELECT id, body FROM np_reviews WHERE id = $1"
+    with psycopg.connect(proxy_dsn(pgscout, app_name), autocommit=True) as connection:
+        connection.execute(RAW_AUTHORS_SQL).fetchall()  # a multi-row select first
+        for last_seen in range(40):
+            connection.execute(tail_sql.replace("$1", "%s"), (REVIEWS + last_seen,)).fetchall()
+            time.sleep(0.03)
+
+    assert_not_flagged(pgscout, app_name, tail_sql)

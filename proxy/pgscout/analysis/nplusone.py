@@ -19,8 +19,10 @@ Readings of the spec that the code relies on:
   followed. They do break a strict no-owner run, and a group whose children are separated by them
   is only reported when the owner's rows account for all its distinct children (high
   confidence) and, when most of them are, its median think time is at most
-  `boundary_max_think_ms`: a check-out per query is quick, and unrelated requests on a pooled
-  connection are the other explanation.
+  `boundary_max_think_ms`, the same number of statements separates most consecutive children and
+  there are children for at least 80% of the owner's rows: a check-out per query is
+  quick and a loop body repeats itself, while unrelated requests on a busy pooled connection are
+  the other explanation.
 - The owner ring holds the last `owner_ring` distinct owner fingerprints; any execution of a
   fingerprint already in the ring counts as a new execution of that owner (opening new groups
   for its children) even when it returned fewer rows.
@@ -47,8 +49,8 @@ Readings of the spec that the code relies on:
   A group there is judged only when at least a fifth of its children ran on other connections
   with no owner of their own; then it replaces the per-connection groups it is made of. Without
   a trace id it must also start within `max_think_ms` of the owner, keep its gaps under it,
-  keep the pool busy (children sent while others run) and have no more distinct children than
-  the owner had rows.
+  keep the pool busy (children sent while others run) on connections that run nothing else
+  meanwhile, and run for at least 80% of the owner's rows (and no more distinct ones).
 - Duplicates are, like N+1 loops, only reported for tight (think time) unbatched repetition;
   without an owner, only when the repeats are at least half of the group's executions.
 
@@ -98,6 +100,15 @@ CROSS_MIN_FOREIGN_RATIO: Final = 0.2
 # Without a trace id, share of a cross-connection group's children that must have been sent
 # while another was running: gathered tasks keep the pool busy, unrelated requests rarely do.
 CROSS_MIN_OVERLAP_RATIO: Final = 0.3
+# ...and share of them whose connection ran nothing else since the owner or its previous child:
+# gathered tasks hold their connections for the fan-out, a busy pool mixes requests.
+CROSS_MIN_DEDICATED_RATIO: Final = 0.75
+# Across soft boundaries, share of the children that must follow the previous one after the same
+# number of other statements (a loop body repeats itself; unrelated requests do not).
+BOUNDARY_MIN_REGULAR_RATIO: Final = 0.75
+# A loop inferred across soft boundaries or connections runs a child for at least this share of
+# the owner's rows (one per row); a few lookups after a listing are unrelated requests.
+LOOP_MIN_ROW_COVERAGE: Final = 0.8
 # Share of gaps that must sit near the median for a repeat to be periodic (polling).
 POLL_STEADY_RATIO: Final = 0.8
 
@@ -279,7 +290,8 @@ class _Group:
                  "owner_rows_seen", "n", "pipelined", "by_params", "max_repeat", "gaps", "rows",
                  "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
                  "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
-                 "owner_done", "statement_mark", "interleaved", "overlapped")
+                 "owner_done", "statement_mark", "interleaved", "overlapped", "between",
+                 "dedicated")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
                  ev: StatementDone, boundaries: int) -> None:
@@ -318,6 +330,9 @@ class _Group:
         self.statement_mark = 0  # statements seen in the stream at the last child
         self.interleaved = 0  # children with other statements between them and the previous one
         self.overlapped = 0  # children sent while an earlier one was still running elsewhere
+        self.between: dict[int, int] = {}  # statements between consecutive children -> times
+        # Children whose connection ran nothing else since the owner or its previous child.
+        self.dedicated = 0
 
     def add(self, ev: StatementDone, boundaries: int, statements: int) -> None:
         duration = ev.done_at - ev.sent_at
@@ -326,8 +341,10 @@ class _Group:
             self.gaps.append(gap if gap > 0.0 else 0.0)
             if boundaries != self.boundary_mark:
                 self.crossed += 1
-            if statements != self.statement_mark + 1:
+            between = statements - self.statement_mark - 1
+            if between:
                 self.interleaved += 1
+            self.between[between] = self.between.get(between, 0) + 1
             if ev.sent_at < self.last_done:
                 self.overlapped += 1
         self.boundary_mark = boundaries
@@ -388,12 +405,15 @@ class _Track:
 class _Scope:
     """A client connection, or an application's connections taken together (`shared`)."""
 
-    __slots__ = ("key", "shared", "streams")
+    __slots__ = ("key", "shared", "streams", "last_fingerprint", "last_done")
 
     def __init__(self, key: int | tuple, shared: bool) -> None:
         self.key = key
         self.shared = shared
         self.streams: OrderedDict[str | None, _Stream] = OrderedDict()
+        # A connection's last statement (soft boundaries and catalog reads aside).
+        self.last_fingerprint = ""
+        self.last_done = 0.0
 
 
 class _Stream:
@@ -518,6 +538,11 @@ class NPlusOneDetector:
             app_group = self._observe(app_stream, ev, shape, group)
             if group is not None:
                 group.app_group = app_group
+            if app_group is not None and (conn.last_fingerprint == ev.fingerprint
+                                          or conn.last_done <= app_group.owner_done):
+                app_group.dedicated += 1
+        conn.last_fingerprint = ev.fingerprint
+        conn.last_done = ev.done_at
         if self._stream_bytes > self._stream_budget:
             self._shed_streams(ev.done_at)
 
@@ -778,8 +803,14 @@ class NPlusOneDetector:
             think = statistics.median(gaps)
             if think > self._max_think:
                 return  # a loop doing real work between queries
-            if group.crossed > len(gaps) // 2 and think > self._boundary_max_think:
-                return  # requests that each check out a pooled connection, not one loop
+            if group.crossed > len(gaps) // 2 and (
+                    think > self._boundary_max_think
+                    or max(group.between.values()) < BOUNDARY_MIN_REGULAR_RATIO * len(gaps)
+                    or not self._covers_owner_rows(group)):
+                # Requests that each check out a pooled connection, not one loop: a loop checks
+                # out quickly, runs the same statements per row in the same order, and runs for
+                # most of the owner's rows.
+                return
         if group.pipelined > self._max_pipelined_ratio * n:
             return  # a batch: executemany or a pipeline
         if group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps) and self._periodic(gaps):
@@ -815,12 +846,21 @@ class NPlusOneDetector:
             long_gaps = sum(1 for gap in gaps if gap > self._max_think)
             if (group.lead > self._max_think
                     or long_gaps > CROSS_MAX_LONG_GAP_RATIO * len(gaps)
-                    or group.overlapped < CROSS_MIN_OVERLAP_RATIO * len(gaps)):
+                    or group.overlapped < CROSS_MIN_OVERLAP_RATIO * len(gaps)
+                    or group.dedicated < CROSS_MIN_DEDICATED_RATIO * n
+                    or not self._covers_owner_rows(group)):
                 return
         loop_time = group.last_done - group.first_sent
         self._report(stream, "n_plus_one", owner, track, group, n, group.child_time, loop_time,
                      loop_time - group.slowest, max(0.0, loop_time - group.child_time),
                      confidence, now)
+
+    @staticmethod
+    def _covers_owner_rows(group: _Group) -> bool:
+        """The children ran for most of the owner's rows, as a loop over them does."""
+        if group.owner is None:
+            return True
+        return group.n >= LOOP_MIN_ROW_COVERAGE * (group.owner_rows / max(1, group.owner_execs))
 
     def _periodic(self, gaps: list[float]) -> bool:
         """Steady gaps of at least poll_min_interval: a poller sleeping between runs."""
