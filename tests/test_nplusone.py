@@ -1081,3 +1081,12 @@ def test_queue_worker_claiming_rows_after_an_owner_is_not_a_duplicate():
         client.commit()
     h.idle(1.5)
     assert h.findings == []
+
+
+def test_loop_with_30_ms_of_steady_work_per_row_is_still_a_loop():
+    """Under max_think_ms, steady per-row work is no poller: the keys are the owner's rows."""
+    h = Harness()
+    lazy_load(h.connection(), parents=10, think=0.03)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.kind, finding.n, finding.confidence) == ("n_plus_one", 10, "high")

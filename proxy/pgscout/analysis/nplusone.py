@@ -42,8 +42,9 @@ Readings of the spec that the code relies on:
 - A cursor walk (keyset or offset pagination: a LIMIT query keyed by a range comparison or an
   OFFSET on a parameter) takes its parameter from its own previous result; without an equality
   key it is never a loop, with one (a tenant filter) it is when its pages come back full.
-- Repeats with steady gaps of at least `poll_min_interval_ms` are polling (sleep in a loop): not
-  a loop and not a duplicate.
+- Repeats with steady gaps of at least `poll_min_interval_ms` and nothing else between them are
+  polling (sleep in a loop): never a duplicate, and not a loop unless its distinct parameters
+  fit the owner's rows (a loop with steady work per row under `max_think_ms` is still a loop).
 - Across connections (`correlate_connections`): every statement is also observed in its
   application's stream (application_name, user, database and client host, split by trace id).
   A group there is judged only when at least a fifth of its children ran on other connections
@@ -813,9 +814,11 @@ class NPlusOneDetector:
                 return
         if group.pipelined > self._max_pipelined_ratio * n:
             return  # a batch: executemany or a pipeline
-        if group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps) and self._periodic(gaps):
-            return  # polling: the connection sleeps between repeats, it does not loop over rows
-        if group.max_repeat >= self._duplicate_min and not shared and not track.shape.locking:
+        # Polling: the connection sleeps between repeats of one statement.
+        polling = (group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps)
+                   and self._periodic(gaps))
+        if (group.max_repeat >= self._duplicate_min and not shared and not polling
+                and not track.shape.locking):
             self._judge_duplicates(stream, track, group, now)
 
         distinct = len(group.by_params)
@@ -833,6 +836,8 @@ class NPlusOneDetector:
             confidence = "high" if distinct <= owner_rows else "medium"
             if confidence != "high" and (group.crossed or shared):
                 return  # beyond the owner's rows, across boundaries: unrelated requests
+        if polling and confidence != "high":
+            return  # a poller's moving key; a loop over the owner's rows may be steady too
         if distinct < self._min_distinct_ratio * n:
             return
         if statistics.median(group.rows) >= self._max_median_rows:
