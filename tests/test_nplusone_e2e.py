@@ -713,3 +713,25 @@ def test_polling_for_new_rows_every_30_ms_is_not_flagged(pgscout, bookshop, app_
             time.sleep(0.03)
 
     assert_not_flagged(pgscout, app_name, tail_sql)
+
+
+# -- the fix for the client's stack ------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix, comment, stack, fix", [
+    ("", "/*framework='django%3A4.2.7',db_driver='psycopg%3A3.2'*/", "django", "prefetch_related"),
+    ("-node", "", "node", "DataLoader"),
+    ("-go", "", "go", "author_id = ANY($1)"),
+    ("", "/*application='Shop',controller='authors',action='index'*/", "rails", "includes("),
+])
+def test_suggestion_follows_the_clients_stack(pgscout, bookshop, app_name, suffix, comment, stack,
+                                              fix):
+    """Told from sqlcommenter tags, else from application_name."""
+    app = app_name + suffix
+    with psycopg.connect(proxy_dsn(pgscout, app)) as connection:
+        for (author_id, _) in connection.execute(RAW_AUTHORS_SQL + comment).fetchall():
+            connection.execute("SELECT id, title FROM np_books WHERE author_id = %s ORDER BY id"
+                               + comment.replace("%", "%%"), (author_id,)).fetchall()
+
+    finding = only(findings(pgscout, app))
+    assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix=fix)
+    assert finding["stack"] == stack
