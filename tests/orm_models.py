@@ -96,6 +96,12 @@ def create_bookshop(direct_url: str) -> None:
             session.add_all(Job(id=job_id, status="queued", payload=f"job {job_id}")
                             for job_id in range(1, JOBS + 1))
             session.commit()
+        with engine.begin() as connection:
+            # Types a driver has to introspect (asyncpg's typeinfo_tree, psycopg's TypeInfo).
+            connection.exec_driver_sql("DROP TYPE IF EXISTS np_shelf, np_mood CASCADE")
+            connection.exec_driver_sql("CREATE TYPE np_mood AS ENUM ('happy', 'sad')")
+            connection.exec_driver_sql(
+                "CREATE TYPE np_shelf AS (mood np_mood, moods np_mood[], label text)")
     finally:
         engine.dispose()
 

@@ -56,8 +56,8 @@ class Harness:
         self.detector = NPlusOneDetector(settings, self.findings.append, clock=lambda: self.now)
         self._conn_ids = itertools.count(1)
 
-    def connection(self, application_name: str = "shop-web") -> Client:
-        return Client(self, next(self._conn_ids), application_name)
+    def connection(self, application_name: str = "shop-web", host: str = "10.1.0.1") -> Client:
+        return Client(self, next(self._conn_ids), application_name, host)
 
     def idle(self, seconds: float) -> None:
         self.now += seconds
@@ -70,9 +70,9 @@ class Harness:
 class Client:
     """One client connection: `run` completes one statement `think` seconds after the last."""
 
-    def __init__(self, harness: Harness, conn_id: int, application_name: str) -> None:
+    def __init__(self, harness: Harness, conn_id: int, application_name: str, host: str) -> None:
         self.harness = harness
-        self.session = Session(conn_id, f"10.1.0.{conn_id}", user="shop", database="shopdb",
+        self.session = Session(conn_id, f"{host}:{50000 + conn_id}", user="shop", database="shopdb",
                                application_name=application_name, opened_at=harness.now,
                                opened_wall=1_700_000_000.0, txn_status="I")
 
@@ -80,20 +80,30 @@ class Client:
             think: float = 0.0005, pipelined: bool = False, txn: str = "I",
             tags: dict | None = None, inline: bool = False, tag: str | None = None,
             fp: str | None = None) -> None:
-        harness = self.harness
-        sent = harness.now + think
-        harness.now = sent + took
+        sent = self.harness.now + think
+        self.deliver(self.event(sql, *params, sent=sent, done=sent + took, rows=rows, kind=kind,
+                                pipelined=pipelined, txn=txn, tags=tags, inline=inline, tag=tag,
+                                fp=fp))
+
+    def event(self, sql: str, *params, sent: float, done: float, rows: int = 1,
+              kind: str = "select", pipelined: bool = False, txn: str = "I",
+              tags: dict | None = None, inline: bool = False, tag: str | None = None,
+              fp: str | None = None) -> StatementDone:
+        """One completed statement with explicit times (for connections running at once)."""
         if tag is None:
             tag = f"SELECT {rows}" if kind == "select" else "UPDATE 1"
-        ev = StatementDone(
-            self.session, sql, 0, not inline, sent, harness.now, tag, rows, None,
+        return StatementDone(
+            self.session, sql, 0, not inline, sent, done, tag, rows, None,
             # The fingerprinter hashes the literal-bearing text of a simple query; for Bind it
             # is the decoder's hash of the parameter bytes.
             hash((sql, params)) if inline else hash(params),
             0 if inline else len(params), None, pipelined, txn,
             fingerprint=fp or fingerprint(sql), normalized=sql, kind=kind, tags=dict(tags or {}))
-        self.session.txn_status = txn
-        harness.detector.on_statement(ev)
+
+    def deliver(self, ev: StatementDone) -> None:
+        self.harness.now = max(self.harness.now, ev.done_at)
+        self.session.txn_status = ev.txn_status
+        self.harness.detector.on_statement(ev)
 
     def begin(self, **kw) -> None:
         self.run("BEGIN", kind="txn", tag="BEGIN", txn="T", **kw)
@@ -128,24 +138,29 @@ def test_lazy_loading_loop_is_reported_once_its_segment_ends():
     assert (finding.n, finding.iterations) == (10, 1)
     assert (finding.severity, finding.confidence) == ("info", "high")
     assert (finding.application_name, finding.user, finding.database, finding.client_addr) == (
-        "shop-web", "shop", "shopdb", "10.1.0.1")
+        "shop-web", "shop", "shopdb", "10.1.0.1:50001")
     assert finding.child_time_ms == pytest.approx(10.0)
     assert finding.loop_time_ms == pytest.approx(10 * 1.0 + 9 * 0.5)
     assert finding.waste_ms == pytest.approx(finding.loop_time_ms - 1.0)
     assert finding.first_seen == pytest.approx(1_700_000_000.0, abs=1.0)
-    for words in ("books", "authors", "author_id = ANY($1)", "selectinload", "joinedload",
-                  "prefetch_related", "select_related"):
+    assert finding.app_time_ms == pytest.approx(9 * 0.5)  # the app's own time between children
+    assert (finding.n_max, finding.n_total, finding.connections) == (10, 10, 1)
+    assert finding.waste_total_ms == pytest.approx(finding.waste_ms)
+    # `$1::INTEGER = books.author_id` is how SQLAlchemy's lazy loader writes it.
+    assert finding.stack == "sqlalchemy"
+    for words in ("10 queries on books", "one per authors row", "selectinload", "joinedload"):
         assert words in finding.suggestion
     assert json.loads(json.dumps(finding.to_dict()))["child_sql"] == BOOKS
 
 
-def test_loop_inside_a_transaction_is_reported_when_it_commits():
+def test_loop_inside_a_transaction_is_reported_once_the_connection_goes_idle():
     h = Harness()
     client = h.connection()
     client.begin()
     lazy_load(client, txn="T")
-    assert h.findings == []
     client.commit()
+    assert h.findings == []  # a transaction end is a soft boundary: the request may go on
+    h.idle(1.5)
     assert [f.n for f in h.findings] == [10]
 
 
@@ -158,7 +173,8 @@ def test_django_lazy_loop_with_inline_literals_is_reported():
     h.idle(1.5)
     [finding] = h.findings
     assert finding.n == 8
-    assert '"books"' in finding.suggestion and "author_id" in finding.suggestion
+    assert finding.stack == "django"
+    assert '"books"' in finding.suggestion and "prefetch_related" in finding.suggestion
 
 
 @pytest.mark.parametrize("first_relationship_rows", [0, 3])
@@ -210,7 +226,11 @@ def test_same_pattern_on_a_pooled_connection_counts_iterations_without_merging(i
     assert (first.n, first.iterations, first.tags["route"]) == (10, 1, "/authors")
     h.idle(60)
     [first, rollup] = h.findings
-    assert (rollup.n, rollup.iterations) == (40, 4)  # 10 per request: nothing merged
+    # 10 per request: nothing merged, the loops counted apart.
+    assert (rollup.n, rollup.iterations, rollup.n_max, rollup.n_total) == (10, 4, 10, 40)
+    assert rollup.loop_time_ms == pytest.approx(first.loop_time_ms)  # per loop, not summed
+    assert rollup.waste_total_ms == pytest.approx(4 * rollup.waste_ms)
+    assert "Each loop ran 10 queries" in rollup.suggestion
     assert rollup.first_seen == first.first_seen
     assert h.detector.recent()[0]["iterations"] == 4
 
@@ -504,7 +524,7 @@ def test_flush_ends_only_segments_idle_past_the_gap():
     assert len(h.findings) == 1
 
 
-def test_transaction_end_ends_the_segment():
+def test_transaction_end_is_a_soft_boundary():
     h = Harness()
     client = h.connection()
     client.begin()
@@ -516,7 +536,8 @@ def test_transaction_end_ends_the_segment():
     for author_id in range(3, 6):
         client.run(BOOKS, author_id, txn="T")
     client.commit()
-    assert h.findings == []
+    h.idle(1.5)
+    assert [f.n for f in h.findings] == [6]
 
 
 def test_rollback_to_savepoint_keeps_the_segment():
@@ -531,10 +552,11 @@ def test_rollback_to_savepoint_keeps_the_segment():
     for author_id in range(3, 6):
         client.run(BOOKS, author_id, txn="T")
     client.commit()
+    h.idle(1.5)
     assert [f.n for f in h.findings] == [6]
 
 
-def test_failed_transaction_rolled_back_ends_the_segment():
+def test_failed_transaction_rolled_back_keeps_the_loop():
     h = Harness()
     client = h.connection()
     client.begin()
@@ -542,26 +564,31 @@ def test_failed_transaction_rolled_back_ends_the_segment():
     for author_id in range(6):
         client.run(BOOKS, author_id, txn="E" if author_id == 5 else "T")
     client.run("ROLLBACK", kind="txn", tag="ROLLBACK", txn="I")
+    h.idle(1.5)
     assert [f.n for f in h.findings] == [6]
+
+
+ASYNCPG_RELEASE = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"
 
 
 @pytest.mark.parametrize("sql, kind, tag", [
     ("SELECT $1", "select", "SELECT 1"),  # pool_pre_ping
     ("", "other", "EMPTY"),  # asyncpg / psycopg_pool check
     ("DISCARD ALL", "utility", "DISCARD ALL"),  # PgBouncer server_reset_query
-    ("RESET ALL", "utility", "RESET"),  # asyncpg pool release
+    ("RESET ALL", "utility", "RESET"),  # asyncpg pool release, statement by statement
     ("deallocate all", "utility", "DEALLOCATE ALL"),
+    (ASYNCPG_RELEASE, "select", "RESET"),  # asyncpg pool release as one event
 ])
-def test_pool_checkout_and_reset_statements_end_the_segment(sql, kind, tag):
+def test_pool_checkout_and_reset_statements_between_every_child_keep_the_loop(sql, kind, tag):
     h = Harness()
     client = h.connection()
     client.run(AUTHORS, rows=10)
-    for author_id in range(6):
-        if author_id == 3:
-            client.run(sql, kind=kind, tag=tag)
+    for author_id in range(10):
         client.run(BOOKS, author_id)
+        client.run(sql, kind=kind, tag=tag, pipelined=sql == ASYNCPG_RELEASE)
     h.idle(1.5)
-    assert h.findings == []
+    [finding] = h.findings
+    assert (finding.n, finding.confidence) == (10, "high")
 
 
 def test_segment_rolls_over_after_segment_max_events():
@@ -577,7 +604,10 @@ def test_closing_the_connection_reports_at_once_and_forgets_it():
     lazy_load(client)
     client.close()
     assert len(h.findings) == 1
-    assert h.detector._streams == {} and h.detector._connections == {}
+    assert h.detector._connections == {}
+    # The application's stream may still collect children of other connections for a while.
+    h.idle(1.5)
+    assert h.detector._streams == {} and h.detector._applications == {}
 
 
 # -- emission, recent(), counts() ---------------------------------------------------------------
@@ -593,11 +623,13 @@ def test_rollup_keeps_the_worst_severity_and_a_quiet_key_is_reported_at_once_aga
     assert len(h.findings) == 1
     h.idle(60)
     rollup = h.findings[-1]
-    assert (rollup.iterations, rollup.n, rollup.severity) == (2, 125, "critical")
+    assert (rollup.iterations, rollup.n_total, rollup.n_max, rollup.severity) == (
+        2, 125, 120, "critical")
+    assert rollup.n == 62  # per loop
     h.idle(61)  # a whole interval without occurrences
     lazy_load(client, parents=5)
     h.idle(1.5)
-    assert [(f.iterations, f.n) for f in h.findings] == [(1, 5), (2, 125), (1, 5)]
+    assert [(f.iterations, f.n_total) for f in h.findings] == [(1, 5), (2, 125), (1, 5)]
 
 
 def test_recent_is_newest_first_and_keeps_only_keep():
@@ -630,9 +662,9 @@ def test_ten_thousand_distinct_children_keep_tracks_within_max_tracks():
     client.run(AUTHORS, rows=10_000)
     for i in range(10_000):
         client.run(f"SELECT c{i}.id FROM c{i} WHERE c{i}.parent_id = $1", i, think=0)
-    [stream] = h.detector._streams.values()
-    assert len(stream.tracks) == 256
-    assert len(stream.owners) <= 8
+    streams = list(h.detector._streams.values())
+    assert len(streams) == 2  # the connection's and its application's
+    assert all(len(stream.tracks) == 256 and len(stream.owners) <= 8 for stream in streams)
 
 
 def test_many_traced_requests_on_one_connection_keep_streams_bounded():
@@ -641,4 +673,420 @@ def test_many_traced_requests_on_one_connection_keep_streams_bounded():
     for request in range(1000):
         trace = {"traceparent": f"00-{request + 1:032x}-{1:016x}-01"}
         client.run(USER_BY_ID, request, tags=trace)
-    assert len(h.detector._streams) <= nplusone.MAX_STREAMS_PER_CONNECTION
+    assert len(h.detector._streams) <= (nplusone.MAX_STREAMS_PER_CONNECTION
+                                        + nplusone.MAX_STREAMS_PER_APPLICATION)
+
+
+# -- pools that check out per query (issue 13, class 1) -----------------------------------------
+def test_engine_connect_per_query_with_a_transaction_around_each_child_is_reported():
+    """SQLAlchemy `with engine.connect()` per statement: BEGIN, the child, ROLLBACK on return."""
+    h = Harness()
+    client = h.connection()
+    client.begin()
+    client.run(AUTHORS, rows=12, txn="T")
+    client.run("ROLLBACK", kind="txn", tag="ROLLBACK")
+    for author_id in range(12):
+        client.begin()
+        client.run(BOOKS, author_id, rows=3, txn="T")
+        client.run("ROLLBACK", kind="txn", tag="ROLLBACK")
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.n, finding.confidence, finding.owner_sql) == (12, "high", AUTHORS)
+
+
+def test_soft_boundaries_break_a_run_without_owner():
+    """Lookups each in their own check-out, with no owner: independent requests."""
+    h = Harness()
+    client = h.connection()
+    for user_id in range(40):
+        client.run(USER_BY_ID, user_id)
+        client.run(ASYNCPG_RELEASE, tag="RESET", pipelined=True)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_unrelated_requests_after_a_listing_across_boundaries_are_not_reported():
+    """A listing of 10 rows, then 30 single-row requests, each in its own transaction: more
+    distinct keys than the owner had rows, so not a loop over it."""
+    h = Harness()
+    client = h.connection()
+    client.begin()
+    client.run(AUTHORS, rows=10, txn="T")
+    client.commit()
+    for user_id in range(30):
+        client.begin()
+        client.run(PRODUCT_BY_ID, user_id, txn="T")
+        client.commit()
+    h.idle(1.5)
+    assert h.findings == []
+
+
+# -- keyset pagination, cursor walks (class 2) --------------------------------------------------
+KEYSET_PAGE = ("SELECT reviews.id, reviews.body FROM reviews WHERE reviews.id > $1::INTEGER "
+               "ORDER BY reviews.id LIMIT $2::INTEGER")
+ROW_KEYSET_PAGE = ("SELECT id, created_at FROM events WHERE (created_at, id) < ($1, $2) "
+                   "ORDER BY created_at DESC, id DESC LIMIT 25")
+OFFSET_PAGE = 'SELECT "events"."id" FROM "events" ORDER BY "events"."id" LIMIT $1 OFFSET $2'
+TENANT_PAGE = ("SELECT id FROM events WHERE tenant_id = $1 AND id > $2 ORDER BY id LIMIT $3")
+
+
+@pytest.mark.parametrize("page_sql", [KEYSET_PAGE, ROW_KEYSET_PAGE, OFFSET_PAGE, TENANT_PAGE])
+@pytest.mark.parametrize("with_owner", [False, True])
+def test_small_keyset_pages_are_not_reported(page_sql, with_owner):
+    h = Harness()
+    client = h.connection()
+    if with_owner:
+        client.run(AUTHORS, rows=12)
+    for page in range(24):
+        client.run(page_sql, "tenant-1", page * 25, 25, rows=25)
+    client.run(page_sql, "tenant-1", 600, 25, rows=0)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_single_row_cursor_walk_without_owner_is_not_reported():
+    h = Harness()
+    client = h.connection("worker")
+    for last_id in range(30):
+        client.run(PAGE, last_id, 1, rows=1)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_per_parent_top_n_with_a_range_filter_is_still_a_loop():
+    """An equality key per parent plus a range: pages that are not full are a loop's children."""
+    recent = ("SELECT books.id FROM books WHERE books.author_id = $1 AND books.year > $2 "
+              "ORDER BY books.year DESC LIMIT $3")
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in range(10):
+        client.run(recent, author_id, 2000, 3, rows=author_id % 4)
+    h.idle(1.5)
+    assert [f.child_sql for f in h.of_kind("n_plus_one")] == [recent]
+
+
+# -- polling (class 3) --------------------------------------------------------------------------
+COUNT_QUEUED = "SELECT count(*) FROM jobs WHERE jobs.state = $1"
+
+
+def test_polling_every_30_ms_is_not_a_duplicate():
+    h = Harness()
+    client = h.connection("poller")
+    for _ in range(40):  # 1.2 s of polling
+        client.run(COUNT_QUEUED, "queued", think=0.03)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_polling_for_new_rows_with_a_moving_key_is_not_a_loop():
+    h = Harness()
+    client = h.connection("poller")
+    client.run(AUTHORS, rows=10)
+    for last_seen in range(40):
+        client.run("SELECT events.id FROM events WHERE events.id = $1", last_seen, rows=0,
+                   think=0.03)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_duplicate_severity_comes_from_the_time_the_repeats_took():
+    """25 repeats of a 1 ms query spread over 1.2 s of loop: ~24 ms avoidable, a warning by N
+    (>= 20) but not critical by the span."""
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=25)
+    for author_id in range(25):
+        client.run(BOOKS, author_id, think=0.02)
+        client.run(SETTINGS_ROW, 42, think=0.02)
+    h.idle(1.5)
+    [duplicate] = h.of_kind("duplicate")
+    assert duplicate.waste_ms == pytest.approx(24.0)
+    assert duplicate.severity == "warning"
+
+
+# -- driver and tool introspection --------------------------------------------------------------
+ASYNCPG_TYPEINFO = """WITH RECURSIVE typeinfo_tree(oid, ns, name, kind, basetype, elemtype, depth)
+AS (SELECT ti.oid, ti.ns, ti.name, ti.kind, ti.basetype, ti.elemtype, $1
+    FROM (SELECT t.oid, ns.nspname AS ns, t.typname AS name, t.typtype AS kind,
+                 t.typbasetype AS basetype, t.typelem AS elemtype
+          FROM pg_catalog.pg_type AS t
+          INNER JOIN pg_catalog.pg_namespace ns ON (ns.oid = t.typnamespace)) AS ti
+    WHERE ti.oid = any($2::oid[])
+    UNION ALL
+    SELECT ti.oid, ti.ns, ti.name, ti.kind, ti.basetype, ti.elemtype, tt.depth + $3
+    FROM (SELECT t.oid, ns.nspname AS ns, t.typname AS name, t.typtype AS kind,
+                 t.typbasetype AS basetype, t.typelem AS elemtype
+          FROM pg_catalog.pg_type AS t
+          INNER JOIN pg_catalog.pg_namespace ns ON (ns.oid = t.typnamespace)) ti,
+         typeinfo_tree tt
+    WHERE ti.oid = tt.elemtype)
+SELECT DISTINCT *, basetype::regtype::text AS basetype_name FROM typeinfo_tree ORDER BY depth DESC"""
+PSQL_DESCRIBE = """SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c
+LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname OPERATOR(pg_catalog.~) $1 COLLATE pg_catalog.default
+AND pg_catalog.pg_table_is_visible(c.oid) ORDER BY 2, 3"""
+PSQL_COLUMNS = """SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)
+FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > $2 AND NOT a.attisdropped
+ORDER BY a.attnum"""
+TYPE_BY_OID = "SELECT typname, oid, typarray FROM pg_type t WHERE t.oid = $1::regtype"
+
+
+@pytest.mark.parametrize("include_catalog, reported", [(False, 0), (True, 1)])
+def test_catalog_only_statements_are_neither_owners_nor_children(include_catalog, reported):
+    h = Harness(include_catalog=include_catalog)
+    client = h.connection()
+    client.run(ASYNCPG_TYPEINFO, 0, "{23}", 1, rows=12)  # asyncpg's type introspection
+    for type_oid in range(12):
+        client.run(TYPE_BY_OID, type_oid)  # psycopg's TypeInfo.fetch
+    client.run(PSQL_DESCRIBE, "books", rows=6)  # psql \d books
+    for relation_oid in range(6):
+        client.run(PSQL_COLUMNS, relation_oid, 0, rows=4)
+    h.idle(1.5)
+    assert len(h.findings) >= reported
+    if not include_catalog:
+        assert h.findings == []
+
+
+def test_introspection_between_an_owner_and_its_children_changes_nothing():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    client.run(ASYNCPG_TYPEINFO, 0, "{23}", 1, rows=3)  # a new type seen on the first child
+    lazy_children = [(BOOKS, author_id) for author_id in range(10)]
+    for sql, author_id in lazy_children:
+        client.run(sql, author_id)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.owner_sql, finding.n) == (AUTHORS, 10)
+
+
+def test_statements_reading_no_relation_are_not_children():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=20)
+    for value in range(20):  # a driver test suite's round trips
+        client.run("SELECT $1::int4", value)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+# -- across connections (class 4) ---------------------------------------------------------------
+def gather_over_pool(clients: list[Client], child: str, keys: list, start: float,
+                     took: float = 0.001, reset: str | None = ASYNCPG_RELEASE,
+                     tags: dict | None = None) -> None:
+    """asyncio.gather of one `child` per key over a pool of len(clients) connections: each
+    connection runs the next waiting key as soon as it is back in the pool (after its reset).
+    Events are delivered in the order they complete, as the bus would."""
+    free_at = [start] * len(clients)
+    events = []
+    for key in keys:
+        slot = min(range(len(clients)), key=free_at.__getitem__)
+        sent = free_at[slot] + 0.0002
+        done = sent + took
+        events.append(clients[slot].event(child, key, sent=sent, done=done, rows=2, tags=tags))
+        free_at[slot] = done + 0.0004
+        if reset is not None:
+            events.append(clients[slot].event(reset, sent=done + 0.0001, done=done + 0.0003,
+                                              tag="RESET", pipelined=True))
+    for ev in sorted(events, key=lambda ev: ev.done_at):
+        _deliver(clients, ev)
+
+
+def _deliver(clients: list[Client], ev: StatementDone) -> None:
+    next(c for c in clients if c.session is ev.session).deliver(ev)
+
+
+@pytest.mark.parametrize("reset", [ASYNCPG_RELEASE, None])
+def test_children_gathered_over_a_pool_of_four_are_one_finding(reset):
+    h = Harness()
+    pool = [h.connection("async-api") for _ in range(4)]
+    pool[0].run(AUTHORS, rows=24)
+    gather_over_pool(pool, BOOKS, list(range(24)), start=h.now, took=0.002, reset=reset)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.kind, finding.owner_sql, finding.child_sql) == ("n_plus_one", AUTHORS, BOOKS)
+    assert (finding.n, finding.connections, finding.confidence) == (24, 4, "high")
+
+
+def test_gathered_traced_requests_over_one_pool_are_told_apart():
+    h = Harness()
+    pool = [h.connection("async-api") for _ in range(4)]
+    traces = [{"traceparent": f"00-{t:032x}-{1:016x}-01", "route": f"/r{t}"} for t in (1, 2)]
+    pool[0].run(AUTHORS, rows=10, tags=traces[0])
+    pool[1].run(AUTHORS, rows=10, tags=traces[1])
+    gather_over_pool(pool[:2], BOOKS, list(range(10)), start=h.now, tags=traces[0])
+    gather_over_pool(pool[2:], BOOKS, list(range(10)), start=h.now - 0.004, tags=traces[1])
+    h.idle(1.5)
+    assert sorted((f.tags["route"], f.n) for f in h.findings) == [("/r1", 10), ("/r2", 10)]
+
+
+def test_two_connections_running_the_same_loop_at_once_are_two_loops():
+    h = Harness()
+    web1, web2 = h.connection("shop-web"), h.connection("shop-web")
+    start = h.now
+    events = [web1.event(AUTHORS, sent=start, done=start + 0.001, rows=12),
+              web2.event(AUTHORS, sent=start + 0.0005, done=start + 0.0015, rows=12)]
+    for author_id in range(12):
+        for client, offset in ((web1, 0.001), (web2, 0.0015)):
+            sent = start + offset + 0.0002 + author_id * 0.0012
+            events.append(client.event(BOOKS, author_id, sent=sent, done=sent + 0.001))
+    for ev in sorted(events, key=lambda ev: ev.done_at):
+        _deliver([web1, web2], ev)
+    h.idle(1.5)
+    assert h.detector.counts() == {("n_plus_one", fingerprint(BOOKS), "shop-web", "info"): 2}
+    assert [f.n for f in h.findings] == [12]
+
+
+def test_concurrent_unrelated_requests_over_a_pool_are_not_reported():
+    """Four connections serve requests arriving at random: listings, single-row lookups."""
+    import random
+    rng = random.Random(7)
+    h = Harness()
+    pool = [h.connection("shop-web") for _ in range(4)]
+    free_at = [h.now] * 4
+    arrival = h.now
+    events = []
+    for request in range(400):
+        arrival += rng.expovariate(1 / 0.008)
+        slot = min(range(4), key=free_at.__getitem__)
+        sent = max(arrival, free_at[slot])
+        statements = ([(AUTHORS, (), 10)] if request % 10 == 0 else
+                      [(SESSION_BY_TOKEN, (f"t{request}",), 1), (USER_BY_ID, (request,), 1)]
+                      if request % 3 else [(PRODUCT_BY_ID, (rng.randrange(10_000),), 1)])
+        for sql, params, rows in statements:
+            events.append(pool[slot].event(sql, *params, sent=sent, done=sent + 0.001, rows=rows))
+            sent += 0.0015
+        events.append(pool[slot].event("ROLLBACK", sent=sent, done=sent + 0.0002, kind="txn",
+                                       tag="ROLLBACK"))
+        free_at[slot] = sent + 0.0003
+    for ev in sorted(events, key=lambda ev: ev.done_at):
+        _deliver(pool, ev)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_correlation_across_connections_can_be_switched_off():
+    h = Harness(correlate_connections=False)
+    pool = [h.connection("async-api") for _ in range(4)]
+    pool[0].run(AUTHORS, rows=24)
+    gather_over_pool(pool, BOOKS, list(range(24)), start=h.now)
+    assert h.detector._applications == {}
+    h.idle(1.5)
+    # The owner's connection sees only a quarter of the loop, across resets: not enough.
+    assert h.of_kind("n_plus_one") == []
+
+
+# -- suggestions for the client's stack ---------------------------------------------------------
+@pytest.mark.parametrize("child, application_name, tags, stack, words", [
+    (BOOKS, "shop-web", {}, "sqlalchemy", ["selectinload", "joinedload"]),
+    (DJANGO_BOOKS, "shop-web", {}, "django", ["prefetch_related", "select_related"]),
+    (USER_BY_ID, "shop-web", {"framework": "django:4.2.7"}, "django", ["prefetch_related"]),
+    ('SELECT "books".* FROM "books" WHERE "books"."author_id" = $1', "shop-web", {}, "rails",
+     ["includes(:association)"]),
+    (USER_BY_ID, "shop-web", {"application": "Shop", "controller": "authors", "action": "index"},
+     "rails", ["includes("]),
+    ("select b1_0.id,b1_0.title from books b1_0 where b1_0.author_id=$1", "PostgreSQL JDBC Driver",
+     {}, "hibernate", ["JOIN FETCH", "@BatchSize"]),
+    (USER_BY_ID, "PostgreSQL JDBC Driver", {}, "jdbc", ["createArrayOf", "id = ANY(?)"]),
+    ('SELECT "public"."Book"."id" FROM "public"."Book" WHERE "public"."Book"."authorId" = $1 '
+     'LIMIT $2 OFFSET $3', "shop-web", {}, "prisma", ["include: {"]),
+    ('SELECT "id", "title" FROM "Books" AS "Book" WHERE "Book"."authorId" = $1', "shop-web", {},
+     "sequelize", ["include: [{"]),
+    (USER_BY_ID, "orders-node", {}, "node", ["DataLoader", "id = ANY($1)"]),
+    (USER_BY_ID, "shop-web", {"db_driver": "pg:8.11.3"}, "node", ["DataLoader"]),
+    ('SELECT * FROM "books" WHERE "books"."author_id" = $1 AND "books"."deleted_at" IS NULL',
+     "shop-web", {}, "gorm", ['Preload("Association")']),
+    (USER_BY_ID, "billing-go", {}, "go", ["id = ANY($1)", "slice"]),
+    (USER_BY_ID, "shop-web", {}, "", ["SELECT ... FROM users WHERE id = ANY($1)", "IN (...)"]),
+])
+def test_suggestion_names_the_fix_for_the_clients_stack(child, application_name, tags, stack,
+                                                        words):
+    h = Harness()
+    client = h.connection(application_name)
+    client.run(AUTHORS, rows=10, tags=tags)
+    for key in range(10):
+        client.run(child, key, 10, 0, tags=tags) if "OFFSET" in child else client.run(
+            child, key, tags=tags)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert finding.stack == stack
+    for word in words:
+        assert word in finding.suggestion, finding.suggestion
+
+
+# -- memory in bytes ----------------------------------------------------------------------------
+def test_3000_distinct_100_kb_statements_keep_the_detector_small():
+    """Issue 10: each distinct statement used to be kept whole in the shape table."""
+    import gc
+    import tracemalloc
+
+    budget = 4 * 1024 * 1024
+    h = Harness(max_memory_bytes=budget)
+    client = h.connection()
+    filler = "x" * 100_000
+
+    def statements():
+        for i in range(3000):
+            sql = f"SELECT t{i}.id FROM t{i} WHERE t{i}.k = $1 AND t{i}.note <> '{filler}'"
+            yield client.event(sql, i, sent=h.now, done=h.now + 0.0001, rows=3)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for ev in statements():
+            client.deliver(ev)
+            h.now += 0.0005
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert h.detector.retained_bytes() <= budget
+    assert retained < 2 * budget, f"{retained / 1e6:.1f} MB retained"
+    assert all(len(shape.text) <= 500 for shape in h.detector._shapes.values())
+
+
+def test_chunked_in_lists_of_a_few_keys_are_batches():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=50)
+    for chunk in range(10):
+        client.run(in_list(5), *range(chunk * 5, chunk * 5 + 5), rows=12)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_in_list_beside_a_per_row_key_is_still_a_child():
+    child = ("SELECT books.id FROM books WHERE books.author_id = $1 "
+             "AND books.state IN ($2, $3)")
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    for author_id in range(10):
+        client.run(child, author_id, "new", "used")
+    h.idle(1.5)
+    assert [f.child_sql for f in h.findings] == [child]
+
+
+def test_queue_worker_claiming_rows_after_an_owner_is_not_a_duplicate():
+    """A worker that read its configuration (several rows), then claims jobs one at a time."""
+    h = Harness()
+    client = h.connection("worker")
+    client.run("SELECT settings.key, settings.value FROM settings", rows=6)
+    for job_id in range(20):
+        client.begin()
+        client.run(NEXT_JOB, "queued", 1, rows=1, txn="T")
+        client.run(FINISH_JOB, "done", job_id, kind="dml", txn="T")
+        client.commit()
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_loop_with_30_ms_of_steady_work_per_row_is_still_a_loop():
+    """Under max_think_ms, steady per-row work is no poller: the keys are the owner's rows."""
+    h = Harness()
+    lazy_load(h.connection(), parents=10, think=0.03)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.kind, finding.n, finding.confidence) == ("n_plus_one", 10, "high")

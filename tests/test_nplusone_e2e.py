@@ -14,6 +14,7 @@ connection close. Every test ends its requests and closes its connections, then 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from orm_models import (AUTHORS, BOOKS, BOOKS_PER_AUTHOR, JOBS, REVIEWS, Author, Book, Job,
                         Review, create_bookshop, reset_jobs)
-from pgharness import APP_DATABASE, wait_until
+from pgharness import APP_DATABASE, run_client, wait_until
 from pgscout.analysis.fingerprint import fingerprint_text
 
 # What SQLAlchemy's loaders send, written by hand: a finding must name exactly these shapes.
@@ -128,7 +129,8 @@ def by_child(items: list[dict]) -> dict[str, dict]:
     return {item["child_fingerprint"]: item for item in items}
 
 
-def assert_loop(finding: dict, owner_sql: str, child_sql: str, n: int) -> None:
+def assert_loop(finding: dict, owner_sql: str, child_sql: str, n: int,
+                fix: str = "selectinload") -> None:
     assert finding["kind"] == "n_plus_one"
     assert finding["owner_fingerprint"] == fingerprint(owner_sql), finding["owner_sql"]
     assert finding["child_fingerprint"] == fingerprint(child_sql), finding["child_sql"]
@@ -137,12 +139,12 @@ def assert_loop(finding: dict, owner_sql: str, child_sql: str, n: int) -> None:
     assert fingerprint(finding["child_sql"]) == finding["child_fingerprint"]
     assert finding["n"] == n
     assert finding["user"] == "trust_user" and finding["database"] == APP_DATABASE
-    assert "selectinload" in finding["suggestion"]
+    assert fix in finding["suggestion"], finding["suggestion"]
 
 
 def assert_not_flagged(proxy, app: str, *statements: str) -> None:
     """No finding for `app`, although pgscout saw each of `statements` from it."""
-    assert findings(proxy, app) == []
+    assert findings(proxy, app) == [], json.dumps(findings(proxy, app), indent=1)
     assert logged_findings(proxy, app) == []
     seen = {entry["fingerprint"]: entry
             for entry in api(proxy, "/api/fingerprints?sort=calls&limit=1000")["fingerprints"]}
@@ -229,8 +231,9 @@ def test_same_pattern_across_pooled_requests_is_counted_per_request(start_pgscou
     assert wait_until(lambda: len(findings(proxy, app_name)) == 2, timeout=5)
     rollup, first = findings(proxy, app_name)
     assert first["iterations"] == 1 and first["n"] == AUTHORS
-    assert rollup["iterations"] == requests - 1
-    assert rollup["n"] == AUTHORS * (requests - 1)
+    # Per loop N and the number of loops, apart.
+    assert (rollup["iterations"], rollup["n"], rollup["n_max"]) == (requests - 1, AUTHORS, AUTHORS)
+    assert rollup["n_total"] == AUTHORS * (requests - 1)
     assert rollup["child_fingerprint"] == first["child_fingerprint"] == fingerprint(BOOKS_OF_AUTHOR_SQL)
 
 
@@ -307,7 +310,8 @@ async def test_asyncpg_loop_is_flagged(pgscout, bookshop, app_name):
     finally:
         await connection.close()
 
-    assert_loop(only(findings(pgscout, app_name)), RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS)
+    assert_loop(only(findings(pgscout, app_name)), RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS,
+                fix="author_id = ANY($1)")
 
 
 @pytest.mark.parametrize("binding", ["server", "client"])
@@ -319,7 +323,8 @@ def test_psycopg_loop_is_flagged(pgscout, bookshop, app_name, binding):
             cursor.execute("SELECT id, title FROM np_books WHERE author_id = %s ORDER BY id",
                            (author_id,)).fetchall()
 
-    assert_loop(only(findings(pgscout, app_name)), RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS)
+    assert_loop(only(findings(pgscout, app_name)), RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS,
+                fix="author_id = ANY($1)")
 
 
 # -- duplicates -------------------------------------------------------------------------------
@@ -479,3 +484,254 @@ def test_pooled_connection_serving_small_unrelated_requests_is_not_flagged(pgsco
     engine.dispose()
 
     assert_not_flagged(pgscout, app_name)
+
+
+# -- pools that check out per query, async fan-out (issue 13) ---------------------------------
+
+def wait_for_findings(proxy, app: str, count: int = 1, kind: str | None = None) -> list[dict]:
+    """Findings judged per application wait for the idle gap after the last statement."""
+    assert wait_until(lambda: len(findings(proxy, app, kind)) >= count, timeout=10), \
+        f"{app}: {findings(proxy, app)}"
+    return findings(proxy, app, kind)
+
+
+async def asyncpg_pool(proxy, app: str, size: int) -> asyncpg.Pool:
+    return await asyncpg.create_pool(proxy_dsn(proxy, app, connect_timeout=None),
+                                     min_size=size, max_size=size)
+
+
+async def test_asyncpg_pool_fetch_per_row_is_flagged(pgscout, bookshop, app_name):
+    """pool.fetch checks a connection out per query; its release runs asyncpg's reset script
+    (`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`) between children."""
+    pool = await asyncpg_pool(pgscout, app_name, size=2)
+    try:
+        for author in await pool.fetch(RAW_AUTHORS_SQL):
+            assert len(await pool.fetch(RAW_BOOKS_SQL, author["id"])) == BOOKS_PER_AUTHOR
+    finally:
+        await pool.close()
+
+    finding = only(wait_for_findings(pgscout, app_name))
+    assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix="author_id = ANY($1)")
+    assert finding["confidence"] == "high"
+
+
+def test_sqlalchemy_engine_connect_per_query_is_flagged(pgscout, bookshop, app_name):
+    """Each statement in its own `with engine.connect()`: BEGIN, the query, ROLLBACK on return."""
+    engine = orm_engine(pgscout, app_name)
+    with engine.connect() as connection:
+        authors = connection.execute(sa.text(RAW_AUTHORS_SQL)).all()
+    for author in authors:
+        with engine.connect() as connection:
+            connection.execute(sa.text(RAW_BOOKS_SQL.replace("$1", ":author")),
+                               {"author": author.id}).all()
+    engine.dispose()
+
+    finding = only(findings(pgscout, app_name))
+    assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix="author_id = ANY($1)")
+
+
+async def test_children_gathered_over_a_pool_of_four_are_one_finding(pgscout, bookshop, app_name):
+    pool = await asyncpg_pool(pgscout, app_name, size=4)
+    try:
+        authors = await pool.fetch(RAW_AUTHORS_SQL)
+        books = await asyncio.gather(*(pool.fetch(RAW_BOOKS_SQL, author["id"])
+                                       for author in authors))
+        assert sum(map(len, books)) == BOOKS
+    finally:
+        await pool.close()
+
+    finding = only(wait_for_findings(pgscout, app_name))
+    assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix="author_id = ANY($1)")
+    assert finding["connections"] > 1
+    assert counted_findings(pgscout, app_name) == {"n_plus_one": 1}
+
+
+# -- cursor walks and polling ------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_owner", [False, True])
+def test_keyset_pages_of_25_are_not_flagged(pgscout, bookshop, app_name, with_owner):
+    engine = orm_engine(pgscout, app_name)
+    with orm.Session(engine) as session:
+        if with_owner:
+            assert len(session.scalars(sa.select(Author).order_by(Author.id)).all()) == AUTHORS
+        last_id, pages = 0, 0
+        while page := session.scalars(sa.select(Review).where(Review.id > last_id)
+                                      .order_by(Review.id).limit(25)).all():
+            last_id, pages = page[-1].id, pages + 1
+        assert pages == REVIEWS // 25
+        session.commit()
+    engine.dispose()
+
+    assert_not_flagged(pgscout, app_name)
+
+
+async def test_asyncpg_keyset_pages_of_25_are_not_flagged(pgscout, bookshop, app_name):
+    page_sql = "SELECT id, body FROM np_reviews WHERE id > $1 ORDER BY id LIMIT 25"
+    connection = await asyncpg.connect(proxy_dsn(pgscout, app_name, connect_timeout=None))
+    try:
+        last_id = 0
+        while page := await connection.fetch(page_sql, last_id):
+            last_id = page[-1]["id"]
+    finally:
+        await connection.close()
+
+    assert_not_flagged(pgscout, app_name, page_sql)
+
+
+def test_polling_every_30_ms_is_not_flagged(pgscout, bookshop, app_name):
+    poll_sql = "SELECT count(*) FROM np_jobs WHERE status = $1"
+    with psycopg.connect(proxy_dsn(pgscout, app_name), autocommit=True) as connection:
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            connection.execute(poll_sql.replace("$1", "%s"), ("failed",)).fetchone()
+            time.sleep(0.03)
+
+    assert_not_flagged(pgscout, app_name, poll_sql)
+
+
+# -- driver and tool introspection -------------------------------------------------------------
+
+async def test_asyncpg_type_introspection_is_not_an_owner(pgscout, bookshop, app_name):
+    """asyncpg introspects np_shelf (WITH RECURSIVE typeinfo_tree ..., several rows), then the
+    app runs unrelated lookups: they are no loop over the introspection's rows."""
+    connection = await asyncpg.connect(proxy_dsn(pgscout, app_name, connect_timeout=None))
+    try:
+        assert await connection.fetchval("SELECT ('happy', '{sad}', 'x')::np_shelf") is not None
+        for book_id in range(1, 9):
+            await connection.fetch("SELECT id, title FROM np_books WHERE id = $1", book_id)
+    finally:
+        await connection.close()
+
+    assert_not_flagged(pgscout, app_name)
+
+
+def test_psycopg_type_info_and_sqlalchemy_reflection_are_not_flagged(pgscout, bookshop, app_name):
+    from psycopg.types.composite import CompositeInfo, register_composite
+    from psycopg.types.enum import EnumInfo, register_enum
+
+    with psycopg.connect(proxy_dsn(pgscout, app_name)) as connection:
+        for name in [row[0] for row in connection.execute(
+                "SELECT typname FROM pg_catalog.pg_type WHERE typnamespace = "
+                "'pg_catalog'::regnamespace AND typtype = 'b' ORDER BY oid LIMIT 20")]:
+            assert psycopg.types.TypeInfo.fetch(connection, name) is not None
+        register_enum(EnumInfo.fetch(connection, "np_mood"), connection)
+        register_composite(CompositeInfo.fetch(connection, "np_shelf"), connection)
+    engine = sa.create_engine(sqlalchemy_url(proxy_dsn(pgscout, app_name)))
+    with engine.connect() as connection:
+        reflect(connection)
+    engine.dispose()
+
+    assert_not_flagged(pgscout, app_name)
+
+
+def reflect(connection: sa.Connection) -> None:
+    """What schema tools do: reflect every table, then inspect each one by one."""
+    metadata = sa.MetaData()
+    metadata.reflect(connection)
+    assert "np_books" in metadata.tables
+    inspector = sa.inspect(connection)
+    for table in inspector.get_table_names():
+        inspector.get_columns(table), inspector.get_indexes(table)
+        inspector.get_foreign_keys(table), inspector.get_pk_constraint(table)
+
+
+async def test_sqlalchemy_reflection_over_asyncpg_is_not_flagged(pgscout, bookshop, app_name):
+    engine = async_orm_engine(pgscout, app_name)
+    async with engine.connect() as connection:
+        await connection.run_sync(reflect)
+    await engine.dispose()
+
+    assert_not_flagged(pgscout, app_name)
+
+
+def test_psql_describe_and_pg_dump_are_not_flagged(pg, pgscout, bookshop, app_name):
+    dsn = proxy_dsn(pgscout, app_name)
+    for command in (r"\d np_*", r"\d+ np_books", r"\dt+", r"\di", r"\dT+", r"\l", r"\dn"):
+        pg.psql("-c", command, dsn=dsn)
+    run_client([pg.bin("pg_dump"), "--schema-only", "-d", dsn])
+
+    assert_not_flagged(pgscout, app_name)
+
+
+async def test_concurrent_unrelated_requests_over_a_pool_are_not_flagged(pgscout, bookshop, app_name):
+    """Eight async workers share a pool of four: listings, single-row lookups of every kind."""
+    pool = await asyncpg_pool(pgscout, app_name, size=4)
+
+    async def worker(number: int) -> None:
+        for request in range(15):
+            kind = (number + request) % 5
+            if kind == 0:
+                await pool.fetch(RAW_AUTHORS_SQL)
+            elif kind == 1:
+                await pool.fetchrow("SELECT id, title FROM np_books WHERE id = $1",
+                                    (number * 15 + request) % BOOKS + 1)
+            elif kind == 2:
+                await pool.fetchrow("SELECT id, body FROM np_reviews WHERE id = $1",
+                                    (number * 37 + request * 11) % REVIEWS + 1)
+            elif kind == 3:
+                async with pool.acquire() as connection:
+                    async with connection.transaction():
+                        await connection.fetchrow("SELECT id, name FROM np_authors WHERE id = $1",
+                                                  request % AUTHORS + 1)
+            else:
+                await pool.fetchrow("SELECT id, status FROM np_jobs WHERE id = $1",
+                                    request % JOBS + 1)
+            await asyncio.sleep(0.002 * (number % 3))
+
+    try:
+        await asyncio.gather(*(worker(number) for number in range(8)))
+    finally:
+        await pool.close()
+    await asyncio.sleep(2.5)  # past the idle gap: the application's stream is judged too
+
+    assert_not_flagged(pgscout, app_name)
+
+
+async def test_two_async_sessions_lazy_loading_at_once_are_two_loops(pgscout, bookshop, app_name):
+    engine = async_orm_engine(pgscout, app_name)
+
+    async def request() -> None:
+        async with AsyncSession(engine) as session:
+            for author in (await session.scalars(sa.select(Author).order_by(Author.id))).all():
+                assert len(await author.awaitable_attrs.books) == BOOKS_PER_AUTHOR
+            await session.commit()
+
+    await asyncio.gather(request(), request())
+    await engine.dispose()
+
+    assert wait_until(lambda: counted_findings(pgscout, app_name) == {"n_plus_one": 2}, timeout=10), \
+        (counted_findings(pgscout, app_name), findings(pgscout, app_name))
+    assert_loop(findings(pgscout, app_name)[-1], AUTHORS_SQL, BOOKS_OF_AUTHOR_SQL, n=AUTHORS)
+
+
+def test_polling_for_new_rows_every_30_ms_is_not_flagged(pgscout, bookshop, app_name):
+    tail_sql = "SELECT id, body FROM np_reviews WHERE id = $1"
+    with psycopg.connect(proxy_dsn(pgscout, app_name), autocommit=True) as connection:
+        connection.execute(RAW_AUTHORS_SQL).fetchall()  # a multi-row select first
+        for last_seen in range(40):
+            connection.execute(tail_sql.replace("$1", "%s"), (REVIEWS + last_seen,)).fetchall()
+            time.sleep(0.03)
+
+    assert_not_flagged(pgscout, app_name, tail_sql)
+
+
+# -- the fix for the client's stack ------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix, comment, stack, fix", [
+    ("", "/*framework='django%3A4.2.7',db_driver='psycopg%3A3.2'*/", "django", "prefetch_related"),
+    ("-node", "", "node", "DataLoader"),
+    ("-go", "", "go", "author_id = ANY($1)"),
+    ("", "/*application='Shop',controller='authors',action='index'*/", "rails", "includes("),
+])
+def test_suggestion_follows_the_clients_stack(pgscout, bookshop, app_name, suffix, comment, stack,
+                                              fix):
+    """Told from sqlcommenter tags, else from application_name."""
+    app = app_name + suffix
+    with psycopg.connect(proxy_dsn(pgscout, app)) as connection:
+        for (author_id, _) in connection.execute(RAW_AUTHORS_SQL + comment).fetchall():
+            connection.execute("SELECT id, title FROM np_books WHERE author_id = %s ORDER BY id"
+                               + comment.replace("%", "%%"), (author_id,)).fetchall()
+
+    finding = only(findings(pgscout, app))
+    assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix=fix)
+    assert finding["stack"] == stack

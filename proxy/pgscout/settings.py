@@ -612,6 +612,23 @@ class NPlusOneSettings:
     critical_n: int = _setting(100, _Integer(1))
     report_interval_seconds: float = _setting(60.0, _Number(0, above_minimum=True))
     keep: int = _setting(200, _Integer(0))
+    # Statements that read only pg_catalog / information_schema (driver and tool introspection)
+    # are neither owners nor children unless this is on.
+    include_catalog: bool = _setting(False, _Flag())
+    # Children on other connections of the same application (and trace) count toward an owner.
+    correlate_connections: bool = _setting(True, _Flag())
+    # Median think time allowed when the children are separated by soft boundaries (a pool
+    # check-out per query is quick; unrelated requests on a pooled connection are further apart).
+    boundary_max_think_ms: float = _setting(10.0, _Number(0))
+    # Repeats at least this far apart with steady gaps are polling, not a loop or a duplicate.
+    poll_min_interval_ms: float = _setting(10.0, _Number(0))
+    # Gaps count as steady when 80% of them are within this fraction of their median.
+    poll_max_jitter_ratio: float = _setting(0.25, _Number(0, maximum=1))
+    # Normalized SQL kept per owner and child (and shown in findings) is cut at this length.
+    sql_text_max_chars: int = _setting(500, _Integer(40))
+    # Estimated bytes the detector may retain (statement shapes, open segments, roll-ups);
+    # past it the least recently active segments are judged early and forgotten.
+    max_memory_bytes: int = _setting(32 * 1024 * 1024, _Integer(1024 * 1024))
 
 
 @dataclass(frozen=True)

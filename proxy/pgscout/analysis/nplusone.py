@@ -1,16 +1,28 @@
 """N+1 and duplicate-query detection from completed statements (rules: the NPLUSONE.md design note).
 
 Owns: rebuilding request-shaped segments from StatementDone events per stream (a client
-connection, split by W3C trace id when comments carry one), binding each child query to the owner
-query whose rows it loops over, judging every closed group, and turning what it finds into
-`Finding`s: the first occurrence of an (owner, child, route) key of an application is emitted at
-once, later ones are rolled up and emitted once per report interval.
+connection, split by W3C trace id when comments carry one) and per application (its connections
+together, for async apps that gather one child per row over a pool), binding each child query to
+the owner query whose rows it loops over, judging every closed group, and turning what it finds
+into `Finding`s: the first occurrence of an (owner, child, route) key of an application is
+emitted at once, later ones are rolled up and emitted once per report interval.
 
 Read interface: `recent()` (the last `keep` findings as dicts, newest first) and `counts()`
 (occurrences by kind, child fingerprint, application_name and severity, for the Collector).
-The server calls `flush()` about once a second: it ends idle segments and emits due roll-ups.
+The server calls `flush(now)` about once a second: it ends idle segments and emits due roll-ups.
+Every other timing decision uses the events' own `sent_at` / `done_at`, so events that arrive
+late (the analysis runs apart from the forwarding loop) are judged as they happened.
 
 Readings of the spec that the code relies on:
+- Soft boundaries (transaction statements, pool check-out and reset statements, the empty
+  query) end nothing: owners and open groups survive them, so pools that check out per query are
+  followed. They do break a strict no-owner run, and a group whose children are separated by them
+  is only reported when the owner's rows account for all its distinct children (high
+  confidence) and, when most of them are, its median think time is at most
+  `boundary_max_think_ms`, the same number of statements separates most consecutive children and
+  there are children for at least 80% of the owner's rows: a check-out per query is
+  quick and a loop body repeats itself, while unrelated requests on a busy pooled connection are
+  the other explanation.
 - The owner ring holds the last `owner_ring` distinct owner fingerprints; any execution of a
   fingerprint already in the ring counts as a new execution of that owner (opening new groups
   for its children) even when it returned fewer rows.
@@ -20,23 +32,49 @@ Readings of the spec that the code relies on:
   its owner did, it was looping over the owner's owner (two relationships per parent), and is
   reported against that one.
 - A child that found no owner on its first execution binds to the first owner that runs later.
-- A parameter of `= ANY(...)` is counted as a set of values: the query is a batch loader.
+- A parameter of `= ANY(...)` is counted as a set of values: the query is a batch loader; so is
+  an IN list of parameters when no equality on a parameter sits beside it.
+- A locking read (FOR UPDATE / FOR SHARE) repeated with the same parameters claims a new row each
+  time (a queue worker): never a duplicate.
+- Statements that read only the system catalogs (driver type introspection, psql's \\d) are
+  invisible unless `include_catalog`; statements that read no relation at all (`SELECT $1::int`,
+  `SELECT now()`) are neither owners nor children: there is nothing to batch.
+- A cursor walk (keyset or offset pagination: a LIMIT query keyed by a range comparison or an
+  OFFSET on a parameter) takes its parameter from its own previous result; without an equality
+  key it is never a loop, with one (a tenant filter) it is when its pages come back full.
+- Repeats with steady gaps of at least `poll_min_interval_ms` and nothing else between them are
+  polling (sleep in a loop): never a duplicate, and not a loop unless its distinct parameters
+  fit the owner's rows (a loop with steady work per row under `max_think_ms` is still a loop).
+- Across connections (`correlate_connections`): every statement is also observed in its
+  application's stream (application_name, user, database and client host, split by trace id).
+  A group there is judged only when at least a fifth of its children ran on other connections
+  with no owner of their own; then it replaces the per-connection groups it is made of. Without
+  a trace id it must also start within `max_think_ms` of the owner, keep its gaps under it,
+  keep the pool busy (children sent while others run) on connections that run nothing else
+  meanwhile, and run for at least 80% of the owner's rows (and no more distinct ones).
 - Duplicates are, like N+1 loops, only reported for tight (think time) unbatched repetition;
   without an owner, only when the repeats are at least half of the group's executions.
 
+Memory: statements are known by fingerprint; the shape table keeps, per fingerprint, only the
+normalized text cut at `sql_text_max_chars` and a few flags. Everything retained is counted in
+estimated bytes against `max_memory_bytes`: shapes may use a quarter, open segments half (the
+least recently active are judged early when over), roll-up keys the last quarter.
+
 Must not: import asyncio, sockets, prometheus_client or a logger; keep parameter values (only
-their signatures); grow without bound (tracks per stream, streams per connection, counted
-label sets and roll-up keys are all capped).
+their signatures) or whole statement texts; grow past its byte budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import statistics
 import time
 from collections import OrderedDict, deque
 from typing import Callable, Final
+
+from pglast import parser as pg
 
 from pgscout.dataplane.events import Session, SessionClosed, StatementDone
 from pgscout.analysis.comments import trace_id
@@ -44,34 +82,128 @@ from pgscout.analysis.comments import trace_id
 # A connection serves one request at a time unless an async app shares it; more traced streams
 # than this on one connection are finished requests whose idle gap has not elapsed yet.
 MAX_STREAMS_PER_CONNECTION: Final = 8
+# An application serves many traced requests at once over its pool.
+MAX_STREAMS_PER_APPLICATION: Final = 64
 # Label sets kept by counts(); further child fingerprints are counted under "other".
 MAX_COUNTED_LABEL_SETS = 4096
-# Normalized texts whose shape is cached; the fingerprinter's own cache bounds the variety.
-MAX_SHAPES: Final = 4096
+# Connections a group remembers by id (only "more than one" matters).
+MAX_GROUP_CONNECTIONS: Final = 16
+# Statements longer than this are classified with regular expressions instead of a parse, on
+# their head only (asyncpg's type introspection, the longest driver query, is about 6,500).
+MAX_PARSED_CHARS: Final = 10_000
+# How a statement is written (ORM style, table, key column) is read from its head.
+STYLE_HEAD_CHARS: Final = 2_000
+# A cross-connection group may have this share of gaps over the think time (a GC pause).
+CROSS_MAX_LONG_GAP_RATIO: Final = 0.1
+# Share of a group's children that must run on connections without their own owner for the
+# group to be judged per application.
+CROSS_MIN_FOREIGN_RATIO: Final = 0.2
+# Without a trace id, share of a cross-connection group's children that must have been sent
+# while another was running: gathered tasks keep the pool busy, unrelated requests rarely do.
+CROSS_MIN_OVERLAP_RATIO: Final = 0.3
+# ...and share of them whose connection ran nothing else since the owner or its previous child:
+# gathered tasks hold their connections for the fan-out, a busy pool mixes requests.
+CROSS_MIN_DEDICATED_RATIO: Final = 0.75
+# Across soft boundaries, share of the children that must follow the previous one after the same
+# number of other statements (a loop body repeats itself; unrelated requests do not).
+BOUNDARY_MIN_REGULAR_RATIO: Final = 0.75
+# A loop inferred across soft boundaries or connections runs a child for at least this share of
+# the owner's rows (one per row); a few lookups after a listing are unrelated requests.
+LOOP_MIN_ROW_COVERAGE: Final = 0.8
+# Share of gaps that must sit near the median for a repeat to be periodic (polling).
+POLL_STEADY_RATIO: Final = 0.8
+
+# Estimated retained bytes (CPython 3.11, 64-bit), calibrated with tracemalloc in the tests.
+SHAPE_BYTES: Final = 700  # plus the kept text
+EVENT_BYTES: Final = 320  # a gap, a row count and a parameter-signature entry
+TRACK_BYTES: Final = 900  # a track and its open group
+OWNER_BYTES: Final = 300
+STREAM_BYTES: Final = 1200
+REPORT_BYTES: Final = 1500  # plus two kept texts
 
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 _CONFIDENCE_RANK = {"low": 0, "medium": 1, "high": 2}
-_POOL_RESET_STATEMENTS: Final = frozenset({"SELECT $1", "DISCARD ALL", "RESET ALL", "DEALLOCATE ALL"})
-_TRANSACTION_END_WORDS: Final = frozenset({"COMMIT", "END", "ROLLBACK", "ABORT"})
-_TRANSACTION_BEGIN_WORDS: Final = frozenset({"BEGIN", "START"})
+# Pool check-out and reset statements (upper case, single spaces): asyncpg's release script
+# (one simple Query: `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`),
+# PgBouncer's server_reset_query, pre-ping queries.
+_POOL_RESET_STATEMENTS: Final = frozenset({
+    "SELECT $1", "SELECT 1", "DISCARD ALL", "DISCARD PLANS", "DISCARD SEQUENCES",
+    "DISCARD TEMP", "RESET ALL", "DEALLOCATE ALL", "CLOSE ALL", "UNLISTEN *",
+    "SELECT PG_ADVISORY_UNLOCK_ALL()", "SET SESSION AUTHORIZATION DEFAULT",
+    "RESET SESSION AUTHORIZATION", "ROLLBACK", "COMMIT", "BEGIN",
+})
+_RESET_TEXT_MAX_CHARS: Final = 400
+_CATALOG_SCHEMAS: Final = frozenset({"pg_catalog", "information_schema"})
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _ARRAY_LOOKUP = re.compile(r"\b(?:ANY|SOME)\s*\(", re.IGNORECASE)
+_IN_LIST = re.compile(r"\bIN\s*\(\s*\$\d+\s*,", re.IGNORECASE)
+# Row locks: a claim of the next queue row repeats its parameters and gets another row each time.
+_LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE)\b", re.IGNORECASE)
+_JSON_STRING = r'"((?:[^"\\]|\\.)*)"'
+# A relation in pglast's JSON: a RangeVar, or the bare `relation` of INSERT/UPDATE/DELETE.
+_RANGE_VAR = re.compile(r'\{(?:"catalogname":"(?:[^"\\]|\\.)*",)?'
+                        rf'(?:"schemaname":{_JSON_STRING},)?"relname":{_JSON_STRING}')
+_CTE_NAME = re.compile(rf'"ctename":{_JSON_STRING}')
 _NAME = r'(?:"[^"]+"|[A-Za-z_][\w$]*)'
 _QUALIFIED_NAME = rf"{_NAME}(?:\s*\.\s*{_NAME})*"
 _FROM_TABLE = re.compile(rf"\bFROM\s+({_QUALIFIED_NAME})", re.IGNORECASE)
+_RELATION = re.compile(rf"\b(?:FROM|JOIN|INTO|UPDATE)\s+({_QUALIFIED_NAME})", re.IGNORECASE)
 _KEY_COLUMN = re.compile(
     rf"({_QUALIFIED_NAME})\s*=\s*\$\d+|\$\d+(?:\s*::\s*\w+)?\s*=\s*({_QUALIFIED_NAME})"
 )
+# Cursor walks: a LIMIT keyed by a range comparison with a parameter (`id > $1`,
+# `(created_at, id) < ($1, $2)`, `$1 < t.id`) or an OFFSET parameter.
+_LIMIT = re.compile(r"\b(?:LIMIT|FETCH\s+(?:FIRST|NEXT))\b", re.IGNORECASE)
+_RANGE_PARAM = re.compile(
+    r"(?<![<>=!~\-#@|&])(?:<=|>=|<(?![<>=])|>(?![>=]))\s*\(?\s*\$\d+"
+    r"|\$\d+(?:\s*::\s*\w+)?\s*(?:<=|>=|<(?![<>=@])|>(?![>=]))")
+_OFFSET_PARAM = re.compile(r"\bOFFSET\s+\$\d+", re.IGNORECASE)
+_EQUALITY_PARAM = re.compile(r"(?<![<>=!])=\s*\(?\s*\$\d+|\$\d+(?:\s*::\s*\w+)?\s*=(?![=>])")
+# What known ORMs' statements look like, most distinctive first.
+_STYLES: Final = (
+    ("hibernate", re.compile(r"\b[a-z][a-z]*\d+_\d*\.\w")),  # b1_0.id (6), book0_.id (5)
+    ("prisma", re.compile(r'"public"\."\w+"\."\w+"')),
+    ("typeorm", re.compile(r'"(\w+)"\."\w+" AS "\1_\w+"')),
+    ("sequelize", re.compile(r'\bFROM "\w+" AS "\w+"', re.IGNORECASE)),
+    ("rails", re.compile(r'^\s*SELECT (?:DISTINCT )?"\w+"\.\*', re.IGNORECASE)),
+    ("gorm", re.compile(r'^\s*SELECT \* FROM "\w+" WHERE "\w+"\."\w+"', re.IGNORECASE)),
+    ("django", re.compile(r'^\s*SELECT (?:DISTINCT )?"\w+"\."\w+"(?:, "\w+"\."\w+")* FROM "\w+"',
+                          re.IGNORECASE)),
+    ("sqlalchemy", re.compile(r"\$\d+(?:::[A-Z][A-Z ]*)? = \w+\.\w+|\b\w+\.(\w+) AS \w+_\1\b"
+                              r"|::(?:INTEGER|VARCHAR|BIGINT)\b")),
+)
+# Words in application_name and sqlcommenter tags that name a stack.
+_STACK_WORDS: Final = {
+    "sqlalchemy": "sqlalchemy", "django": "django",
+    "rails": "rails", "activerecord": "rails", "active_record": "rails", "ruby": "rails",
+    "sidekiq": "rails", "puma": "rails",
+    "hibernate": "hibernate", "spring": "hibernate", "jpa": "hibernate",
+    "jdbc": "jdbc", "java": "jdbc",
+    "prisma": "prisma", "sequelize": "sequelize", "typeorm": "typeorm",
+    "node": "node", "nodejs": "node", "express": "node", "nestjs": "node", "koa": "node",
+    "fastify": "node", "knex": "node", "postgres_js": "node",
+    "gorm": "gorm", "go": "go", "golang": "go", "pgx": "go", "sqlx": "go", "sqlc": "go",
+    "psycopg": "driver", "psycopg2": "driver", "psycopg3": "driver", "asyncpg": "driver",
+    "psql": "driver", "libpq": "driver",
+}
+_WORD = re.compile(r"[a-z0-9_]+")
 
 
 @dataclasses.dataclass(slots=True)
 class Finding:
-    """One reported N+1 loop or duplicate query, or a roll-up of several (`iterations`).
+    """One reported N+1 loop or duplicate query, or a roll-up of several (`iterations` loops).
 
-    Times are milliseconds summed over the iterations. For an N+1 loop `waste_ms` is the loop's
-    wall time minus its slowest child (what one batched query would roughly cost); for a
-    duplicate it is the time of the repeats after the first of each parameter set. `n` counts
-    child executions (for a duplicate: the executions of repeated parameter sets).
+    Per-loop figures (means over the loops of a roll-up): `n` (child executions in a loop; for a
+    duplicate, the executions of repeated parameter sets), `child_time_ms` (the children's own
+    execution time), `loop_time_ms` (first child sent to last child done) and `waste_ms`.
+    For an N+1 loop `waste_ms` is the loop's wall time minus its slowest child: what the loop
+    costs beyond the one batched query that would replace it. It includes `app_time_ms`, the
+    application's own time between the children, which batching saves only in part. For a
+    duplicate `waste_ms` is the repeats' own execution time (after the first run of each
+    parameter set), which severity is judged by. Totals: `n_max` (largest loop), `n_total`,
+    `waste_total_ms`. `connections` is how many connections the children ran on (more than one
+    when an async app gathered them over its pool). `stack` is the client stack the suggestion
+    is written for ("" when it could not be told).
     """
 
     kind: str  # "n_plus_one" or "duplicate"
@@ -81,9 +213,14 @@ class Finding:
     child_sql: str
     n: int
     iterations: int
+    n_max: int
+    n_total: int
     child_time_ms: float
     loop_time_ms: float
     waste_ms: float
+    app_time_ms: float
+    waste_total_ms: float
+    connections: int
     severity: str  # "info", "warning" or "critical"
     confidence: str  # "high", "medium" or "low"
     application_name: str
@@ -91,6 +228,7 @@ class Finding:
     database: str
     client_addr: str
     tags: dict[str, str]
+    stack: str
     suggestion: str
     first_seen: float  # wall clock, time.time() seconds
 
@@ -99,34 +237,51 @@ class Finding:
 
 
 class _Shape:
-    """What the detector needs from one normalized text, computed once per text."""
+    """What the detector needs from one statement fingerprint, computed once per fingerprint."""
 
-    __slots__ = ("placeholders", "array_lookup", "pool_reset", "ends_transaction",
-                 "begins_transaction")
+    __slots__ = ("text", "placeholders", "array_lookup", "soft_boundary", "reads", "page_walk",
+                 "equality_key", "locking", "style", "table", "key_column", "bytes")
 
-    def __init__(self, normalized: str) -> None:
+    def __init__(self, ev: StatementDone, text_max_chars: int) -> None:
+        full = ev.normalized
+        self.text = full[:text_max_chars - 1] + "…" if len(full) > text_max_chars else full
+        # A bulk statement's head says what it is; scanning all of it would cost per character.
+        normalized = full[:MAX_PARSED_CHARS + 1]
         self.placeholders = len(set(_PLACEHOLDER.findall(normalized)))
-        self.array_lookup = _ARRAY_LOOKUP.search(normalized) is not None
-        statement = " ".join(normalized.upper().split()) if len(normalized) <= 64 else ""
-        first_word = statement.split(" ", 1)[0]
-        self.pool_reset = statement in _POOL_RESET_STATEMENTS
-        self.ends_transaction = (first_word in _TRANSACTION_END_WORDS
-                                 and " TO " not in statement and "PREPARED" not in statement)
-        self.begins_transaction = first_word in _TRANSACTION_BEGIN_WORDS
+        self.equality_key = _EQUALITY_PARAM.search(normalized) is not None
+        # `= ANY($1)`, or an IN list of parameters as the only key: a batch loader (chunks of
+        # keys), not a per-row lookup.
+        self.array_lookup = _ARRAY_LOOKUP.search(normalized) is not None or (
+            not self.equality_key and _IN_LIST.search(normalized) is not None)
+        self.locking = _LOCKING.search(normalized) is not None
+        self.soft_boundary = _is_pool_reset(ev.sql if len(ev.sql) <= _RESET_TEXT_MAX_CHARS
+                                            else normalized)
+        self.reads = _reads(normalized)
+        self.page_walk = _LIMIT.search(normalized) is not None and (
+            _RANGE_PARAM.search(normalized) is not None
+            or _OFFSET_PARAM.search(normalized) is not None)
+        head = normalized[:STYLE_HEAD_CHARS]
+        self.style = next((name for name, pattern in _STYLES if pattern.search(head)), "")
+        self.table = _table(head)
+        self.key_column = _key_column(head)
+        self.bytes = SHAPE_BYTES + 2 * len(self.text)
 
 
 class _Owner:
     """The latest execution of one owner fingerprint in a stream, with running totals."""
 
-    __slots__ = ("fingerprint", "normalized", "exec_id", "rows", "executions", "total_rows")
+    __slots__ = ("fingerprint", "shape", "exec_id", "rows", "executions", "total_rows",
+                 "conn_id", "done_at")
 
-    def __init__(self, fingerprint: str, normalized: str) -> None:
+    def __init__(self, fingerprint: str, shape: _Shape) -> None:
         self.fingerprint = fingerprint
-        self.normalized = normalized
+        self.shape = shape
         self.exec_id = 0
         self.rows = 0
         self.executions = 0
         self.total_rows = 0
+        self.conn_id = 0
+        self.done_at = 0.0
 
 
 class _Group:
@@ -134,10 +289,13 @@ class _Group:
 
     __slots__ = ("key", "owner", "outer", "owner_execs", "owner_rows", "owner_execs_seen",
                  "owner_rows_seen", "n", "pipelined", "by_params", "max_repeat", "gaps", "rows",
-                 "child_time", "slowest", "first_sent", "last_done", "tags")
+                 "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
+                 "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
+                 "owner_done", "statement_mark", "interleaved", "overlapped", "between",
+                 "dedicated")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
-                 ev: StatementDone) -> None:
+                 ev: StatementDone, boundaries: int) -> None:
         self.key = key
         self.owner = owner
         self.outer = outer  # the owner's own group, when the owner is itself a bound child
@@ -147,6 +305,13 @@ class _Group:
             # Count from the owner execution that opened this group.
             self.owner_execs_seen = owner.executions - 1
             self.owner_rows_seen = owner.total_rows - owner.rows
+            self.lead = ev.sent_at - owner.done_at  # owner done -> first child sent
+            self.owner_conn = owner.conn_id
+            self.owner_done = owner.done_at
+        else:
+            self.lead = 0.0
+            self.owner_conn = 0
+            self.owner_done = 0.0
         self.n = 0
         self.pipelined = 0
         self.by_params: dict[int, list] = {}  # signature -> [count, seconds, first sent, last done]
@@ -158,12 +323,33 @@ class _Group:
         self.first_sent = ev.sent_at
         self.last_done = ev.done_at
         self.tags = ev.tags
+        self.boundary_mark = boundaries  # soft boundaries seen in the stream at the last child
+        self.crossed = 0  # children separated from the previous one by a soft boundary
+        self.conns: set[int] = set()
+        self.foreign = 0  # children on another connection than the owner's, with no owner there
+        self.app_group: _Group | None = None  # the application stream's group of the same child
+        self.statement_mark = 0  # statements seen in the stream at the last child
+        self.interleaved = 0  # children with other statements between them and the previous one
+        self.overlapped = 0  # children sent while an earlier one was still running elsewhere
+        self.between: dict[int, int] = {}  # statements between consecutive children -> times
+        # Children whose connection ran nothing else since the owner or its previous child.
+        self.dedicated = 0
 
-    def add(self, ev: StatementDone) -> None:
+    def add(self, ev: StatementDone, boundaries: int, statements: int) -> None:
         duration = ev.done_at - ev.sent_at
         if self.n:
             gap = ev.sent_at - self.last_done
             self.gaps.append(gap if gap > 0.0 else 0.0)
+            if boundaries != self.boundary_mark:
+                self.crossed += 1
+            between = statements - self.statement_mark - 1
+            if between:
+                self.interleaved += 1
+            self.between[between] = self.between.get(between, 0) + 1
+            if ev.sent_at < self.last_done:
+                self.overlapped += 1
+        self.boundary_mark = boundaries
+        self.statement_mark = statements
         self.n += 1
         if ev.pipelined:
             self.pipelined += 1
@@ -184,6 +370,8 @@ class _Group:
             self.slowest = duration
         if ev.done_at > self.last_done:
             self.last_done = ev.done_at
+        if len(self.conns) < MAX_GROUP_CONNECTIONS:
+            self.conns.add(ev.session.conn_id)
 
     def count_owner_executions(self, owner: _Owner) -> None:
         if owner is not self.owner:
@@ -197,29 +385,48 @@ class _Group:
             self.owner_execs_seen = owner.executions
             self.owner_rows_seen = owner.total_rows
 
+    def spans_connections(self) -> bool:
+        """Children ran on other connections, with no owner there: an async fan-out."""
+        return len(self.conns) > 1 and self.foreign >= CROSS_MIN_FOREIGN_RATIO * self.n
+
 
 class _Track:
     """One child fingerprint in a stream: its owner binding and its open group."""
 
-    __slots__ = ("fingerprint", "normalized", "owner", "group", "last_seq")
+    __slots__ = ("fingerprint", "shape", "owner", "group", "last_seq")
 
-    def __init__(self, fingerprint: str, normalized: str) -> None:
+    def __init__(self, fingerprint: str, shape: _Shape) -> None:
         self.fingerprint = fingerprint
-        self.normalized = normalized
+        self.shape = shape
         self.owner: _Owner | None = None
         self.group: _Group | None = None
         self.last_seq = 0
 
 
+class _Scope:
+    """A client connection, or an application's connections taken together (`shared`)."""
+
+    __slots__ = ("key", "shared", "streams", "last_fingerprint", "last_done")
+
+    def __init__(self, key: int | tuple, shared: bool) -> None:
+        self.key = key
+        self.shared = shared
+        self.streams: OrderedDict[str | None, _Stream] = OrderedDict()
+        # A connection's last statement (soft boundaries and catalog reads aside).
+        self.last_fingerprint = ""
+        self.last_done = 0.0
+
+
 class _Stream:
     """One segment of one stream: owner ring and child tracks, reset when the segment ends."""
 
-    __slots__ = ("key", "trace", "session", "owners", "tracks", "seq", "owner_seq", "started_at",
-                 "last_done")
+    __slots__ = ("key", "scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
+                 "started_at", "last_done", "boundaries", "statements", "bytes")
 
-    def __init__(self, key: tuple[int, str | None], trace: str | None, session: Session,
+    def __init__(self, scope: _Scope, trace: str | None, session: Session,
                  started_at: float) -> None:
-        self.key = key
+        self.key = (scope.key, trace)
+        self.scope = scope
         self.trace = trace
         self.session = session
         self.owners: OrderedDict[str, _Owner] = OrderedDict()
@@ -228,14 +435,9 @@ class _Stream:
         self.owner_seq = 0  # seq of the latest owner execution
         self.started_at = started_at
         self.last_done = started_at
-
-
-class _Connection:
-    __slots__ = ("in_block", "streams")
-
-    def __init__(self) -> None:
-        self.in_block = False
-        self.streams: OrderedDict[str | None, _Stream] = OrderedDict()
+        self.boundaries = 0  # soft boundaries seen
+        self.statements = 0  # statements observed (soft boundaries and catalog reads aside)
+        self.bytes = STREAM_BYTES
 
 
 class _Report:
@@ -255,15 +457,18 @@ class NPlusOneDetector:
 
     def __init__(self, settings_like, emit: Callable[[Finding], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self._recent: deque[Finding] = deque(maxlen=settings_like.keep)
         self.reconfigure(settings_like)
         self._emit = emit
         self._clock = clock
-        self._connections: dict[int, _Connection] = {}
-        self._streams: OrderedDict[tuple[int, str | None], _Stream] = OrderedDict()  # by activity
-        self._shapes: dict[str, _Shape] = {}
+        self._connections: dict[int, _Scope] = {}
+        self._applications: dict[tuple, _Scope] = {}
+        self._streams: OrderedDict[tuple, _Stream] = OrderedDict()  # by activity
+        self._shapes: OrderedDict[str, _Shape] = OrderedDict()  # by fingerprint, LRU
         self._reports: OrderedDict[tuple, _Report] = OrderedDict()  # by last emission
-        self._recent: deque[Finding] = deque(maxlen=settings_like.keep)
         self._counts: dict[tuple[str, str, str, str], int] = {}
+        self._shape_bytes = 0
+        self._stream_bytes = 0
         self._last_traceparent: str | None = None
         self._last_trace: str | None = None
 
@@ -272,6 +477,8 @@ class NPlusOneDetector:
         s = settings_like
         self._enabled = s.enabled
         self._include_writes = s.include_writes
+        self._include_catalog = s.include_catalog
+        self._correlate = s.correlate_connections
         self._idle_gap = s.idle_gap_ms / 1000.0
         self._segment_max_events = s.segment_max_events
         self._segment_max_seconds = s.segment_max_seconds
@@ -282,6 +489,7 @@ class NPlusOneDetector:
         self._min_distinct_ratio = s.min_distinct_ratio
         self._max_pipelined_ratio = s.max_pipelined_ratio
         self._max_think = s.max_think_ms / 1000.0
+        self._boundary_max_think = s.boundary_max_think_ms / 1000.0
         self._max_median_rows = s.max_median_rows
         self._duplicate_min = s.duplicate_min
         self._no_owner_min_run = s.no_owner_min_run
@@ -291,8 +499,17 @@ class NPlusOneDetector:
         self._critical_loop = s.critical_loop_ms / 1000.0
         self._critical_n = s.critical_n
         self._report_interval = s.report_interval_seconds
+        self._poll_min_interval = s.poll_min_interval_ms / 1000.0
+        self._poll_max_jitter = s.poll_max_jitter_ratio
+        self._text_max_chars = s.sql_text_max_chars
+        budget = s.max_memory_bytes
+        self._shape_budget = budget // 4
+        self._stream_budget = budget // 2
+        self._max_reports = max(1, budget // 4 // (REPORT_BYTES + 4 * s.sql_text_max_chars))
         self._smallest_reportable = min(self._min_distinct, self._no_owner_min_run,
                                         self._duplicate_min)
+        if self._recent.maxlen != s.keep:
+            self._recent = deque(self._recent, maxlen=s.keep)
 
     # -- bus interface ----------------------------------------------------------------------
     def on_statement(self, ev: StatementDone) -> None:
@@ -301,34 +518,40 @@ class NPlusOneDetector:
         conn_id = ev.session.conn_id
         conn = self._connections.get(conn_id)
         if conn is None:
-            conn = self._connections[conn_id] = _Connection()
-        shape = self._shape(ev.normalized)
-        if shape.pool_reset or ev.tag == "EMPTY":
-            self._end_connection(conn, ev.done_at)
-            self._transaction_ended(conn, ev, shape)
+            conn = self._connections[conn_id] = _Scope(conn_id, shared=False)
+        if ev.kind == "txn" or ev.tag == "EMPTY":
+            self._soft_boundary(conn)
             return
+        if not ev.fingerprint:
+            return
+        shape = self._shape(ev)
+        if shape.soft_boundary:
+            self._soft_boundary(conn)
+            return
+        if shape.reads == "catalog" and not self._include_catalog:
+            return  # driver or tool introspection, not the application's data access
         trace = self._trace(ev.tags) if ev.tags else None
-        stream = conn.streams.get(trace)
-        if stream is not None and (
-            ev.sent_at - stream.last_done > self._idle_gap
-            or stream.seq >= self._segment_max_events
-            or ev.done_at - stream.started_at > self._segment_max_seconds
-        ):
-            self._end_stream(conn, stream, ev.done_at)
-            stream = None
-        if stream is None:
-            stream = self._open_stream(conn, ev, trace)
-        else:
-            conn.streams.move_to_end(trace)
-            self._streams.move_to_end(stream.key)
-        self._observe(stream, ev, shape)
-        if self._transaction_ended(conn, ev, shape):
-            self._end_connection(conn, ev.done_at)
+        stream = self._stream_for(conn, ev, trace, MAX_STREAMS_PER_CONNECTION)
+        group = self._observe(stream, ev, shape, None)
+        if self._correlate:
+            application = self._application(ev.session)
+            app_stream = self._stream_for(application, ev, trace, MAX_STREAMS_PER_APPLICATION)
+            app_group = self._observe(app_stream, ev, shape, group)
+            if group is not None:
+                group.app_group = app_group
+            if app_group is not None and (conn.last_fingerprint == ev.fingerprint
+                                          or conn.last_done <= app_group.owner_done):
+                app_group.dedicated += 1
+        conn.last_fingerprint = ev.fingerprint
+        conn.last_done = ev.done_at
+        if self._stream_bytes > self._stream_budget:
+            self._shed_streams(ev.done_at)
 
     def on_session_closed(self, ev: SessionClosed) -> None:
         conn = self._connections.pop(ev.session.conn_id, None)
         if conn is not None:
-            self._end_connection(conn, ev.at)
+            for stream in list(conn.streams.values()):
+                self._end_stream(stream, ev.at)
 
     def flush(self, now: float | None = None) -> None:
         """End segments idle for longer than the idle gap and emit the roll-ups that are due."""
@@ -339,7 +562,7 @@ class NPlusOneDetector:
             stream = next(iter(streams.values()))
             if now - stream.last_done <= self._idle_gap:
                 break
-            self._end_stream(self._connections[stream.key[0]], stream, now)
+            self._end_stream(stream, now)
         reports = self._reports
         while reports:
             key, report = next(iter(reports.items()))
@@ -361,13 +584,23 @@ class NPlusOneDetector:
         """Occurrences so far by (kind, child fingerprint, application_name, severity)."""
         return dict(self._counts)
 
+    def retained_bytes(self) -> int:
+        """The estimate held against max_memory_bytes: shapes, open segments and roll-up keys."""
+        return (self._shape_bytes + self._stream_bytes
+                + len(self._reports) * (REPORT_BYTES + 4 * self._text_max_chars))
+
     # -- segments ---------------------------------------------------------------------------
-    def _shape(self, normalized: str) -> _Shape:
-        shape = self._shapes.get(normalized)
+    def _shape(self, ev: StatementDone) -> _Shape:
+        shapes = self._shapes
+        shape = shapes.get(ev.fingerprint)
         if shape is None:
-            if len(self._shapes) >= MAX_SHAPES:
-                self._shapes.clear()
-            shape = self._shapes[normalized] = _Shape(normalized)
+            shape = shapes[ev.fingerprint] = _Shape(ev, self._text_max_chars)
+            self._shape_bytes += shape.bytes
+            while self._shape_bytes > self._shape_budget and len(shapes) > 1:
+                _, evicted = shapes.popitem(last=False)
+                self._shape_bytes -= evicted.bytes
+        else:
+            shapes.move_to_end(ev.fingerprint)
         return shape
 
     def _trace(self, tags: dict[str, str]) -> str | None:
@@ -378,53 +611,82 @@ class NPlusOneDetector:
             self._last_trace = trace_id(tags)
         return self._last_trace
 
-    def _open_stream(self, conn: _Connection, ev: StatementDone, trace: str | None) -> _Stream:
-        if len(conn.streams) >= MAX_STREAMS_PER_CONNECTION:
-            self._end_stream(conn, next(iter(conn.streams.values())), ev.done_at)
-        key = (ev.session.conn_id, trace)
-        stream = conn.streams[trace] = self._streams[key] = _Stream(key, trace, ev.session,
-                                                                    ev.sent_at)
+    def _application(self, session: Session) -> _Scope:
+        host = session.client_addr.rsplit(":", 1)[0]
+        key = ("app", session.application_name, session.user, session.database, host)
+        scope = self._applications.get(key)
+        if scope is None:
+            scope = self._applications[key] = _Scope(key, shared=True)
+        return scope
+
+    def _stream_for(self, scope: _Scope, ev: StatementDone, trace: str | None,
+                    max_streams: int) -> _Stream:
+        stream = scope.streams.get(trace)
+        if stream is not None and (
+            ev.sent_at - stream.last_done > self._idle_gap
+            or stream.seq >= self._segment_max_events
+            or ev.done_at - stream.started_at > self._segment_max_seconds
+        ):
+            self._end_stream(stream, ev.done_at)
+            stream = None
+        if stream is None:
+            if len(scope.streams) >= max_streams:
+                self._end_stream(next(iter(scope.streams.values())), ev.done_at)
+            stream = _Stream(scope, trace, ev.session, ev.sent_at)
+            if not scope.streams and scope.shared:
+                self._applications[scope.key] = scope
+            scope.streams[trace] = self._streams[stream.key] = stream
+            self._stream_bytes += stream.bytes
+        else:
+            scope.streams.move_to_end(trace)
+            self._streams.move_to_end(stream.key)
         return stream
 
-    def _end_stream(self, conn: _Connection, stream: _Stream, now: float) -> None:
-        del conn.streams[stream.trace]
+    def _end_stream(self, stream: _Stream, now: float) -> None:
+        scope = stream.scope
+        del scope.streams[stream.trace]
         del self._streams[stream.key]
+        self._stream_bytes -= stream.bytes
+        if scope.shared and not scope.streams:
+            self._applications.pop(scope.key, None)
         for track in stream.tracks.values():
             if track.group is not None:
                 self._judge(stream, track, track.group, now)
 
-    def _end_connection(self, conn: _Connection, now: float) -> None:
-        for stream in list(conn.streams.values()):
-            self._end_stream(conn, stream, now)
+    def _shed_streams(self, now: float) -> None:
+        """Over the byte budget: judge the least recently active segments now and forget them."""
+        while self._stream_bytes > self._stream_budget and self._streams:
+            self._end_stream(next(iter(self._streams.values())), now)
 
     @staticmethod
-    def _transaction_ended(conn: _Connection, ev: StatementDone, shape: _Shape) -> bool:
-        """Follow the connection's transaction block; true when `ev` closed one."""
-        status = ev.txn_status
-        if status == "I" or (not status and ev.kind == "txn" and shape.ends_transaction):
-            ended = conn.in_block
-            conn.in_block = False
-            return ended
-        if status == "T" or status == "E" or (ev.kind == "txn" and shape.begins_transaction):
-            conn.in_block = True
-        return False
+    def _soft_boundary(conn: _Scope) -> None:
+        """A transaction statement or a pool check-out/reset: the request may go on after it."""
+        for stream in conn.streams.values():
+            stream.seq += 1  # breaks a strict no-owner run
+            stream.boundaries += 1
 
     # -- owners and children ----------------------------------------------------------------
-    def _observe(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
+    def _observe(self, stream: _Stream, ev: StatementDone, shape: _Shape,
+                 conn_group: _Group | None) -> _Group | None:
+        """Count `ev` in `stream`; returns the group it joined as a child, if any."""
         stream.seq += 1
-        stream.last_done = ev.done_at
+        stream.statements += 1
+        if ev.done_at > stream.last_done:
+            stream.last_done = ev.done_at
+        if shape.reads == "none":
+            return None  # reads no relation: nothing a loop could batch
         kind = ev.kind
-        if not ev.fingerprint:
-            return
+        group = None
         if ((kind == "select" or (kind == "dml" and self._include_writes))
                 and not shape.array_lookup
                 and ev.n_params <= self._child_max_params
                 and shape.placeholders <= self._child_max_params):
-            self._observe_child(stream, ev)
+            group = self._observe_child(stream, ev, shape, conn_group)
         if kind == "select":
-            self._observe_owner(stream, ev)
+            self._observe_owner(stream, ev, shape)
+        return group
 
-    def _observe_owner(self, stream: _Stream, ev: StatementDone) -> None:
+    def _observe_owner(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
         owners = stream.owners
         owner = owners.get(ev.fingerprint)
         if owner is None:
@@ -432,13 +694,18 @@ class NPlusOneDetector:
                 return
             if len(owners) >= self._owner_ring:
                 owners.popitem(last=False)
-            owner = owners[ev.fingerprint] = _Owner(ev.fingerprint, ev.normalized)
+            else:
+                stream.bytes += OWNER_BYTES
+                self._stream_bytes += OWNER_BYTES
+            owner = owners[ev.fingerprint] = _Owner(ev.fingerprint, shape)
         else:
             owners.move_to_end(ev.fingerprint)
         owner.exec_id = stream.seq
         owner.rows = ev.rows
         owner.executions += 1
         owner.total_rows += ev.rows
+        owner.conn_id = ev.session.conn_id
+        owner.done_at = ev.done_at
         stream.owner_seq = stream.seq
 
     def _newest_owner(self, stream: _Stream, child_fingerprint: str) -> _Owner | None:
@@ -447,7 +714,8 @@ class NPlusOneDetector:
                 return owner
         return None
 
-    def _observe_child(self, stream: _Stream, ev: StatementDone) -> None:
+    def _observe_child(self, stream: _Stream, ev: StatementDone, shape: _Shape,
+                       conn_group: _Group | None) -> _Group:
         fingerprint = ev.fingerprint
         seq = stream.seq
         tracks = stream.tracks
@@ -455,9 +723,13 @@ class NPlusOneDetector:
         if track is None:
             if len(tracks) >= self._max_tracks:
                 _, evicted = tracks.popitem(last=False)
+                self._forget(stream, evicted.group)
                 if evicted.group is not None:
                     self._judge(stream, evicted, evicted.group, ev.done_at)
-            track = tracks[fingerprint] = _Track(fingerprint, ev.normalized)
+            else:
+                stream.bytes += TRACK_BYTES
+                self._stream_bytes += TRACK_BYTES
+            track = tracks[fingerprint] = _Track(fingerprint, shape)
         else:
             tracks.move_to_end(fingerprint)
 
@@ -483,24 +755,70 @@ class NPlusOneDetector:
                 key = owner.exec_id
         if group is None or group.key != key:
             if group is not None:
+                self._forget(stream, group)
                 self._judge(stream, track, group, ev.done_at)
-            group = track.group = _Group(key, owner, outer, ev)
-        group.add(ev)
+            group = track.group = _Group(key, owner, outer, ev, stream.boundaries)
+        group.add(ev, stream.boundaries, stream.statements)
+        stream.bytes += EVENT_BYTES
+        self._stream_bytes += EVENT_BYTES
         if owner is not None:
             group.count_owner_executions(owner)
+            if (stream.scope.shared and ev.session.conn_id != group.owner_conn
+                    and (conn_group is None or conn_group.owner is None
+                         or conn_group.owner.fingerprint != owner.fingerprint)):
+                group.foreign += 1
         track.last_seq = seq
+        return group
+
+    def _forget(self, stream: _Stream, group: _Group | None) -> None:
+        """A closed group's executions no longer count against the budget."""
+        if group is not None:
+            released = group.n * EVENT_BYTES
+            stream.bytes -= released
+            self._stream_bytes -= released
 
     # -- judging ----------------------------------------------------------------------------
     def _judge(self, stream: _Stream, track: _Track, group: _Group, now: float) -> None:
+        try:
+            self._judge_group(stream, track, group, now)
+        finally:
+            # A judged group may still be some open group's `outer`: let go of what it points
+            # to, or a chain of nested loops would keep every group (and its text) alive.
+            group.outer = None
+            group.app_group = None
+
+    def _judge_group(self, stream: _Stream, track: _Track, group: _Group, now: float) -> None:
         n = group.n
         if n < self._smallest_reportable:
             return
+        shared = stream.scope.shared
+        if shared:
+            if not group.spans_connections():
+                return  # on one connection: that connection's stream judges it
+        elif (group.app_group is not None and group.app_group.spans_connections()
+              and (group.owner is None or (group.owner.conn_id == group.app_group.owner_conn
+                                           and group.owner_done == group.app_group.owner_done))):
+            return  # part of an async fan-out: the application's stream judges the whole
         gaps = group.gaps
-        if gaps and statistics.median(gaps) > self._max_think:
-            return  # a loop doing real work between queries
+        if gaps:
+            think = statistics.median(gaps)
+            if think > self._max_think:
+                return  # a loop doing real work between queries
+            if group.crossed > len(gaps) // 2 and (
+                    think > self._boundary_max_think
+                    or max(group.between.values()) < BOUNDARY_MIN_REGULAR_RATIO * len(gaps)
+                    or not self._covers_owner_rows(group)):
+                # Requests that each check out a pooled connection, not one loop: a loop checks
+                # out quickly, runs the same statements per row in the same order, and runs for
+                # most of the owner's rows.
+                return
         if group.pipelined > self._max_pipelined_ratio * n:
             return  # a batch: executemany or a pipeline
-        if group.max_repeat >= self._duplicate_min:
+        # Polling: the connection sleeps between repeats of one statement.
+        polling = (group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps)
+                   and self._periodic(gaps))
+        if (group.max_repeat >= self._duplicate_min and not shared and not polling
+                and not track.shape.locking):
             self._judge_duplicates(stream, track, group, now)
 
         distinct = len(group.by_params)
@@ -509,20 +827,56 @@ class NPlusOneDetector:
                 and n <= group.owner_execs):
             owner, owner_rows = group.outer.owner, group.outer.owner_rows
         if owner is None:
-            if distinct < self._no_owner_min_run:
+            if shared or distinct < self._no_owner_min_run:
                 return
             confidence = "low"
         else:
             if distinct < self._min_distinct or owner_rows < self._owner_min_rows:
                 return
             confidence = "high" if distinct <= owner_rows else "medium"
+            if confidence != "high" and (group.crossed or shared):
+                return  # beyond the owner's rows, across boundaries: unrelated requests
+        if polling and confidence != "high":
+            return  # a poller's moving key; a loop over the owner's rows may be steady too
         if distinct < self._min_distinct_ratio * n:
             return
         if statistics.median(group.rows) >= self._max_median_rows:
             return  # pagination or chunked reads
+        shape = track.shape
+        if shape.page_walk and (not shape.equality_key or _full_pages(group.rows)):
+            return  # a cursor walk: each page is keyed by the previous one
+        if shared and stream.trace is None:
+            # Nothing but timing ties these connections together: a fan-out starts as the
+            # owner's rows arrive and keeps going without pauses.
+            long_gaps = sum(1 for gap in gaps if gap > self._max_think)
+            if (group.lead > self._max_think
+                    or long_gaps > CROSS_MAX_LONG_GAP_RATIO * len(gaps)
+                    or group.overlapped < CROSS_MIN_OVERLAP_RATIO * len(gaps)
+                    or group.dedicated < CROSS_MIN_DEDICATED_RATIO * n
+                    or not self._covers_owner_rows(group)):
+                return
         loop_time = group.last_done - group.first_sent
         self._report(stream, "n_plus_one", owner, track, group, n, group.child_time, loop_time,
-                     loop_time - group.slowest, confidence, now)
+                     loop_time - group.slowest, max(0.0, loop_time - group.child_time),
+                     confidence, now)
+
+    @staticmethod
+    def _covers_owner_rows(group: _Group) -> bool:
+        """The children ran for most of the owner's rows, as a loop over them does."""
+        if group.owner is None:
+            return True
+        return group.n >= LOOP_MIN_ROW_COVERAGE * (group.owner_rows / max(1, group.owner_execs))
+
+    def _periodic(self, gaps: list[float]) -> bool:
+        """Steady gaps of at least poll_min_interval: a poller sleeping between runs."""
+        if len(gaps) < 4:
+            return False
+        median = statistics.median(gaps)
+        if median < self._poll_min_interval:
+            return False
+        tolerance = self._poll_max_jitter * median
+        steady = sum(1 for gap in gaps if abs(gap - median) <= tolerance)
+        return steady >= POLL_STEADY_RATIO * len(gaps)
 
     def _judge_duplicates(self, stream: _Stream, track: _Track, group: _Group,
                           now: float) -> None:
@@ -542,20 +896,22 @@ class NPlusOneDetector:
             return
         # Identical parameter signatures are a fact, not an inference: always high confidence.
         self._report(stream, "duplicate", group.owner, track, group, n, child_time,
-                     last_done - first_sent, waste, "high", now)
+                     last_done - first_sent, waste, 0.0, "high", now)
 
-    def _severity(self, n: int, loop_time: float) -> str:
-        if loop_time >= self._critical_loop or n >= self._critical_n:
+    def _severity(self, n: int, seconds: float) -> str:
+        if seconds >= self._critical_loop or n >= self._critical_n:
             return "critical"
-        if loop_time >= self._warning_loop or n >= self._warning_n:
+        if seconds >= self._warning_loop or n >= self._warning_n:
             return "warning"
         return "info"
 
     def _report(self, stream: _Stream, kind: str, owner: _Owner | None, track: _Track,
                 group: _Group, n: int, child_time: float, loop_time: float, waste: float,
-                confidence: str, now: float) -> None:
+                app_time: float, confidence: str, now: float) -> None:
         session = stream.session
-        severity = self._severity(n, loop_time)
+        # A loop costs its wall time; a duplicate costs what its repeats ran (not the span
+        # they are spread over).
+        severity = self._severity(n, loop_time if kind == "n_plus_one" else waste)
         self._count(kind, track.fingerprint, session.application_name, severity)
         owner_fingerprint = owner.fingerprint if owner is not None else None
         # Per application too: two services running the same loop are two problems, and a
@@ -565,29 +921,44 @@ class NPlusOneDetector:
         report = self._reports.get(key)
         if report is not None and report.pending is not None:
             pending = report.pending
-            pending.iterations += 1
-            pending.n += n
-            pending.child_time_ms += child_time * 1000.0
-            pending.loop_time_ms += loop_time * 1000.0
-            pending.waste_ms += waste * 1000.0
+            loops = pending.iterations
+            pending.iterations = loops + 1
+            pending.n_total += n
+            pending.n_max = max(pending.n_max, n)
+            pending.n = round(pending.n_total / pending.iterations)
+            pending.child_time_ms = _mean(pending.child_time_ms, loops, child_time * 1000.0)
+            pending.loop_time_ms = _mean(pending.loop_time_ms, loops, loop_time * 1000.0)
+            pending.waste_ms = _mean(pending.waste_ms, loops, waste * 1000.0)
+            pending.app_time_ms = _mean(pending.app_time_ms, loops, app_time * 1000.0)
+            pending.waste_total_ms += waste * 1000.0
+            pending.connections = max(pending.connections, len(group.conns))
             if _SEVERITY_RANK[severity] > _SEVERITY_RANK[pending.severity]:
                 pending.severity = severity
             if _CONFIDENCE_RANK[confidence] > _CONFIDENCE_RANK[pending.confidence]:
                 pending.confidence = confidence
             pending.tags = group.tags
+            pending.suggestion = _suggestion(kind, pending.stack, owner, track.shape,
+                                             pending.n)
             return
         first_seen = _wall_time(session, group.first_sent)
+        stack = _stack(group.tags, session.application_name, track.shape,
+                       owner.shape if owner is not None else None)
         finding = Finding(
             kind=kind,
             owner_fingerprint=owner_fingerprint,
-            owner_sql=owner.normalized if owner is not None else None,
+            owner_sql=owner.shape.text if owner is not None else None,
             child_fingerprint=track.fingerprint,
-            child_sql=track.normalized,
+            child_sql=track.shape.text,
             n=n,
             iterations=1,
+            n_max=n,
+            n_total=n,
             child_time_ms=child_time * 1000.0,
             loop_time_ms=loop_time * 1000.0,
             waste_ms=waste * 1000.0,
+            app_time_ms=app_time * 1000.0,
+            waste_total_ms=waste * 1000.0,
+            connections=len(group.conns),
             severity=severity,
             confidence=confidence,
             application_name=session.application_name,
@@ -595,11 +966,15 @@ class NPlusOneDetector:
             database=session.database,
             client_addr=session.client_addr,
             tags=group.tags,
-            suggestion=_suggestion(kind, owner.normalized if owner is not None else None,
-                                   track.normalized, n),
+            stack=stack,
+            suggestion=_suggestion(kind, stack, owner, track.shape, n),
             first_seen=first_seen,
         )
         if report is None:
+            while len(self._reports) >= self._max_reports:
+                _, oldest = self._reports.popitem(last=False)
+                if oldest.pending is not None:
+                    self._publish(oldest.pending)
             self._reports[key] = _Report(now, first_seen)
             self._publish(finding)
         else:
@@ -616,6 +991,60 @@ class NPlusOneDetector:
         if label_set not in counts and len(counts) >= MAX_COUNTED_LABEL_SETS:
             label_set = (kind, "other", application_name, severity)
         counts[label_set] = counts.get(label_set, 0) + 1
+
+
+# -- statement shapes ---------------------------------------------------------------------------
+def _is_pool_reset(sql: str) -> bool:
+    if len(sql) > _RESET_TEXT_MAX_CHARS:
+        return False
+    statements = [" ".join(part.split()).upper() for part in sql.split(";")]
+    statements = [statement for statement in statements if statement]
+    return bool(statements) and all(s in _POOL_RESET_STATEMENTS for s in statements)
+
+
+def _reads(normalized: str) -> str:
+    """"catalog" (only system catalogs), "none" (no relation at all) or "tables"."""
+    relations: list[tuple[str | None, str]] = []
+    functions = False
+    if len(normalized) <= MAX_PARSED_CHARS:
+        try:
+            tree = pg.parse_sql_json(normalized)
+        except Exception:  # pglast.parser.ParseError, or text the lexer fallback described
+            tree = None
+        if tree is not None:
+            ctes = {json.loads(f'"{name}"') for name in _CTE_NAME.findall(tree)}
+            for schema, name in _RANGE_VAR.findall(tree):
+                if schema or name not in ctes:
+                    relations.append((schema or None, name))
+            functions = '"RangeFunction"' in tree
+            if not relations:
+                return "tables" if functions else "none"
+            return "catalog" if all(_is_catalog(*r) for r in relations) else "tables"
+    names = [name.replace('"', "").replace(" ", "") for name in _RELATION.findall(normalized)]
+    if names and all(_is_catalog(*_split_name(name)) for name in names):
+        return "catalog"
+    return "tables"
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    schema, _, relation = name.rpartition(".")
+    return (schema or None), relation
+
+
+def _is_catalog(schema: str | None, name: str) -> bool:
+    if schema is not None:
+        return schema.lower() in _CATALOG_SCHEMAS
+    return name.lower().startswith("pg_")
+
+
+def _full_pages(rows: list[int]) -> bool:
+    """Every page but one came back with the same number of rows: the page size."""
+    page = max(rows)
+    return page >= 2 and sum(1 for r in rows if r == page) >= len(rows) - 1
+
+
+def _mean(mean: float, count: int, value: float) -> float:
+    return (mean * count + value) / (count + 1)
 
 
 def _route(tags: dict[str, str]) -> str:
@@ -646,15 +1075,70 @@ def _key_column(normalized: str) -> str | None:
     return (match.group(1) or match.group(2)).rsplit(".", 1)[-1].strip()
 
 
-def _suggestion(kind: str, owner_sql: str | None, child_sql: str, n: int) -> str:
-    child_table = _table(child_sql) or "the child table"
+# -- suggestions --------------------------------------------------------------------------------
+def _stack_of(text: str) -> str:
+    for word in _WORD.findall(text.lower()):
+        stack = _STACK_WORDS.get(word)
+        if stack is not None:
+            return stack
+    return ""
+
+
+def _stack(tags: dict[str, str], application_name: str, child: _Shape,
+           owner: _Shape | None) -> str:
+    """The client's stack, from what it says about itself first, then from how its SQL looks."""
+    framework = tags.get("framework") or tags.get("db_framework")
+    if framework and (stack := _stack_of(framework)):
+        return stack
+    if child.style:
+        return child.style
+    if owner is not None and owner.style:
+        return owner.style
+    if "action" in tags and "controller" in tags:
+        return "rails"  # marginalia / Rails query log tags carry no framework key
+    if stack := _stack_of(application_name):
+        return stack
+    driver = tags.get("db_driver")
+    if driver:
+        if driver.lower().startswith(("pg:", "pg ", "node-postgres")) or driver.lower() == "pg":
+            return "node"
+        return _stack_of(driver)
+    return ""
+
+
+def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: int) -> str:
+    child_table = child.table or "the child table"
     if kind == "duplicate":
         return (f"The same query on {child_table} ran {n} times with identical parameters: run it "
                 f"once and reuse the result (move it out of the loop or cache it per request).")
-    column = _key_column(child_sql) or "id"
-    owner_table = _table(owner_sql)
+    column = child.key_column or "id"
+    owner_table = owner.shape.table if owner is not None else None
     per = f"one per {owner_table} row" if owner_table else "one per key"
-    return (f"{n} queries on {child_table} ran {per}: eager-load them with SQLAlchemy "
-            f"selectinload()/joinedload() or Django prefetch_related()/select_related(), or fetch "
-            f"them in one query: SELECT ... FROM {child_table} WHERE {column} = ANY($1) with all "
-            f"the keys.")
+    batched = f"SELECT ... FROM {child_table} WHERE {column} = ANY($1)"
+    loop = f"Each loop ran {n} queries on {child_table}, {per}"
+    fixes = {
+        "sqlalchemy": "eager-load the relationship with SQLAlchemy selectinload() (one IN query "
+                      "for all the rows), or joinedload() for a many-to-one; lazy=\"raise\" "
+                      "finds the others",
+        "django": "load the relationship with Django prefetch_related() (select_related() for a "
+                  "foreign key to one row)",
+        "rails": "preload the association with Rails includes(:association) (or preload / "
+                 "eager_load); strict_loading finds the others",
+        "hibernate": "fetch the association with a JPQL JOIN FETCH or an @EntityGraph, or batch "
+                     "the lazy loads with @BatchSize / hibernate.default_batch_fetch_size",
+        "jdbc": f"fetch them in one query, {batched.replace('$1', '?')} with "
+                f"Connection.createArrayOf (with JPA/Hibernate: JOIN FETCH or @BatchSize)",
+        "prisma": "load the relation in the parent query with Prisma include: { relation: true } "
+                  "instead of a findUnique/findFirst per row",
+        "sequelize": "load the association in the parent findAll with Sequelize include: "
+                     "[{ model: ... }]",
+        "typeorm": "load the relation in the parent query with TypeORM relations: [...] or "
+                   "leftJoinAndSelect",
+        "node": f"batch the per-row lookups with DataLoader, whose batch function runs one "
+                f"{batched} with all the keys",
+        "gorm": "preload the association with GORM Preload(\"Association\") (one IN query)",
+        "go": f"fetch them in one query, {batched} with a slice of all the keys (pgx encodes a "
+              f"[]int64 as an array)",
+    }
+    fix = fixes.get(stack, f"fetch them in one query: {batched} with all the keys (or IN (...))")
+    return f"{loop}: {fix}."

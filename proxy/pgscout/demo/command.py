@@ -273,13 +273,18 @@ def _sql(text: str | None) -> str:
 
 
 def _describe_finding(finding: dict) -> str:
-    what = "N+1 query loop" if finding["kind"] == "n_plus_one" else "duplicate query"
-    again = (f", {finding['iterations']} times in the last minute" if finding["iterations"] > 1
+    loop = finding["kind"] == "n_plus_one"
+    what = "N+1 query loop" if loop else "duplicate query"
+    # A roll-up: N and the times are per loop, the loops are counted apart.
+    again = (f", {finding['iterations']} loops in the last minute" if finding["iterations"] > 1
              else "")
+    per = " per loop" if finding["iterations"] > 1 else ""
+    cost = (f"{finding['loop_time_ms']:.0f} ms of loop, {finding['waste_ms']:.0f} ms beyond one "
+            f"query" if loop else f"{finding['waste_ms']:.0f} ms spent on repeats")
     lines = [
         f"{what} ({finding['severity']}, {finding['confidence']} confidence{again}) "
-        f"in application {finding['application_name'] or '?'}: N={finding['n']} child queries, "
-        f"{finding['loop_time_ms']:.0f} ms of loop, ~{finding['waste_ms']:.0f} ms avoidable",
+        f"in application {finding['application_name'] or '?'}: N={finding['n']} child "
+        f"queries{per}, {cost}{per}",
         f"    owner: {_sql(finding['owner_sql']) if finding['owner_sql'] else '(none seen)'}",
         f"    child: {_sql(finding['child_sql'])}",
         f"    fix:   {finding['suggestion']}",

@@ -256,15 +256,22 @@ function renderFindings(findings) {
     return;
   }
   container.replaceChildren(...findings.slice(0, SHOWN.findings).map((f) => {
-    const kind = f.kind === "n_plus_one" ? "N+1 loop" : "Duplicate query";
-    const repeated = f.iterations > 1 ? ` · seen ${f.iterations}×` : "";
+    const loop = f.kind === "n_plus_one";
+    const kind = loop ? "N+1 loop" : "Duplicate query";
+    // A roll-up: N is per loop, the loops are counted apart.
+    const repeated = f.iterations > 1
+      ? ` per loop · ${f.iterations} loops (largest ${f.n_max}, ${f.n_total} queries in all)` : "";
+    const spread = f.connections > 1 ? ` over ${f.connections} connections` : "";
+    const cost = loop
+      ? `loop ${ms(f.loop_time_ms)}, ${ms(f.waste_ms)} beyond one query (${ms(f.app_time_ms)} of it in the app)`
+      : `${ms(f.waste_ms)} spent on repeats`;
     return el("div", { class: `finding ${f.severity}` },
       el("div", { class: "head" },
         el("span", { class: `badge ${f.severity}` }, f.severity),
-        el("span", { class: "title" }, `${kind}: N = ${f.n}${repeated}`),
+        el("span", { class: "title" }, `${kind}: N = ${f.n}${repeated}${spread}`),
         el("span", {}, `application ${f.application_name || "?"} · ${f.user}@${f.database}`),
         el("span", { class: "muted" },
-          `loop ${ms(f.loop_time_ms)}, ~${ms(f.waste_ms)} avoidable · ${f.confidence} confidence · ${clock(f.first_seen)}`)),
+          `${cost}${f.iterations > 1 ? " per loop" : ""} · ${f.confidence} confidence · ${clock(f.first_seen)}`)),
       el("div", { class: "sqlline" }, el("b", {}, "owner"), el("code", {}, f.owner_sql || "(none seen)")),
       el("div", { class: "sqlline" }, el("b", {}, "child"), el("code", {}, f.child_sql)),
       el("div", { class: "suggestion" }, el("strong", {}, "Fix: "), f.suggestion));
