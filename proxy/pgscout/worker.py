@@ -170,13 +170,10 @@ class _ControlChannel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         for kind, payload in self.reader.feed(data):
             value = decode_payload(kind, payload)
-            if kind == SETTINGS:
+            if kind == SETTINGS and self.analysis is None:
                 # Built here, not where it is awaited: requests may follow in this same read.
-                if self.analysis is None:
-                    self.analysis = Analysis(value, self)
-                    self.ready.set_result(self.analysis)
-                else:
-                    self.analysis.reconfigure(value)
+                self.analysis = Analysis(value, self)
+                self.ready.set_result(self.analysis)
             elif kind == REQUEST and self.analysis is not None:
                 task = asyncio.get_running_loop().create_task(self._answer(*value))
                 self._answering.add(task)
@@ -216,7 +213,9 @@ async def _serve(records_fd: int, control_fd: int) -> int:
             await records.arrived.wait()
             continue
         kind, payload = records.frames.popleft()
-        if kind == RECORDS:
+        if kind == SETTINGS:  # a reload, in order with the records made before it
+            analysis.reconfigure(decode_payload(kind, payload))
+        elif kind == RECORDS:
             batch = decode_payload(kind, payload)
             for start in range(0, len(batch), _SLICE_RECORDS):
                 piece = batch[start:start + _SLICE_RECORDS]

@@ -85,9 +85,11 @@ class AnalysisLink:
             self._supervisor.cancel()
 
     def reconfigure(self, settings: Any) -> None:
+        """New settings apply to the records made after them: they travel in the records' order."""
         self.settings = settings
-        if self._control is not None:
-            self._control.write(pickled_frame(SETTINGS, settings))
+        self.flush()
+        if self._transport is not None:
+            self._transport.write(pickled_frame(SETTINGS, settings))
 
     async def _spawn(self) -> None:
         records_ours, records_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -46,7 +46,8 @@ S_TRUNCATED: Final = 15
 RECORDS: Final = 1  # data plane -> analysis: marshal(list of records)
 REQUEST: Final = 2  # data plane -> analysis: pickle((request_id, request, snapshot, records before it))
 REPLY: Final = 3  # analysis -> data plane: pickle((request_id, status, headers, body))
-SETTINGS: Final = 4  # data plane -> analysis: pickle(Settings), at start and on reload
+SETTINGS: Final = 4  # data plane -> analysis: pickle(Settings): at start on the control channel,
+# on reload on the records channel (so it applies to the records made after it)
 LOG: Final = 5  # analysis -> data plane: pickle((level, event dict)), logged by the data plane
 
 # A request waits at most this long for the records sent before it to be analysed.
