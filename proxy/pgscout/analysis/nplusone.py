@@ -256,7 +256,9 @@ class _Shape:
         self.locking = _LOCKING.search(normalized) is not None
         self.soft_boundary = _is_pool_reset(ev.sql if len(ev.sql) <= _RESET_TEXT_MAX_CHARS
                                             else normalized)
-        self.reads = _reads(normalized)
+        # From the client's text when it is whole: the normalized one is cut for display.
+        self.reads = _reads(ev.sql if not ev.truncated and len(ev.sql) <= MAX_PARSED_CHARS
+                            else normalized)
         self.page_walk = _LIMIT.search(normalized) is not None and (
             _RANGE_PARAM.search(normalized) is not None
             or _OFFSET_PARAM.search(normalized) is not None)
