@@ -22,8 +22,7 @@ READY: Final = 1  # conn_id, at, backend_pid
 PARAMETER: Final = 2  # conn_id, name, value (a ParameterStatus the analysis needs)
 STATEMENT: Final = 3  # see the S_* positions
 TRANSACTION: Final = 4  # conn_id, started_at, ended_at, outcome, idle_seconds
-DESYNCED: Final = 5  # conn_id, reason
-CLOSED: Final = 6  # conn_id, at, reason
+CLOSED: Final = 5  # conn_id, at, reason
 
 # STATEMENT record positions.
 S_CONN: Final = 1
