@@ -58,7 +58,9 @@ def test_an_analysis_process_that_dies_is_started_again(start_pgscout):
     assert wait_until(lambda: child_pids(proxy.process.pid) not in ([], [old]), timeout=10)
     with psycopg.connect(proxy.dsn("trust_user", APP_DATABASE), autocommit=True) as connection:
         connection.execute("select 1").fetchone()
-    assert wait_until(lambda: metric(proxy, "pgscout_analysis_restarts_total") == 1, timeout=10)
+    # Until the new process is up, /metrics says analysis is unavailable (503).
+    assert wait_until(lambda: proxy.admin_get("/metrics")[0] == 200, timeout=15)
+    assert metric(proxy, "pgscout_analysis_restarts_total") == 1
     assert any(entry["event"] == "analysis_exited" for entry in proxy.logs())
 
 

@@ -33,7 +33,8 @@ from pgscout.analysis.statements import StatementStats
 from pgscout.analysis.transactions import TransactionStats
 from pgscout.dataplane.events import SessionClosed, StatementDone, TransactionEnded
 from pgscout.dataplane.records import (LOG, RECORDS, REPLY, REQUEST, REQUEST_CATCH_UP_SECONDS,
-                                       SETTINGS, FrameReader, decode_payload, pickled_frame)
+                                       SETTINGS, STARTED, FrameReader, decode_payload,
+                                       pickled_frame)
 from pgscout.exposition import api
 from pgscout.exposition.admin import Request, Response, Router
 from pgscout.exposition.metrics import PgscoutCollector, Sources, build_registry
@@ -205,6 +206,7 @@ async def _serve(records_fd: int, control_fd: int) -> int:
     await loop.create_unix_connection(lambda: records, sock=socket.socket(fileno=records_fd))
     ticker = loop.create_task(_tick(analysis))
     analysis.router.start_periodic()  # the status page's history sampling
+    control.send(STARTED, None)
     while True:
         if not records.frames:
             if records.closed:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pgscout.dataplane import records as r
-from pgscout.dataplane.events import (Desynced, Session, SessionClosed, SessionOpened,
-                                      SessionReady, StatementDone, TransactionEnded)
+from pgscout.dataplane.events import (Session, SessionClosed, SessionOpened, SessionReady,
+                                      StatementDone, TransactionEnded)
 
 
 class Replay:
@@ -22,8 +22,7 @@ class Replay:
         self.sessions: dict[int, Session] = {}
         self._handlers: dict[int, Callable[[list], None]] = {
             r.OPENED: self._opened, r.READY: self._ready, r.PARAMETER: self._parameter,
-            r.STATEMENT: self._statement, r.TRANSACTION: self._transaction,
-            r.DESYNCED: self._desynced, r.CLOSED: self._closed,
+            r.STATEMENT: self._statement, r.TRANSACTION: self._transaction, r.CLOSED: self._closed,
         }
 
     def feed(self, batch: list) -> None:
@@ -71,9 +70,6 @@ class Replay:
         _, conn_id, started_at, ended_at, outcome, idle_seconds = record
         self._publish(TransactionEnded(self._session(conn_id), started_at, ended_at, outcome,
                                        idle_seconds))
-
-    def _desynced(self, record: list) -> None:
-        self._publish(Desynced(self._session(record[1]), record[2]))
 
     def _closed(self, record: list) -> None:
         session = self.sessions.pop(record[1], None)

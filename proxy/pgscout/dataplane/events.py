@@ -131,14 +131,6 @@ class TransactionEnded:
 
 
 @dataclass(slots=True, eq=False)
-class Desynced:
-    """The decoder lost track of the stream; bytes keep flowing, observation of it stops."""
-
-    session: Session
-    reason: str
-
-
-@dataclass(slots=True, eq=False)
 class SessionClosed:
     session: Session
     at: float

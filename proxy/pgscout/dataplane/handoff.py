@@ -25,7 +25,8 @@ from typing import Any
 
 import structlog
 
-from pgscout.dataplane.records import (LOG, REPLY, REQUEST, SETTINGS, STATEMENT, FrameReader,
+from pgscout.dataplane.records import (LOG, REPLY, REQUEST, SETTINGS, STARTED, STATEMENT,
+                                       FrameReader,
                                        decode_payload, pickled_frame, records_frame)
 
 log = structlog.get_logger("pgscout.handoff")
@@ -34,6 +35,7 @@ analysis_log = structlog.get_logger("pgscout.analysis")
 FLUSH_SECONDS = 0.01
 _RESTART_DELAY_SECONDS = 1.0
 _STOP_TIMEOUT_SECONDS = 5.0
+_START_TIMEOUT_SECONDS = 60.0
 
 
 class AnalysisUnavailable(Exception):
@@ -99,9 +101,16 @@ class AnalysisLink:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pgscout.worker", *map(str, fds), pass_fds=fds)
         loop = asyncio.get_running_loop()
-        control, _ = await loop.create_unix_connection(lambda: _ControlProtocol(self),
+        started = loop.create_future()
+        control, _ = await loop.create_unix_connection(lambda: _ControlProtocol(self, started),
                                                        sock=control_ours)
         control.write(pickled_frame(SETTINGS, self.settings))
+        # pgscout is up once analysis is: a statement of the first second is then analysed, and
+        # the status page's history starts with the proxy.
+        try:
+            await asyncio.wait_for(started, _START_TIMEOUT_SECONDS)
+        except (TimeoutError, AnalysisUnavailable):
+            log.error("analysis_not_started", timeout_seconds=_START_TIMEOUT_SECONDS)
         records, _ = await loop.create_unix_connection(asyncio.Protocol, sock=records_ours)
         self._channel_records = 0
         self._control = control
@@ -188,8 +197,9 @@ class AnalysisLink:
 
 
 class _ControlProtocol(asyncio.Protocol):
-    def __init__(self, link: AnalysisLink) -> None:
+    def __init__(self, link: AnalysisLink, started: asyncio.Future) -> None:
         self.link = link
+        self.started = started
         self.reader = FrameReader()
 
     def data_received(self, data: bytes) -> None:
@@ -197,6 +207,8 @@ class _ControlProtocol(asyncio.Protocol):
             if kind == REPLY:
                 request_id, response = decode_payload(kind, payload)
                 self.link.replied(request_id, response)
+            elif kind == STARTED and not self.started.done():
+                self.started.set_result(None)
             elif kind == LOG:
                 level, fields = decode_payload(kind, payload)
                 fields.pop("level", None)
@@ -204,6 +216,8 @@ class _ControlProtocol(asyncio.Protocol):
                 getattr(analysis_log, level)(fields.pop("event"), **fields)
 
     def connection_lost(self, exc) -> None:
+        if not self.started.done():
+            self.started.set_exception(AnalysisUnavailable("the analysis process exited at start"))
         self.link.channel_lost()
 
 

@@ -22,8 +22,7 @@ READY: Final = 1  # conn_id, at, backend_pid
 PARAMETER: Final = 2  # conn_id, name, value (a ParameterStatus the analysis needs)
 STATEMENT: Final = 3  # see the S_* positions
 TRANSACTION: Final = 4  # conn_id, started_at, ended_at, outcome, idle_seconds
-DESYNCED: Final = 5  # conn_id, reason
-CLOSED: Final = 6  # conn_id, at, reason
+CLOSED: Final = 5  # conn_id, at, reason
 
 # STATEMENT record positions.
 S_CONN: Final = 1
@@ -49,6 +48,7 @@ REPLY: Final = 3  # analysis -> data plane: pickle((request_id, status, headers,
 SETTINGS: Final = 4  # data plane -> analysis: pickle(Settings): at start on the control channel,
 # on reload on the records channel (so it applies to the records made after it)
 LOG: Final = 5  # analysis -> data plane: pickle((level, event dict)), logged by the data plane
+STARTED: Final = 6  # analysis -> data plane: pickle(None), once its observers are in place
 
 # A request waits at most this long for the records sent before it to be analysed.
 REQUEST_CATCH_UP_SECONDS: Final = 1.0

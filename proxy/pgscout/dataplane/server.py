@@ -108,7 +108,6 @@ class Server:
         self.desyncs_total += 1
         log.warning("decoder_desynced", conn_id=s.conn_id, application_name=s.application_name,
                     reason=reason)
-        self.emit([records.DESYNCED, s.conn_id, reason])
 
     @property
     def open_sessions(self) -> int:

@@ -207,6 +207,7 @@ function renderTiles(overview) {
     ["N+1 occurrences", count(overview.findings), overview.findings > 0],
     ["errors", count(overview.errors), overview.errors > 0],
     ["decoder desyncs", count(overview.desyncs), overview.desyncs > 0],
+    ["not analysed (shed)", count(overview.analysis_records_shed), overview.analysis_records_shed > 0],
   ];
   document.getElementById("tiles").replaceChildren(...tiles.map(([label, value, alert]) =>
     el("div", { class: alert ? "tile alert" : "tile" },
