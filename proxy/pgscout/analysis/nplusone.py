@@ -464,7 +464,7 @@ class NPlusOneDetector:
         self._emit = emit
         self._clock = clock
         self._connections: dict[int, _Scope] = {}
-        self._applications: dict[tuple, _Scope] = {}
+        self._applications: dict[int | tuple, _Scope] = {}
         self._streams: OrderedDict[tuple, _Stream] = OrderedDict()  # by activity
         self._shapes: OrderedDict[str, _Shape] = OrderedDict()  # by fingerprint, LRU
         self._reports: OrderedDict[tuple, _Report] = OrderedDict()  # by last emission
