@@ -41,6 +41,12 @@ def test_a_secret_in_literals_passwords_and_parameters_appears_nowhere(start_pgs
             conn.execute(f"select * from vault where secret = '{SECRET}' and nonsense(")
         except psycopg.errors.SyntaxError:
             pass
+        conn.execute("create sequence vault_seq start with 90210")
+        conn.execute("alter sequence vault_seq restart with 90210")
+        # With standard_conforming_strings off, a backslash escapes the quote: one literal.
+        conn.execute("set standard_conforming_strings = off")
+        conn.execute(f"select * from vault where owner = 'O\\'Brien {SECRET}'")
+        conn.execute("set standard_conforming_strings = on")
         for _ in range(12):  # a burst, so the N+1 detector looks at it too
             conn.execute("select * from vault where owner = %s", (f"{SECRET}-{_}",))
         conn.execute("alter role trust_user password null")
@@ -57,6 +63,7 @@ def test_a_secret_in_literals_passwords_and_parameters_appears_nowhere(start_pgs
     assert "slow_query" in shown and "pgscout_statements_total" in shown
     assert SECRET not in shown
     assert "hunter2" not in shown
+    assert "90210" not in shown  # numbers in DDL are literals too
 
 
 def test_the_admin_token_guards_metrics_and_the_api_but_not_health(start_pgscout):
