@@ -284,3 +284,4 @@ def test_lifetime_histogram_per_application():
     assert histogram.sum == pytest.approx(42.0)
     cumulative = dict(histogram.cumulative())
     assert cumulative[30] == 0 and cumulative[60] == 1 and cumulative[math.inf] == 1
+

@@ -9,6 +9,7 @@ Must not: look inside either process: pgscout's own /metrics, the clients and th
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import time
@@ -16,6 +17,7 @@ import time
 import psycopg
 
 from pgharness import APP_DATABASE, child_pids, wait_until
+from pgscout.histogram import Histogram
 
 
 def metric(proxy, name: str) -> float:
@@ -71,3 +73,12 @@ def test_a_request_right_after_traffic_sees_that_traffic(start_pgscout):
         for i in range(500):
             connection.execute(f"with c{i} as (select {i}) select * from c{i}")
     assert metric(proxy, 'pgscout_statements_total') == 500
+
+
+def test_a_histogram_survives_the_trip_to_the_analysis_process():
+    """Connection lifetimes travel in the data plane's snapshot; compiled, a class pickles only
+    what it says it does."""
+    histogram = Histogram((1.0, 2.0))
+    histogram.observe(1.5)
+    copy = pickle.loads(pickle.dumps(histogram))
+    assert (copy.cumulative(), copy.sum, copy.count) == (histogram.cumulative(), 1.5, 1)

@@ -1,7 +1,9 @@
 """Fixed-bucket histograms shared by the observers.
 
-Owns: counting observations into fixed buckets (O(log buckets) per observation), merging, and the
-cumulative view Prometheus exposes (`le` buckets, +Inf last).
+Owns: counting observations into fixed buckets (O(log buckets) per observation), merging, the
+cumulative view Prometheus exposes (`le` buckets, +Inf last), and pickling (the data plane's
+connection lifetimes reach the analysis process in its snapshot; a mypyc-compiled class pickles
+only what `__reduce__` says).
 Must not: import prometheus_client (the Collector turns these into metric families at scrape time).
 """
 
@@ -22,6 +24,9 @@ class Histogram:
         self.sum = 0.0
         self.count = 0
 
+    def __reduce__(self) -> tuple:
+        return _restored, (self.bounds, self.counts, self.sum, self.count)
+
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
@@ -40,3 +45,11 @@ class Histogram:
             running += count
             buckets.append((bound, running))
         return buckets
+
+
+def _restored(bounds: tuple[float, ...], counts: list[int], total: float, count: int) -> Histogram:
+    histogram = Histogram(bounds)
+    histogram.counts = counts
+    histogram.sum = total
+    histogram.count = count
+    return histogram
