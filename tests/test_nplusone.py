@@ -1090,3 +1090,18 @@ def test_loop_with_30_ms_of_steady_work_per_row_is_still_a_loop():
     h.idle(1.5)
     [finding] = h.findings
     assert (finding.kind, finding.n, finding.confidence) == ("n_plus_one", 10, "high")
+
+
+def test_check_out_per_row_from_a_fifo_pool_is_one_finding():
+    """psycopg_pool hands connections out in turn: a sequential loop with one check-out per
+    row runs its children round-robin over the pool, one at a time."""
+    h = Harness()
+    pool = [h.connection("sync-api") for _ in range(4)]
+    pool[0].run(AUTHORS, rows=12)
+    for author_id in range(12):
+        client = pool[author_id % 4]
+        client.run(BOOKS, author_id, think=0.0008)
+        client.run("", kind="other", tag="EMPTY", think=0.0001)  # the pool's check on return
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.n, finding.connections, finding.confidence) == (12, 4, "high")

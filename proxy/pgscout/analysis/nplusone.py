@@ -50,8 +50,8 @@ Readings of the spec that the code relies on:
   A group there is judged only when at least a fifth of its children ran on other connections
   with no owner of their own; then it replaces the per-connection groups it is made of. Without
   a trace id it must also start within `max_think_ms` of the owner, keep its gaps under it,
-  keep the pool busy (children sent while others run) on connections that run nothing else
-  meanwhile, and run for at least 80% of the owner's rows (and no more distinct ones).
+  run on connections that run nothing else meanwhile, and run for at least 80% of the owner's
+  rows (and no more distinct ones).
 - Duplicates are, like N+1 loops, only reported for tight (think time) unbatched repetition;
   without an owner, only when the repeats are at least half of the group's executions.
 
@@ -98,11 +98,9 @@ CROSS_MAX_LONG_GAP_RATIO: Final = 0.1
 # Share of a group's children that must run on connections without their own owner for the
 # group to be judged per application.
 CROSS_MIN_FOREIGN_RATIO: Final = 0.2
-# Without a trace id, share of a cross-connection group's children that must have been sent
-# while another was running: gathered tasks keep the pool busy, unrelated requests rarely do.
-CROSS_MIN_OVERLAP_RATIO: Final = 0.3
-# ...and share of them whose connection ran nothing else since the owner or its previous child:
-# gathered tasks hold their connections for the fan-out, a busy pool mixes requests.
+# Without a trace id, share of a cross-connection group's children whose connection ran nothing
+# else since the owner or its previous child: gathered tasks (or a FIFO pool's check-outs, one
+# per row) hold their connections for the loop, a busy pool mixes requests.
 CROSS_MIN_DEDICATED_RATIO: Final = 0.75
 # Across soft boundaries, share of the children that must follow the previous one after the same
 # number of other statements (a loop body repeats itself; unrelated requests do not).
@@ -291,7 +289,7 @@ class _Group:
                  "owner_rows_seen", "n", "pipelined", "by_params", "max_repeat", "gaps", "rows",
                  "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
                  "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
-                 "owner_done", "statement_mark", "interleaved", "overlapped", "between",
+                 "owner_done", "statement_mark", "interleaved", "between",
                  "dedicated")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
@@ -330,7 +328,6 @@ class _Group:
         self.app_group: _Group | None = None  # the application stream's group of the same child
         self.statement_mark = 0  # statements seen in the stream at the last child
         self.interleaved = 0  # children with other statements between them and the previous one
-        self.overlapped = 0  # children sent while an earlier one was still running elsewhere
         self.between: dict[int, int] = {}  # statements between consecutive children -> times
         # Children whose connection ran nothing else since the owner or its previous child.
         self.dedicated = 0
@@ -346,8 +343,6 @@ class _Group:
             if between:
                 self.interleaved += 1
             self.between[between] = self.between.get(between, 0) + 1
-            if ev.sent_at < self.last_done:
-                self.overlapped += 1
         self.boundary_mark = boundaries
         self.statement_mark = statements
         self.n += 1
@@ -851,7 +846,6 @@ class NPlusOneDetector:
             long_gaps = sum(1 for gap in gaps if gap > self._max_think)
             if (group.lead > self._max_think
                     or long_gaps > CROSS_MAX_LONG_GAP_RATIO * len(gaps)
-                    or group.overlapped < CROSS_MIN_OVERLAP_RATIO * len(gaps)
                     or group.dedicated < CROSS_MIN_DEDICATED_RATIO * n
                     or not self._covers_owner_rows(group)):
                 return
