@@ -537,8 +537,11 @@ class NPlusOneDetector:
             if app_group is not None and (conn.last_fingerprint == ev.fingerprint
                                           or conn.last_done <= app_group.owner_done):
                 app_group.dedicated += 1
-        conn.last_fingerprint = ev.fingerprint
-        conn.last_done = ev.done_at
+        if shape.reads != "none" and ev.kind in ("select", "dml"):
+            # Session set-up (SHOW, `SELECT current_schema()`) does not take a connection from
+            # a loop; data access does.
+            conn.last_fingerprint = ev.fingerprint
+            conn.last_done = ev.done_at
         if self._stream_bytes > self._stream_budget:
             self._shed_streams(ev.done_at)
 
