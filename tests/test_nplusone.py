@@ -1105,3 +1105,19 @@ def test_check_out_per_row_from_a_fifo_pool_is_one_finding():
     h.idle(1.5)
     [finding] = h.findings
     assert (finding.n, finding.connections, finding.confidence) == (12, 4, "high")
+
+
+def test_an_in_list_sharing_the_fingerprint_of_a_per_row_lookup_changes_nothing():
+    """IN lists of any length share one fingerprint with a single `IN ($1)`: what a statement
+    is must come from its own text, not from the first text seen with that fingerprint."""
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=12)
+    client.run(in_list(12), *range(12), rows=60, fp="books-by-author")  # selectinload, earlier
+    h.idle(1.5)
+    client.run(AUTHORS, rows=12)
+    for author_id in range(12):
+        client.run(in_list(1), author_id, rows=5, fp="books-by-author")
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.n, finding.child_fingerprint) == (12, "books-by-author")

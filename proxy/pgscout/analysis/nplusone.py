@@ -55,8 +55,8 @@ Readings of the spec that the code relies on:
 - Duplicates are, like N+1 loops, only reported for tight (think time) unbatched repetition;
   without an owner, only when the repeats are at least half of the group's executions.
 
-Memory: statements are known by fingerprint; the shape table keeps, per fingerprint, only the
-normalized text cut at `sql_text_max_chars` and a few flags. Everything retained is counted in
+Memory: statements are known by fingerprint; the shape table keeps, per fingerprint and hash
+of the normalized text, only that text cut at `sql_text_max_chars` and a few flags. Everything retained is counted in
 estimated bytes against `max_memory_bytes`: shapes may use a quarter, open segments half (the
 least recently active are judged early when over), roll-up keys the last quarter.
 
@@ -235,7 +235,7 @@ class Finding:
 
 
 class _Shape:
-    """What the detector needs from one statement fingerprint, computed once per fingerprint."""
+    """What the detector needs from one statement text, computed once per (fingerprint, text)."""
 
     __slots__ = ("text", "placeholders", "array_lookup", "soft_boundary", "reads", "page_walk",
                  "equality_key", "locking", "style", "table", "key_column", "bytes")
@@ -290,7 +290,7 @@ class _Group:
                  "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
                  "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
                  "owner_done", "statement_mark", "interleaved", "between",
-                 "dedicated")
+                 "dedicated", "deferred", "verdict")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
                  ev: StatementDone, boundaries: int) -> None:
@@ -331,6 +331,10 @@ class _Group:
         self.between: dict[int, int] = {}  # statements between consecutive children -> times
         # Children whose connection ran nothing else since the owner or its previous child.
         self.dedicated = 0
+        # An application group: the per-connection groups waiting for its verdict, and that
+        # verdict once judged (True: reported as one loop over the connections).
+        self.deferred: list[tuple[_Stream, _Track, _Group]] = []
+        self.verdict: bool | None = None
 
     def add(self, ev: StatementDone, boundaries: int, statements: int) -> None:
         duration = ev.done_at - ev.sent_at
@@ -459,7 +463,7 @@ class NPlusOneDetector:
         self._connections: dict[int, _Scope] = {}
         self._applications: dict[tuple, _Scope] = {}
         self._streams: OrderedDict[tuple, _Stream] = OrderedDict()  # by activity
-        self._shapes: OrderedDict[str, _Shape] = OrderedDict()  # by fingerprint, LRU
+        self._shapes: OrderedDict[tuple[str, int], _Shape] = OrderedDict()  # LRU
         self._reports: OrderedDict[tuple, _Report] = OrderedDict()  # by last emission
         self._counts: dict[tuple[str, str, str, str], int] = {}
         self._shape_bytes = 0
@@ -589,16 +593,20 @@ class NPlusOneDetector:
 
     # -- segments ---------------------------------------------------------------------------
     def _shape(self, ev: StatementDone) -> _Shape:
+        # One fingerprint covers IN lists of any length (`IN ($1)` ... `IN ($1, ..., $500)`),
+        # which differ in what matters here: the key adds the normalized text's hash (a str
+        # caches its hash, and the fingerprinter hands out the same text object each time).
+        key = (ev.fingerprint, hash(ev.normalized))
         shapes = self._shapes
-        shape = shapes.get(ev.fingerprint)
+        shape = shapes.get(key)
         if shape is None:
-            shape = shapes[ev.fingerprint] = _Shape(ev, self._text_max_chars)
+            shape = shapes[key] = _Shape(ev, self._text_max_chars)
             self._shape_bytes += shape.bytes
             while self._shape_bytes > self._shape_budget and len(shapes) > 1:
                 _, evicted = shapes.popitem(last=False)
                 self._shape_bytes -= evicted.bytes
         else:
-            shapes.move_to_end(ev.fingerprint)
+            shapes.move_to_end(key)
         return shape
 
     def _trace(self, tags: dict[str, str]) -> str | None:
@@ -777,31 +785,45 @@ class NPlusOneDetector:
 
     # -- judging ----------------------------------------------------------------------------
     def _judge(self, stream: _Stream, track: _Track, group: _Group, now: float) -> None:
+        app_group = group.app_group
         try:
-            self._judge_group(stream, track, group, now)
+            if stream.scope.shared:
+                group.verdict = self._judge_group(stream, track, group, now)
+                if not group.verdict:
+                    # Not one loop over the connections: each connection's part stands alone.
+                    for deferred in group.deferred:
+                        self._judge_group(*deferred, now)
+            elif (app_group is not None and app_group.spans_connections()
+                  and (group.owner is None
+                       or (group.owner.conn_id == app_group.owner_conn
+                           and group.owner_done == app_group.owner_done))):
+                # Part of an async fan-out: the application's stream judges the whole first.
+                if app_group.verdict is None:
+                    app_group.deferred.append((stream, track, group))
+                elif not app_group.verdict:
+                    self._judge_group(stream, track, group, now)
+            else:
+                self._judge_group(stream, track, group, now)
         finally:
             # A judged group may still be some open group's `outer`: let go of what it points
             # to, or a chain of nested loops would keep every group (and its text) alive.
             group.outer = None
             group.app_group = None
+            group.deferred = []
 
-    def _judge_group(self, stream: _Stream, track: _Track, group: _Group, now: float) -> None:
+    def _judge_group(self, stream: _Stream, track: _Track, group: _Group, now: float) -> bool:
+        """Report what `group` is, if anything; true when it was reported as an N+1 loop."""
         n = group.n
         if n < self._smallest_reportable:
-            return
+            return False
         shared = stream.scope.shared
-        if shared:
-            if not group.spans_connections():
-                return  # on one connection: that connection's stream judges it
-        elif (group.app_group is not None and group.app_group.spans_connections()
-              and (group.owner is None or (group.owner.conn_id == group.app_group.owner_conn
-                                           and group.owner_done == group.app_group.owner_done))):
-            return  # part of an async fan-out: the application's stream judges the whole
+        if shared and not group.spans_connections():
+            return False  # on one connection: that connection's stream judges it
         gaps = group.gaps
         if gaps:
             think = statistics.median(gaps)
             if think > self._max_think:
-                return  # a loop doing real work between queries
+                return False  # a loop doing real work between queries
             if group.crossed > len(gaps) // 2 and (
                     think > self._boundary_max_think
                     or max(group.between.values()) < BOUNDARY_MIN_REGULAR_RATIO * len(gaps)
@@ -809,9 +831,9 @@ class NPlusOneDetector:
                 # Requests that each check out a pooled connection, not one loop: a loop checks
                 # out quickly, runs the same statements per row in the same order, and runs for
                 # most of the owner's rows.
-                return
+                return False
         if group.pipelined > self._max_pipelined_ratio * n:
-            return  # a batch: executemany or a pipeline
+            return False  # a batch: executemany or a pipeline
         # Polling: the connection sleeps between repeats of one statement.
         polling = (group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps)
                    and self._periodic(gaps))
@@ -826,23 +848,23 @@ class NPlusOneDetector:
             owner, owner_rows = group.outer.owner, group.outer.owner_rows
         if owner is None:
             if shared or distinct < self._no_owner_min_run:
-                return
+                return False
             confidence = "low"
         else:
             if distinct < self._min_distinct or owner_rows < self._owner_min_rows:
-                return
+                return False
             confidence = "high" if distinct <= owner_rows else "medium"
             if confidence != "high" and (group.crossed or shared):
-                return  # beyond the owner's rows, across boundaries: unrelated requests
+                return False  # beyond the owner's rows, across boundaries: unrelated requests
         if polling and confidence != "high":
-            return  # a poller's moving key; a loop over the owner's rows may be steady too
+            return False  # a poller's moving key; a loop over the owner's rows may be steady too
         if distinct < self._min_distinct_ratio * n:
-            return
+            return False
         if statistics.median(group.rows) >= self._max_median_rows:
-            return  # pagination or chunked reads
+            return False  # pagination or chunked reads
         shape = track.shape
         if shape.page_walk and (not shape.equality_key or _full_pages(group.rows)):
-            return  # a cursor walk: each page is keyed by the previous one
+            return False  # a cursor walk: each page is keyed by the previous one
         if shared and stream.trace is None:
             # Nothing but timing ties these connections together: a fan-out starts as the
             # owner's rows arrive and keeps going without pauses.
@@ -851,11 +873,12 @@ class NPlusOneDetector:
                     or long_gaps > CROSS_MAX_LONG_GAP_RATIO * len(gaps)
                     or group.dedicated < CROSS_MIN_DEDICATED_RATIO * n
                     or not self._covers_owner_rows(group)):
-                return
+                return False
         loop_time = group.last_done - group.first_sent
         self._report(stream, "n_plus_one", owner, track, group, n, group.child_time, loop_time,
                      loop_time - group.slowest, max(0.0, loop_time - group.child_time),
                      confidence, now)
+        return True
 
     @staticmethod
     def _covers_owner_rows(group: _Group) -> bool:
