@@ -1121,3 +1121,32 @@ def test_an_in_list_sharing_the_fingerprint_of_a_per_row_lookup_changes_nothing(
     h.idle(1.5)
     [finding] = h.findings
     assert (finding.n, finding.child_fingerprint) == (12, "books-by-author")
+
+
+def test_two_relationships_per_parent_with_a_check_out_per_query_are_two_findings():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    client.run(ASYNCPG_RELEASE, tag="RESET", pipelined=True)
+    for author_id in range(10):
+        for child in (BOOKS, TAGS):
+            client.run(child, author_id)
+            client.run(ASYNCPG_RELEASE, tag="RESET", pipelined=True)
+    h.idle(1.5)
+    assert sorted((f.child_sql, f.n) for f in h.findings) == [(BOOKS, 10), (TAGS, 10)]
+
+
+def test_nested_loops_with_a_check_out_per_query_report_both_levels():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=6)
+    book_ids = itertools.count()
+    for author_id in range(6):
+        client.run(BOOKS, author_id, rows=3)
+        client.run("DISCARD ALL", kind="utility", tag="DISCARD ALL")
+        for _ in range(3):
+            client.run(REVIEWS, next(book_ids), rows=2)
+            client.run("DISCARD ALL", kind="utility", tag="DISCARD ALL")
+    h.idle(1.5)
+    found = {(f.owner_sql, f.child_sql): f.n for f in h.of_kind("n_plus_one")}
+    assert found == {(AUTHORS, BOOKS): 6, (BOOKS, REVIEWS): 18}

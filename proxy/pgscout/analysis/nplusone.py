@@ -19,7 +19,7 @@ Readings of the spec that the code relies on:
   followed. They do break a strict no-owner run, and a group whose children are separated by them
   is only reported when the owner's rows account for all its distinct children (high
   confidence) and, when most of them are, its median think time is at most
-  `boundary_max_think_ms`, the same number of statements separates most consecutive children and
+  `boundary_max_think_ms`, one or two numbers of statements separate most consecutive children and
   there are children for at least 80% of the owner's rows: a check-out per query is
   quick and a loop body repeats itself, while unrelated requests on a busy pooled connection are
   the other explanation.
@@ -102,9 +102,10 @@ CROSS_MIN_FOREIGN_RATIO: Final = 0.2
 # else since the owner or its previous child: gathered tasks (or a FIFO pool's check-outs, one
 # per row) hold their connections for the loop, a busy pool mixes requests.
 CROSS_MIN_DEDICATED_RATIO: Final = 0.75
-# Across soft boundaries, share of the children that must follow the previous one after the same
-# number of other statements (a loop body repeats itself; unrelated requests do not).
-BOUNDARY_MIN_REGULAR_RATIO: Final = 0.75
+# Across soft boundaries, share of the children that must follow the previous one after one of
+# two numbers of other statements (a loop body repeats itself, an inner loop's children see the
+# outer child between them once per round; unrelated requests are irregular).
+BOUNDARY_MIN_REGULAR_RATIO: Final = 0.8
 # A loop inferred across soft boundaries or connections runs a child for at least this share of
 # the owner's rows (one per row); a few lookups after a listing are unrelated requests.
 LOOP_MIN_ROW_COVERAGE: Final = 0.8
@@ -290,7 +291,7 @@ class _Group:
                  "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
                  "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
                  "owner_done", "statement_mark", "interleaved", "between",
-                 "dedicated", "deferred", "verdict")
+                 "dedicated", "deferred", "verdict", "busy_mark")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
                  ev: StatementDone, boundaries: int) -> None:
@@ -335,11 +336,14 @@ class _Group:
         # verdict once judged (True: reported as one loop over the connections).
         self.deferred: list[tuple[_Stream, _Track, _Group]] = []
         self.verdict: bool | None = None
+        self.busy_mark = 0.0  # the stream's busy time when the previous child completed
 
-    def add(self, ev: StatementDone, boundaries: int, statements: int) -> None:
+    def add(self, ev: StatementDone, boundaries: int, statements: int, busy: float) -> None:
+        """`busy`: the stream's server time before `ev`; the think time between two children
+        is the gap less the other statements run in it (an inner loop, a reset)."""
         duration = ev.done_at - ev.sent_at
         if self.n:
-            gap = ev.sent_at - self.last_done
+            gap = ev.sent_at - self.last_done - (busy - self.busy_mark)
             self.gaps.append(gap if gap > 0.0 else 0.0)
             if boundaries != self.boundary_mark:
                 self.crossed += 1
@@ -349,6 +353,7 @@ class _Group:
             self.between[between] = self.between.get(between, 0) + 1
         self.boundary_mark = boundaries
         self.statement_mark = statements
+        self.busy_mark = busy + duration
         self.n += 1
         if ev.pipelined:
             self.pipelined += 1
@@ -420,7 +425,7 @@ class _Stream:
     """One segment of one stream: owner ring and child tracks, reset when the segment ends."""
 
     __slots__ = ("key", "scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
-                 "started_at", "last_done", "boundaries", "statements", "bytes")
+                 "started_at", "last_done", "boundaries", "statements", "busy", "bytes")
 
     def __init__(self, scope: _Scope, trace: str | None, session: Session,
                  started_at: float) -> None:
@@ -436,6 +441,7 @@ class _Stream:
         self.last_done = started_at
         self.boundaries = 0  # soft boundaries seen
         self.statements = 0  # statements observed (soft boundaries and catalog reads aside)
+        self.busy = 0.0  # seconds the server spent on this stream's statements, boundaries too
         self.bytes = STREAM_BYTES
 
 
@@ -519,16 +525,19 @@ class NPlusOneDetector:
         if conn is None:
             conn = self._connections[conn_id] = _Scope(conn_id, shared=False)
         if ev.kind == "txn" or ev.tag == "EMPTY":
-            self._soft_boundary(conn)
+            self._soft_boundary(conn, ev)
             return
         if not ev.fingerprint:
             return
         shape = self._shape(ev)
         if shape.soft_boundary:
-            self._soft_boundary(conn)
+            self._soft_boundary(conn, ev)
             return
         if shape.reads == "catalog" and not self._include_catalog:
-            return  # driver or tool introspection, not the application's data access
+            # Driver or tool introspection, not the application's data access.
+            for stream in conn.streams.values():
+                stream.busy += ev.done_at - ev.sent_at
+            return
         trace = self._trace(ev.tags) if ev.tags else None
         stream = self._stream_for(conn, ev, trace, MAX_STREAMS_PER_CONNECTION)
         group = self._observe(stream, ev, shape, None)
@@ -665,11 +674,12 @@ class NPlusOneDetector:
             self._end_stream(next(iter(self._streams.values())), now)
 
     @staticmethod
-    def _soft_boundary(conn: _Scope) -> None:
+    def _soft_boundary(conn: _Scope, ev: StatementDone) -> None:
         """A transaction statement or a pool check-out/reset: the request may go on after it."""
         for stream in conn.streams.values():
             stream.seq += 1  # breaks a strict no-owner run
             stream.boundaries += 1
+            stream.busy += ev.done_at - ev.sent_at
 
     # -- owners and children ----------------------------------------------------------------
     def _observe(self, stream: _Stream, ev: StatementDone, shape: _Shape,
@@ -690,6 +700,7 @@ class NPlusOneDetector:
             group = self._observe_child(stream, ev, shape, conn_group)
         if kind == "select":
             self._observe_owner(stream, ev, shape)
+        stream.busy += ev.done_at - ev.sent_at
         return group
 
     def _observe_owner(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
@@ -764,7 +775,8 @@ class NPlusOneDetector:
                 self._forget(stream, group)
                 self._judge(stream, track, group, ev.done_at)
             group = track.group = _Group(key, owner, outer, ev, stream.boundaries)
-        group.add(ev, stream.boundaries, stream.statements)
+        group.add(ev, stream.boundaries, stream.statements,
+                  0.0 if stream.scope.shared else stream.busy)
         stream.bytes += EVENT_BYTES
         self._stream_bytes += EVENT_BYTES
         if owner is not None:
@@ -826,7 +838,8 @@ class NPlusOneDetector:
                 return False  # a loop doing real work between queries
             if group.crossed > len(gaps) // 2 and (
                     think > self._boundary_max_think
-                    or max(group.between.values()) < BOUNDARY_MIN_REGULAR_RATIO * len(gaps)
+                    or sum(sorted(group.between.values())[-2:])
+                    < BOUNDARY_MIN_REGULAR_RATIO * len(gaps)
                     or not self._covers_owner_rows(group)):
                 # Requests that each check out a pooled connection, not one loop: a loop checks
                 # out quickly, runs the same statements per row in the same order, and runs for
