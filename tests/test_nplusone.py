@@ -1150,3 +1150,21 @@ def test_nested_loops_with_a_check_out_per_query_report_both_levels():
     h.idle(1.5)
     found = {(f.owner_sql, f.child_sql): f.n for f in h.of_kind("n_plus_one")}
     assert found == {(AUTHORS, BOOKS): 6, (BOOKS, REVIEWS): 18}
+
+
+
+@pytest.mark.parametrize("text, error", [
+    ("nplusone:\n  boundary_max_think_ms: 80\n",
+     "nplusone.boundary_max_think_ms: must not exceed nplusone.max_think_ms (80 > 50)"),
+    ("nplusone:\n  max_memory_bytes: 1000\n", "nplusone.max_memory_bytes: must be at least"),
+    ("nplusone:\n  poll_max_jitter_ratio: 2\n",
+     "nplusone.poll_max_jitter_ratio: must be between 0 and 1"),
+    ("nplusone:\n  include_catalog: maybe\n", "nplusone.include_catalog: expected true or false"),
+])
+def test_bad_detector_settings_name_the_field(tmp_path, text, error):
+    from pgscout.settings import ConfigError, load_settings
+
+    path = tmp_path / "pgscout.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(str(path), {})
