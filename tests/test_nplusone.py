@@ -1090,3 +1090,81 @@ def test_loop_with_30_ms_of_steady_work_per_row_is_still_a_loop():
     h.idle(1.5)
     [finding] = h.findings
     assert (finding.kind, finding.n, finding.confidence) == ("n_plus_one", 10, "high")
+
+
+def test_check_out_per_row_from_a_fifo_pool_is_one_finding():
+    """psycopg_pool hands connections out in turn: a sequential loop with one check-out per
+    row runs its children round-robin over the pool, one at a time."""
+    h = Harness()
+    pool = [h.connection("sync-api") for _ in range(4)]
+    pool[0].run(AUTHORS, rows=12)
+    for author_id in range(12):
+        client = pool[author_id % 4]
+        client.run(BOOKS, author_id, think=0.0008)
+        client.run("", kind="other", tag="EMPTY", think=0.0001)  # the pool's check on return
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.n, finding.connections, finding.confidence) == (12, 4, "high")
+
+
+def test_an_in_list_sharing_the_fingerprint_of_a_per_row_lookup_changes_nothing():
+    """IN lists of any length share one fingerprint with a single `IN ($1)`: what a statement
+    is must come from its own text, not from the first text seen with that fingerprint."""
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=12)
+    client.run(in_list(12), *range(12), rows=60, fp="books-by-author")  # selectinload, earlier
+    h.idle(1.5)
+    client.run(AUTHORS, rows=12)
+    for author_id in range(12):
+        client.run(in_list(1), author_id, rows=5, fp="books-by-author")
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.n, finding.child_fingerprint) == (12, "books-by-author")
+
+
+def test_two_relationships_per_parent_with_a_check_out_per_query_are_two_findings():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=10)
+    client.run(ASYNCPG_RELEASE, tag="RESET", pipelined=True)
+    for author_id in range(10):
+        for child in (BOOKS, TAGS):
+            client.run(child, author_id)
+            client.run(ASYNCPG_RELEASE, tag="RESET", pipelined=True)
+    h.idle(1.5)
+    assert sorted((f.child_sql, f.n) for f in h.findings) == [(BOOKS, 10), (TAGS, 10)]
+
+
+def test_nested_loops_with_a_check_out_per_query_report_both_levels():
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=6)
+    book_ids = itertools.count()
+    for author_id in range(6):
+        client.run(BOOKS, author_id, rows=3)
+        client.run("DISCARD ALL", kind="utility", tag="DISCARD ALL")
+        for _ in range(3):
+            client.run(REVIEWS, next(book_ids), rows=2)
+            client.run("DISCARD ALL", kind="utility", tag="DISCARD ALL")
+    h.idle(1.5)
+    found = {(f.owner_sql, f.child_sql): f.n for f in h.of_kind("n_plus_one")}
+    assert found == {(AUTHORS, BOOKS): 6, (BOOKS, REVIEWS): 18}
+
+
+
+@pytest.mark.parametrize("text, error", [
+    ("nplusone:\n  boundary_max_think_ms: 80\n",
+     "nplusone.boundary_max_think_ms: must not exceed nplusone.max_think_ms (80 > 50)"),
+    ("nplusone:\n  max_memory_bytes: 1000\n", "nplusone.max_memory_bytes: must be at least"),
+    ("nplusone:\n  poll_max_jitter_ratio: 2\n",
+     "nplusone.poll_max_jitter_ratio: must be between 0 and 1"),
+    ("nplusone:\n  include_catalog: maybe\n", "nplusone.include_catalog: expected true or false"),
+])
+def test_bad_detector_settings_name_the_field(tmp_path, text, error):
+    from pgscout.settings import ConfigError, load_settings
+
+    path = tmp_path / "pgscout.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(str(path), {})

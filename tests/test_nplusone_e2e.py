@@ -73,11 +73,12 @@ def orm_engine(proxy, app: str, **kwargs) -> sa.Engine:
     return sa.create_engine(sqlalchemy_url(proxy_dsn(proxy, app)), **kwargs)
 
 
-def async_orm_engine(proxy, app: str):
+def async_orm_engine(proxy, app: str, **kwargs):
     # SQLAlchemy's asyncpg dialect takes neither libpq parameters nor server settings in the URL.
     url = proxy.dsn("trust_user", APP_DATABASE, sslmode=None, connect_timeout=None)
     return create_async_engine(sqlalchemy_url(url, "asyncpg"),
-                               connect_args={"server_settings": {"application_name": app}})
+                               connect_args={"server_settings": {"application_name": app}},
+                               **kwargs)
 
 
 def api(proxy, path: str) -> dict:
@@ -735,3 +736,23 @@ def test_suggestion_follows_the_clients_stack(pgscout, bookshop, app_name, suffi
     finding = only(findings(pgscout, app))
     assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix=fix)
     assert finding["stack"] == stack
+
+
+async def test_gather_with_an_async_session_per_child_is_one_finding(pgscout, bookshop, app_name):
+    """SQLAlchemy's async pool grows to four connections during the gather; each task runs its
+    query in its own session (BEGIN, the query, ROLLBACK)."""
+    engine = async_orm_engine(pgscout, app_name, pool_size=4, max_overflow=0)
+    async with AsyncSession(engine) as session:
+        author_ids = (await session.scalars(sa.select(Author.id).order_by(Author.id))).all()
+
+    async def books_of(author_id: int) -> list[Book]:
+        async with AsyncSession(engine) as session:
+            return (await session.scalars(sa.select(Book).where(Book.author_id == author_id)
+                                          .order_by(Book.id))).all()
+
+    assert sum(map(len, await asyncio.gather(*map(books_of, author_ids)))) == BOOKS
+    await engine.dispose()
+
+    finding = only(wait_for_findings(pgscout, app_name))
+    assert finding["n"] == AUTHORS and finding["connections"] > 1, finding
+    assert finding["child_sql"].startswith("SELECT np_books.id"), finding

@@ -848,6 +848,11 @@ def _check_together(settings: Settings) -> None:
         file_path = getattr(proxy, key)
         if file_path and not os.path.isfile(file_path):
             raise ConfigError(f"proxy.{key}: no such file {file_path!r}")
+    if nplusone.boundary_max_think_ms > nplusone.max_think_ms:
+        raise ConfigError(
+            f"nplusone.boundary_max_think_ms: must not exceed nplusone.max_think_ms "
+            f"({nplusone.boundary_max_think_ms:g} > {nplusone.max_think_ms:g})"
+        )
     for measure in ("loop_ms", "n"):
         warning = getattr(nplusone, f"warning_{measure}")
         critical = getattr(nplusone, f"critical_{measure}")

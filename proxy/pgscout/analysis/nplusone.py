@@ -19,7 +19,7 @@ Readings of the spec that the code relies on:
   followed. They do break a strict no-owner run, and a group whose children are separated by them
   is only reported when the owner's rows account for all its distinct children (high
   confidence) and, when most of them are, its median think time is at most
-  `boundary_max_think_ms`, the same number of statements separates most consecutive children and
+  `boundary_max_think_ms`, one or two numbers of statements separate most consecutive children and
   there are children for at least 80% of the owner's rows: a check-out per query is
   quick and a loop body repeats itself, while unrelated requests on a busy pooled connection are
   the other explanation.
@@ -50,13 +50,13 @@ Readings of the spec that the code relies on:
   A group there is judged only when at least a fifth of its children ran on other connections
   with no owner of their own; then it replaces the per-connection groups it is made of. Without
   a trace id it must also start within `max_think_ms` of the owner, keep its gaps under it,
-  keep the pool busy (children sent while others run) on connections that run nothing else
-  meanwhile, and run for at least 80% of the owner's rows (and no more distinct ones).
+  run on connections that run nothing else meanwhile, and run for at least 80% of the owner's
+  rows (and no more distinct ones).
 - Duplicates are, like N+1 loops, only reported for tight (think time) unbatched repetition;
   without an owner, only when the repeats are at least half of the group's executions.
 
-Memory: statements are known by fingerprint; the shape table keeps, per fingerprint, only the
-normalized text cut at `sql_text_max_chars` and a few flags. Everything retained is counted in
+Memory: statements are known by fingerprint; the shape table keeps, per fingerprint and hash
+of the normalized text, only that text cut at `sql_text_max_chars` and a few flags. Everything retained is counted in
 estimated bytes against `max_memory_bytes`: shapes may use a quarter, open segments half (the
 least recently active are judged early when over), roll-up keys the last quarter.
 
@@ -98,15 +98,14 @@ CROSS_MAX_LONG_GAP_RATIO: Final = 0.1
 # Share of a group's children that must run on connections without their own owner for the
 # group to be judged per application.
 CROSS_MIN_FOREIGN_RATIO: Final = 0.2
-# Without a trace id, share of a cross-connection group's children that must have been sent
-# while another was running: gathered tasks keep the pool busy, unrelated requests rarely do.
-CROSS_MIN_OVERLAP_RATIO: Final = 0.3
-# ...and share of them whose connection ran nothing else since the owner or its previous child:
-# gathered tasks hold their connections for the fan-out, a busy pool mixes requests.
+# Without a trace id, share of a cross-connection group's children whose connection ran nothing
+# else since the owner or its previous child: gathered tasks (or a FIFO pool's check-outs, one
+# per row) hold their connections for the loop, a busy pool mixes requests.
 CROSS_MIN_DEDICATED_RATIO: Final = 0.75
-# Across soft boundaries, share of the children that must follow the previous one after the same
-# number of other statements (a loop body repeats itself; unrelated requests do not).
-BOUNDARY_MIN_REGULAR_RATIO: Final = 0.75
+# Across soft boundaries, share of the children that must follow the previous one after one of
+# two numbers of other statements (a loop body repeats itself, an inner loop's children see the
+# outer child between them once per round; unrelated requests are irregular).
+BOUNDARY_MIN_REGULAR_RATIO: Final = 0.8
 # A loop inferred across soft boundaries or connections runs a child for at least this share of
 # the owner's rows (one per row); a few lookups after a listing are unrelated requests.
 LOOP_MIN_ROW_COVERAGE: Final = 0.8
@@ -237,7 +236,7 @@ class Finding:
 
 
 class _Shape:
-    """What the detector needs from one statement fingerprint, computed once per fingerprint."""
+    """What the detector needs from one statement text, computed once per (fingerprint, text)."""
 
     __slots__ = ("text", "placeholders", "array_lookup", "soft_boundary", "reads", "page_walk",
                  "equality_key", "locking", "style", "table", "key_column", "bytes")
@@ -293,8 +292,8 @@ class _Group:
                  "owner_rows_seen", "n", "pipelined", "by_params", "max_repeat", "gaps", "rows",
                  "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
                  "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
-                 "owner_done", "statement_mark", "interleaved", "overlapped", "between",
-                 "dedicated")
+                 "owner_done", "statement_mark", "interleaved", "between",
+                 "dedicated", "deferred", "verdict", "busy_mark")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
                  ev: StatementDone, boundaries: int) -> None:
@@ -332,15 +331,21 @@ class _Group:
         self.app_group: _Group | None = None  # the application stream's group of the same child
         self.statement_mark = 0  # statements seen in the stream at the last child
         self.interleaved = 0  # children with other statements between them and the previous one
-        self.overlapped = 0  # children sent while an earlier one was still running elsewhere
         self.between: dict[int, int] = {}  # statements between consecutive children -> times
         # Children whose connection ran nothing else since the owner or its previous child.
         self.dedicated = 0
+        # An application group: the per-connection groups waiting for its verdict, and that
+        # verdict once judged (True: reported as one loop over the connections).
+        self.deferred: list[tuple[_Stream, _Track, _Group]] = []
+        self.verdict: bool | None = None
+        self.busy_mark = 0.0  # the stream's busy time when the previous child completed
 
-    def add(self, ev: StatementDone, boundaries: int, statements: int) -> None:
+    def add(self, ev: StatementDone, boundaries: int, statements: int, busy: float) -> None:
+        """`busy`: the stream's server time before `ev`; the think time between two children
+        is the gap less the other statements run in it (an inner loop, a reset)."""
         duration = ev.done_at - ev.sent_at
         if self.n:
-            gap = ev.sent_at - self.last_done
+            gap = ev.sent_at - self.last_done - (busy - self.busy_mark)
             self.gaps.append(gap if gap > 0.0 else 0.0)
             if boundaries != self.boundary_mark:
                 self.crossed += 1
@@ -348,10 +353,9 @@ class _Group:
             if between:
                 self.interleaved += 1
             self.between[between] = self.between.get(between, 0) + 1
-            if ev.sent_at < self.last_done:
-                self.overlapped += 1
         self.boundary_mark = boundaries
         self.statement_mark = statements
+        self.busy_mark = busy + duration
         self.n += 1
         if ev.pipelined:
             self.pipelined += 1
@@ -423,7 +427,7 @@ class _Stream:
     """One segment of one stream: owner ring and child tracks, reset when the segment ends."""
 
     __slots__ = ("key", "scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
-                 "started_at", "last_done", "boundaries", "statements", "bytes")
+                 "started_at", "last_done", "boundaries", "statements", "busy", "bytes")
 
     def __init__(self, scope: _Scope, trace: str | None, session: Session,
                  started_at: float) -> None:
@@ -439,6 +443,7 @@ class _Stream:
         self.last_done = started_at
         self.boundaries = 0  # soft boundaries seen
         self.statements = 0  # statements observed (soft boundaries and catalog reads aside)
+        self.busy = 0.0  # seconds the server spent on this stream's statements, boundaries too
         self.bytes = STREAM_BYTES
 
 
@@ -466,7 +471,7 @@ class NPlusOneDetector:
         self._connections: dict[int, _Scope] = {}
         self._applications: dict[int | tuple, _Scope] = {}
         self._streams: OrderedDict[tuple, _Stream] = OrderedDict()  # by activity
-        self._shapes: OrderedDict[str, _Shape] = OrderedDict()  # by fingerprint, LRU
+        self._shapes: OrderedDict[tuple[str, int], _Shape] = OrderedDict()  # LRU
         self._reports: OrderedDict[tuple, _Report] = OrderedDict()  # by last emission
         self._counts: dict[tuple[str, str, str, str], int] = {}
         self._shape_bytes = 0
@@ -522,16 +527,19 @@ class NPlusOneDetector:
         if conn is None:
             conn = self._connections[conn_id] = _Scope(conn_id, shared=False)
         if ev.kind == "txn" or ev.tag == "EMPTY":
-            self._soft_boundary(conn)
+            self._soft_boundary(conn, ev)
             return
         if not ev.fingerprint:
             return
         shape = self._shape(ev)
         if shape.soft_boundary:
-            self._soft_boundary(conn)
+            self._soft_boundary(conn, ev)
             return
         if shape.reads == "catalog" and not self._include_catalog:
-            return  # driver or tool introspection, not the application's data access
+            # Driver or tool introspection, not the application's data access.
+            for stream in conn.streams.values():
+                stream.busy += ev.done_at - ev.sent_at
+            return
         trace = self._trace(ev.tags) if ev.tags else None
         stream = self._stream_for(conn, ev, trace, MAX_STREAMS_PER_CONNECTION)
         group = self._observe(stream, ev, shape, None)
@@ -544,8 +552,11 @@ class NPlusOneDetector:
             if app_group is not None and (conn.last_fingerprint == ev.fingerprint
                                           or conn.last_done <= app_group.owner_done):
                 app_group.dedicated += 1
-        conn.last_fingerprint = ev.fingerprint
-        conn.last_done = ev.done_at
+        if shape.reads != "none" and ev.kind in ("select", "dml"):
+            # Session set-up (SHOW, `SELECT current_schema()`) does not take a connection from
+            # a loop; data access does.
+            conn.last_fingerprint = ev.fingerprint
+            conn.last_done = ev.done_at
         if self._stream_bytes > self._stream_budget:
             self._shed_streams(ev.done_at)
 
@@ -593,16 +604,20 @@ class NPlusOneDetector:
 
     # -- segments ---------------------------------------------------------------------------
     def _shape(self, ev: StatementDone) -> _Shape:
+        # One fingerprint covers IN lists of any length (`IN ($1)` ... `IN ($1, ..., $500)`),
+        # which differ in what matters here: the key adds the normalized text's hash (a str
+        # caches its hash, and the fingerprinter hands out the same text object each time).
+        key = (ev.fingerprint, hash(ev.normalized))
         shapes = self._shapes
-        shape = shapes.get(ev.fingerprint)
+        shape = shapes.get(key)
         if shape is None:
-            shape = shapes[ev.fingerprint] = _Shape(ev, self._text_max_chars)
+            shape = shapes[key] = _Shape(ev, self._text_max_chars)
             self._shape_bytes += shape.bytes
             while self._shape_bytes > self._shape_budget and len(shapes) > 1:
                 _, evicted = shapes.popitem(last=False)
                 self._shape_bytes -= evicted.bytes
         else:
-            shapes.move_to_end(ev.fingerprint)
+            shapes.move_to_end(key)
         return shape
 
     def _trace(self, tags: dict[str, str]) -> str | None:
@@ -661,11 +676,12 @@ class NPlusOneDetector:
             self._end_stream(next(iter(self._streams.values())), now)
 
     @staticmethod
-    def _soft_boundary(conn: _Scope) -> None:
+    def _soft_boundary(conn: _Scope, ev: StatementDone) -> None:
         """A transaction statement or a pool check-out/reset: the request may go on after it."""
         for stream in conn.streams.values():
             stream.seq += 1  # breaks a strict no-owner run
             stream.boundaries += 1
+            stream.busy += ev.done_at - ev.sent_at
 
     # -- owners and children ----------------------------------------------------------------
     def _observe(self, stream: _Stream, ev: StatementDone, shape: _Shape,
@@ -686,6 +702,7 @@ class NPlusOneDetector:
             group = self._observe_child(stream, ev, shape, conn_group)
         if kind == "select":
             self._observe_owner(stream, ev, shape)
+        stream.busy += ev.done_at - ev.sent_at
         return group
 
     def _observe_owner(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
@@ -760,7 +777,8 @@ class NPlusOneDetector:
                 self._forget(stream, group)
                 self._judge(stream, track, group, ev.done_at)
             group = track.group = _Group(key, owner, outer, ev, stream.boundaries)
-        group.add(ev, stream.boundaries, stream.statements)
+        group.add(ev, stream.boundaries, stream.statements,
+                  0.0 if stream.scope.shared else stream.busy)
         stream.bytes += EVENT_BYTES
         self._stream_bytes += EVENT_BYTES
         if owner is not None:
@@ -781,41 +799,56 @@ class NPlusOneDetector:
 
     # -- judging ----------------------------------------------------------------------------
     def _judge(self, stream: _Stream, track: _Track, group: _Group, now: float) -> None:
+        app_group = group.app_group
         try:
-            self._judge_group(stream, track, group, now)
+            if stream.scope.shared:
+                group.verdict = self._judge_group(stream, track, group, now)
+                if not group.verdict:
+                    # Not one loop over the connections: each connection's part stands alone.
+                    for deferred in group.deferred:
+                        self._judge_group(*deferred, now)
+            elif (app_group is not None and app_group.spans_connections()
+                  and (group.owner is None
+                       or (group.owner.conn_id == app_group.owner_conn
+                           and group.owner_done == app_group.owner_done))):
+                # Part of an async fan-out: the application's stream judges the whole first.
+                if app_group.verdict is None:
+                    app_group.deferred.append((stream, track, group))
+                elif not app_group.verdict:
+                    self._judge_group(stream, track, group, now)
+            else:
+                self._judge_group(stream, track, group, now)
         finally:
             # A judged group may still be some open group's `outer`: let go of what it points
             # to, or a chain of nested loops would keep every group (and its text) alive.
             group.outer = None
             group.app_group = None
+            group.deferred = []
 
-    def _judge_group(self, stream: _Stream, track: _Track, group: _Group, now: float) -> None:
+    def _judge_group(self, stream: _Stream, track: _Track, group: _Group, now: float) -> bool:
+        """Report what `group` is, if anything; true when it was reported as an N+1 loop."""
         n = group.n
         if n < self._smallest_reportable:
-            return
+            return False
         shared = stream.scope.shared
-        if shared:
-            if not group.spans_connections():
-                return  # on one connection: that connection's stream judges it
-        elif (group.app_group is not None and group.app_group.spans_connections()
-              and (group.owner is None or (group.owner.conn_id == group.app_group.owner_conn
-                                           and group.owner_done == group.app_group.owner_done))):
-            return  # part of an async fan-out: the application's stream judges the whole
+        if shared and not group.spans_connections():
+            return False  # on one connection: that connection's stream judges it
         gaps = group.gaps
         if gaps:
             think = statistics.median(gaps)
             if think > self._max_think:
-                return  # a loop doing real work between queries
+                return False  # a loop doing real work between queries
             if group.crossed > len(gaps) // 2 and (
                     think > self._boundary_max_think
-                    or max(group.between.values()) < BOUNDARY_MIN_REGULAR_RATIO * len(gaps)
+                    or sum(sorted(group.between.values())[-2:])
+                    < BOUNDARY_MIN_REGULAR_RATIO * len(gaps)
                     or not self._covers_owner_rows(group)):
                 # Requests that each check out a pooled connection, not one loop: a loop checks
                 # out quickly, runs the same statements per row in the same order, and runs for
                 # most of the owner's rows.
-                return
+                return False
         if group.pipelined > self._max_pipelined_ratio * n:
-            return  # a batch: executemany or a pipeline
+            return False  # a batch: executemany or a pipeline
         # Polling: the connection sleeps between repeats of one statement.
         polling = (group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps)
                    and self._periodic(gaps))
@@ -830,37 +863,37 @@ class NPlusOneDetector:
             owner, owner_rows = group.outer.owner, group.outer.owner_rows
         if owner is None:
             if shared or distinct < self._no_owner_min_run:
-                return
+                return False
             confidence = "low"
         else:
             if distinct < self._min_distinct or owner_rows < self._owner_min_rows:
-                return
+                return False
             confidence = "high" if distinct <= owner_rows else "medium"
             if confidence != "high" and (group.crossed or shared):
-                return  # beyond the owner's rows, across boundaries: unrelated requests
+                return False  # beyond the owner's rows, across boundaries: unrelated requests
         if polling and confidence != "high":
-            return  # a poller's moving key; a loop over the owner's rows may be steady too
+            return False  # a poller's moving key; a loop over the owner's rows may be steady too
         if distinct < self._min_distinct_ratio * n:
-            return
+            return False
         if statistics.median(group.rows) >= self._max_median_rows:
-            return  # pagination or chunked reads
+            return False  # pagination or chunked reads
         shape = track.shape
         if shape.page_walk and (not shape.equality_key or _full_pages(group.rows)):
-            return  # a cursor walk: each page is keyed by the previous one
+            return False  # a cursor walk: each page is keyed by the previous one
         if shared and stream.trace is None:
             # Nothing but timing ties these connections together: a fan-out starts as the
             # owner's rows arrive and keeps going without pauses.
             long_gaps = sum(1 for gap in gaps if gap > self._max_think)
             if (group.lead > self._max_think
                     or long_gaps > CROSS_MAX_LONG_GAP_RATIO * len(gaps)
-                    or group.overlapped < CROSS_MIN_OVERLAP_RATIO * len(gaps)
                     or group.dedicated < CROSS_MIN_DEDICATED_RATIO * n
                     or not self._covers_owner_rows(group)):
-                return
+                return False
         loop_time = group.last_done - group.first_sent
         self._report(stream, "n_plus_one", owner, track, group, n, group.child_time, loop_time,
                      loop_time - group.slowest, max(0.0, loop_time - group.child_time),
                      confidence, now)
+        return True
 
     @staticmethod
     def _covers_owner_rows(group: _Group) -> bool:
