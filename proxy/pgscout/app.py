@@ -59,6 +59,9 @@ async def serve(settings: Settings, *, observing: bool,
     except OSError as exc:
         log.error("cannot_listen", error=str(exc))
         return 1
+    except ConfigError as exc:  # the upstream is pgscout's own listener
+        log.error("cannot_start", error=str(exc))
+        return 1
     log.info("admin_listening", listen=str(settings.admin.listen))
     sources.limits.start()
     ticker = loop.create_task(_tick(sources))
