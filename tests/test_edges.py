@@ -287,9 +287,13 @@ def inserts(pg):
 
 
 @pytest.mark.parametrize("ending", ["terminate_and_close", "close", "shutdown_write"])
-def test_statements_sent_before_a_close_run_to_completion(pg, pgscout, inserts, ending):
+@pytest.mark.parametrize("upstream_leg", ["plaintext", "tls"])
+def test_statements_sent_before_a_close_run_to_completion(pg, pgscout, start_pgscout, inserts, ending,
+                                                          upstream_leg):
+    """A TLS upstream leg cannot be half-closed: pgscout closes it behind the client's bytes."""
+    proxy = pgscout if upstream_leg == "plaintext" else start_pgscout(upstream=pg.upstream_url(sslmode="require"))
     counts = {}
-    for route, (host, port) in routes(pg, pgscout).items():
+    for route, (host, port) in routes(pg, proxy).items():
         sessions = [open_session(host, port)[0] for _ in range(20)]
         for n, sock in enumerate(sessions):
             sock.sendall(query(f"insert into edge_inserts select '{route}-{ending}', {n} "

@@ -62,6 +62,8 @@ class Relay:
         self._sasl_offered = False
         self._client_auth = bytearray()
         self.said_goodbye = False  # the client's last message was Terminate
+        # Fixed per session: a reload applies to sessions that start after it.
+        self.cancels_on_hangup = server.settings.proxy.cancel_on_client_hangup
         self.client_paused = False  # not read because the upstream's write buffer is full
         self.watching_paused_client = False
 
@@ -322,18 +324,19 @@ class Relay:
         upstream = self.upstream.transport
         if upstream.can_write_eof():
             upstream.write_eof()
+        elif not self.said_goodbye:
+            # A TLS upstream leg cannot be half-closed. After a Terminate the server closes by
+            # itself; otherwise close the leg behind the bytes written (the server still reads
+            # and runs them, but a half-closed client gets EOF instead of those results).
+            self.close("client")
+            return False
         # asyncio's TLS transport cannot stay half-open: a TLS client's EOF closes its leg, and
         # the server still reads what was written before it.
         return not self._tls
 
-    def note_client_bytes(self, data: bytes) -> None:
-        """Remember whether the client's last message was Terminate (only read by the hang-up
-        policy, which must never cancel what a client ended cleanly)."""
-        self.said_goodbye = data.endswith(_TERMINATE)
-
     def _cancels_on_hangup(self) -> bool:
-        return (self.server.settings.proxy.cancel_on_client_hangup and not self.said_goodbye
-                and self.session.active and self.decoder is not None)
+        return (self.cancels_on_hangup and not self.said_goodbye and self.session.active
+                and self.decoder is not None)
 
     async def watch_paused_client(self) -> None:
         """With proxy.cancel_on_client_hangup: while the upstream is full and the client is not
@@ -438,8 +441,9 @@ class ClientLeg(asyncio.Protocol):
                     return
             relay.upstream.transport.write(data)
             relay.session.bytes_from_client += len(data)
-            if relay.server.settings.proxy.cancel_on_client_hangup:
-                relay.note_client_bytes(data)
+            # Terminate is a client's last message: the hang-up policy must never cancel what
+            # a client ended cleanly, and a TLS upstream leg can wait for the server's close.
+            relay.said_goodbye = data.endswith(_TERMINATE)
             if relay.decoder is not None:
                 relay.decode_client(data)
         elif not relay.closed:
@@ -504,7 +508,7 @@ class ServerLeg(UpstreamProtocol):
         relay = self.relay
         relay.client.transport.pause_reading()
         relay.client_paused = True
-        if relay.server.settings.proxy.cancel_on_client_hangup and not relay.watching_paused_client:
+        if relay.cancels_on_hangup and not relay.watching_paused_client:
             relay.watching_paused_client = True
             relay.server.spawn(relay.watch_paused_client())
 
