@@ -16,9 +16,9 @@ import asyncio
 import dataclasses
 import re
 import socket
+import ssl
 import struct
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -26,8 +26,8 @@ import psycopg
 import pytest
 import trustme
 
-from pgharness import (APP_DATABASE, LOOPBACK, PASSWORDS, SUPERUSER, PgCluster, Pgscout,
-                       PgscoutFactory, free_port, wait_until)
+from pgharness import (APP_DATABASE, LOOPBACK, SUPERUSER, PgCluster, Pgscout, PgscoutFactory,
+                       free_port, wait_until)
 
 TERMINATE = b"X\0\0\0\x04"
 CLOSED = "<closed>"
@@ -209,7 +209,7 @@ def test_a_silent_refusal_is_logged_and_counted(pgscout):
                for line in pgscout.logs() if line.get("event") == "startup_failed")
 
 
-def test_repeated_encryption_requests_get_the_postmasters_answers(tmp_path):
+def test_repeated_encryption_requests_get_the_postmasters_answers():
     """A server without TLS answers 'N', as pgscout does without client TLS; what follows must be
     the same: a second request is an unknown protocol, bytes sent with a request a refusal."""
     cluster = PgCluster().create()
@@ -496,6 +496,36 @@ def test_scram_expecting_channel_binding_gets_an_error_that_says_what_to_set(pg,
                             sslrootcert=tls_pgscout.ca_file, channel_binding="disable")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(wrong).close()
+
+
+def _sasl_expecting_binding(host: str, port: int, ca_file: str) -> tuple[list[bytes], dict[str, str], str]:
+    """Over TLS, answer AuthenticationSASL with gs2 flag 'y' (as libpq does when it sees no
+    -PLUS offer); returns the mechanisms offered, the ErrorResponse's fields and the close."""
+    raw = socket.create_connection((host, port), timeout=10)
+    raw.sendall(struct.pack("!ii", 8, 80877103))
+    assert raw.recv(1) == b"S"
+    with ssl.create_default_context(cafile=ca_file).wrap_socket(raw, server_hostname=LOOPBACK) as sock:
+        sock.sendall(startup_packet("scram_user", APP_DATABASE))
+        [(kind, body)] = read_until(sock, b"R")
+        mechanisms = [name for name in body[4:].split(b"\0") if name]
+        first = b"y,,n=,r=pgscoutedgetestnonce"
+        body = b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first
+        sock.sendall(b"p" + struct.pack("!i", len(body) + 4) + body)
+        data, how = read_to_close(sock)
+    [(kind, body)] = messages(data)
+    assert kind == b"E", data
+    return mechanisms, error_fields(body), how
+
+
+def test_channel_binding_expected_is_refused_with_the_servers_sqlstate(pg, tls_pgscout):
+    """Directly, the server (which offers -PLUS on TLS) calls 'y' a downgrade; through pgscout,
+    which cannot pass -PLUS on, pgscout answers: the same FATAL 28000, a message saying what to do."""
+    direct = _sasl_expecting_binding(pg.host, pg.port, str(pg.ca_cert))
+    through = _sasl_expecting_binding(tls_pgscout.host, tls_pgscout.port, tls_pgscout.ca_file)
+    assert direct[0] == [b"SCRAM-SHA-256-PLUS", b"SCRAM-SHA-256"] and through[0] == [b"SCRAM-SHA-256"]
+    assert (direct[1]["S"], direct[1]["C"], direct[2]) == (through[1]["S"], through[1]["C"], through[2]) \
+        == ("FATAL", "28000", CLOSED)
+    assert "channel_binding=disable" in through[1]["M"], through
 
 
 def test_md5_and_trust_over_two_tls_legs_are_untouched(tls_pgscout):

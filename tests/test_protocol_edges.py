@@ -12,7 +12,6 @@ import tempfile
 import time
 
 import psycopg
-import pytest
 
 from pgharness import SUPERUSER
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from pgscout.dataplane import wire
 from pgscout.dataplane.decoder import Decoder
 from pgscout.dataplane.events import Desynced, Session, SessionClosed, SessionOpened
-from pgscout.dataplane.framer import FramingError, StartupPacket, StartupRefused, parse_startup_packet
+from pgscout.dataplane.framer import StartupPacket, StartupRefused, parse_startup_packet
 from pgscout.dataplane.upstream import UpstreamError, UpstreamProtocol, connect
 
 if TYPE_CHECKING:
