@@ -116,9 +116,9 @@ class Server:
                 if exc.errno in _OUT_OF_DESCRIPTORS:
                     self._out_of_descriptors(loop, listener, exc)
                     return
-                if exc.errno == errno.ECONNABORTED:  # the client gave up while queued
-                    continue
-                raise
+                # ECONNABORTED (the client gave up while queued) and the network errors Linux
+                # passes on from the new connection (accept(2)): that one is lost, try the next.
+                continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.spawn(loop.connect_accepted_socket(
