@@ -62,6 +62,7 @@ class Relay:
         self._sasl_offered = False
         self._client_auth = bytearray()
         self.said_goodbye = False  # the client's last message was Terminate
+        self.client_reset = False  # the client's connection ended in a reset or an error
         # Fixed per session: a reload applies to sessions that start after it.
         self.cancels_on_hangup = server.settings.proxy.cancel_on_client_hangup
         self.client_paused = False  # not read because the upstream's write buffer is full
@@ -203,6 +204,8 @@ class Relay:
         self.checking_binding = self._tls and transport.get_extra_info("sslcontext") is not None
         if self.checking_binding:
             pending = self.filter_client_auth(pending)
+            if self.closed:
+                return
         transport.write(startup_packet + pending)
         if pending:
             self.session.bytes_from_client += len(pending)
@@ -339,13 +342,21 @@ class Relay:
                 and self.decoder is not None)
 
     async def watch_paused_client(self) -> None:
-        """With proxy.cancel_on_client_hangup: while the upstream is full and the client is not
-        being read, a hang-up by the client would go unseen until the server drained the backlog
-        (and its statement ran on). Check the client's TCP state instead."""
+        """While the upstream is full and the client is not being read, a reset by the client
+        would go unseen until the server drained the backlog. Check the client's TCP state
+        instead: a reset is passed on at once (see close), and with proxy.cancel_on_client_hangup
+        a FIN (a hang-up mid-statement) ends the session too. Without the option a FIN waits
+        for its turn behind the data before it, as it would directly."""
         try:
             while self.client_paused and not self.closed:
                 await asyncio.sleep(_PAUSED_CLIENT_CHECK_SECONDS)
-                if self.client_paused and not self.closed and _hung_up(self.client.transport):
+                if not self.client_paused or self.closed:
+                    break
+                state = _tcp_state(self.client.transport)
+                if state == _TCP_CLOSE:
+                    self.client_reset = True
+                    self.close("client")
+                elif state == _TCP_CLOSE_WAIT and self.cancels_on_hangup:
                     self.close("client")
         finally:
             self.watching_paused_client = False
@@ -380,6 +391,10 @@ class Relay:
                 # client_connection_check_interval), and drop what it had not read yet.
                 self.server.cancel_backend(self.session.backend_pid, self.decoder.cancel_key)
                 self.upstream.transport.abort()
+            elif reason == "client" and self.client_reset:
+                # Directly, the server would read what is already in its socket, then get the
+                # reset; what the client had not yet delivered is lost. Pass the reset on.
+                self.upstream.transport.abort()
             else:
                 self.upstream.transport.close()
         if self.decoder is not None:
@@ -391,19 +406,18 @@ class Relay:
             self.server.startup_failed(self)
 
 
-def _hung_up(transport: asyncio.Transport) -> bool:
-    """True when the peer of a TCP socket we are not reading from has closed or reset it.
+def _tcp_state(transport: asyncio.Transport) -> int | None:
+    """The kernel's state of a TCP connection we are not reading from (None if not TCP).
 
-    The kernel's connection state says so even while unread data waits in the socket (a peek
-    would return that data and hide the reset behind it)."""
+    It shows a FIN or a reset even while unread data waits in the socket (a peek would return
+    that data and hide the reset behind it)."""
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
+        return None
     try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
     except OSError:
-        return True
-    return state in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
+        return _TCP_CLOSE
 
 
 def _without_channel_binding(message: bytes) -> bytes:
@@ -453,6 +467,7 @@ class ClientLeg(asyncio.Protocol):
         return self.relay.client_ended()
 
     def connection_lost(self, exc) -> None:
+        self.relay.client_reset = exc is not None
         self.relay.close("client")
 
     def pause_writing(self) -> None:
@@ -508,7 +523,7 @@ class ServerLeg(UpstreamProtocol):
         relay = self.relay
         relay.client.transport.pause_reading()
         relay.client_paused = True
-        if relay.cancels_on_hangup and not relay.watching_paused_client:
+        if not relay.watching_paused_client:
             relay.watching_paused_client = True
             relay.server.spawn(relay.watch_paused_client())
 

@@ -176,7 +176,8 @@ class Server:
         """True (and the connection closed) when an accepted client is one of pgscout's own
         upstream connections. That session's own leg then reports the loop to its client;
         nothing here opens another connection, and the log says it once per interval."""
-        leg = own_leg(relay.client.transport.get_extra_info("peername"))
+        transport = relay.client.transport
+        leg = own_leg(transport.get_extra_info("peername"), transport.get_extra_info("sockname"))
         if leg is None:
             return False
         leg.looped = True

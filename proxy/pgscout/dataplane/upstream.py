@@ -22,13 +22,18 @@ class UpstreamError(Exception):
     """The upstream cannot be reached or refused the connection; the text is client-facing."""
 
 
-# (local address, port) of each open TCP connection pgscout made upstream -> its protocol.
-_own_legs: dict[tuple[str, int], UpstreamProtocol] = {}
+# Both ends, (local, remote), of each open TCP connection pgscout made upstream -> its protocol.
+# Both, because the kernel reuses a local port for connections to different destinations: a
+# client's port may well equal that of one of pgscout's own connections to the database.
+_own_legs: dict[tuple[tuple[str, int], tuple[str, int]], UpstreamProtocol] = {}
 
 
-def own_leg(peer: object) -> UpstreamProtocol | None:
-    """The upstream connection of pgscout's own whose local end is `peer`, if any."""
-    return _own_legs.get(_end(peer)) if isinstance(peer, tuple) else None
+def own_leg(peer: object, local: object) -> UpstreamProtocol | None:
+    """The upstream connection of pgscout's own that is the other end of an accepted
+    connection from `peer` to `local`, if any."""
+    if not isinstance(peer, tuple) or not isinstance(local, tuple):
+        return None
+    return _own_legs.get((_end(peer), _end(local)))
 
 
 def plain_ip(ip: str) -> str:
@@ -49,24 +54,24 @@ class UpstreamProtocol(asyncio.Protocol):
     `looped` is set when pgscout's own listener accepted this very connection: the upstream
     is pgscout itself."""
 
-    __slots__ = ("_tls_answer", "_local", "looped")
+    __slots__ = ("_tls_answer", "_ends", "looped")
 
     def __init__(self) -> None:
         self._tls_answer: asyncio.Future[bytes] | None = None
-        self._local: tuple[str, int] | None = None
+        self._ends: tuple[tuple[str, int], tuple[str, int]] | None = None
         self.looped = False
 
     def connection_made(self, transport) -> None:
         # Registered before a byte is sent, so the listener knows it the moment it reads one.
-        local = transport.get_extra_info("sockname")
-        if isinstance(local, tuple):
-            self._local = _end(local)
-            _own_legs[self._local] = self
+        local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        if isinstance(local, tuple) and isinstance(remote, tuple):
+            self._ends = (_end(local), _end(remote))
+            _own_legs[self._ends] = self
 
     def connection_lost(self, exc) -> None:
-        if self._local is not None:
-            _own_legs.pop(self._local, None)
-            self._local = None
+        if self._ends is not None:
+            _own_legs.pop(self._ends, None)
+            self._ends = None
 
     def expect_tls_answer(self) -> asyncio.Future[bytes]:
         self._tls_answer = asyncio.get_running_loop().create_future()
