@@ -362,14 +362,16 @@ class Pgscout:
         return argv
 
     def start(self) -> Pgscout:
-        """Start and wait until the listen port accepts TCP; fail with the output otherwise."""
+        """Start and wait until the listen and admin ports accept TCP (the admin listener opens
+        just after the proxy's); fail with the output otherwise."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env_overrides}
         with open(self.stdout_file, "wb") as stdout, open(self.stderr_file, "wb") as stderr:
             self.process = subprocess.Popen(
                 self.argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT,
             )
         deadline = time.monotonic() + PROXY_START_TIMEOUT_SECONDS
-        while not accepts_tcp(self.host, self.port, timeout=0.2):
+        while not (accepts_tcp(self.host, self.port, timeout=0.2)
+                   and accepts_tcp(self.host, self.admin_port, timeout=0.2)):
             if self.process.poll() is not None:
                 raise AssertionError(
                     f"pgscout exited {self.process.returncode} before listening\n{self.output()}"

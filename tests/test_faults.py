@@ -2,7 +2,7 @@
 hanging up mid-statement, and a connection storm.
 
 Owns: what an application sees when the database or its own connection fails in the middle of
-work (an error, never a hang and never a short result that looks complete), and what the proxy
+work (with proxy.cancel_on_client_hangup on and off) (an error, never a hang and never a short result that looks complete), and what the proxy
 process keeps afterwards (file descriptors, memory, its other sessions).
 Must not: restart or kill the shared `pg` cluster (every test here runs on a private cluster of
 its own, with max_connections raised for the storm), or read the proxy's internals: every check
@@ -298,8 +298,9 @@ def _ends_with_ready(data: bytes) -> bool:
     return pos == len(data) and last == b"Z"
 
 
-def test_client_hanging_up_mid_statement_cancels_its_backend(cluster, proxy):
-    cancels_before = _metric(proxy, "pgscout_cancel_requests_total")
+def _hang_up_mid_statement(proxy, cluster) -> int:
+    """A raw session that starts `select pg_sleep(30)` and then resets its connection (as when
+    the application process dies); returns the backend pid."""
     sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
     sock.sendall(_startup_packet(user="trust_user", database=APP_DATABASE, application_name="hangs-up"))
     startup = _read_until_ready(sock)
@@ -308,15 +309,37 @@ def test_client_hanging_up_mid_statement_cancels_its_backend(cluster, proxy):
     sock.sendall(b"Q" + struct.pack("!i", len(sleep) + 4) + sleep)
     assert wait_until(lambda: _direct_activity(cluster, backend_pid) == ("active", "select pg_sleep(30)"),
                       timeout=5)
-    # An abrupt close (RST), as when the application process dies.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-    hung_up_at = time.monotonic()
-    assert wait_until(lambda: _direct_activity(cluster, backend_pid) is None, timeout=5), (
-        f"backend {backend_pid} still there: {_direct_activity(cluster, backend_pid)}")
-    assert time.monotonic() - hung_up_at < 2.0, "the backend outlived its client by more than 2 s"
-    assert _metric(proxy, "pgscout_cancel_requests_total") == cancels_before + 1
-    assert "canceling statement due to user request" in cluster.log_tail()
+    return backend_pid
+
+
+def test_client_hanging_up_mid_statement_leaves_its_statement_running_by_default(cluster, proxy):
+    """PostgreSQL does not notice a client that went away while a statement runs (unless
+    client_connection_check_interval is set), so neither does pgscout by default."""
+    cancels_before = _metric(proxy, "pgscout_cancel_requests_total")
+    backend_pid = _hang_up_mid_statement(proxy, cluster)
+    time.sleep(2)
+    assert _direct_activity(cluster, backend_pid) == ("active", "select pg_sleep(30)")
+    assert _metric(proxy, "pgscout_cancel_requests_total") == cancels_before
+    cluster.psql("-c", f"select pg_cancel_backend({backend_pid})")
+
+
+def test_client_hanging_up_mid_statement_cancels_its_backend_when_configured(cluster):
+    _ensure_up(cluster)
+    factory = PgscoutFactory(cluster)
+    try:
+        proxy = factory(env={"PGSCOUT_PROXY_CANCEL_ON_CLIENT_HANGUP": "true"})
+        cancels_before = _metric(proxy, "pgscout_cancel_requests_total")
+        backend_pid = _hang_up_mid_statement(proxy, cluster)
+        hung_up_at = time.monotonic()
+        assert wait_until(lambda: _direct_activity(cluster, backend_pid) is None, timeout=5), (
+            f"backend {backend_pid} still there: {_direct_activity(cluster, backend_pid)}")
+        assert time.monotonic() - hung_up_at < 2.0, "the backend outlived its client by more than 2 s"
+        assert _metric(proxy, "pgscout_cancel_requests_total") == cancels_before + 1
+        assert "canceling statement due to user request" in cluster.log_tail()
+    finally:
+        factory.cleanup()
 
 
 # -- connection storm ----------------------------------------------------------------------------

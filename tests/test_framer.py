@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wirebuild as w
-from pgscout.dataplane.framer import DECODE_LIMIT, MAX_STARTUP_PACKET, Framer, FramingError, parse_startup_packet
+from pgscout.dataplane.framer import (DECODE_LIMIT, MAX_STARTUP_PACKET, Framer, FramingError, StartupRefused,
+                                      parse_startup_packet)
 
 # The types the decoder handles in each direction; everything else must be skipped unread.
 CLIENT_DECODED = b"QPBDECSF"
@@ -240,22 +241,24 @@ def test_length_below_four_raises(length):
         Recorder(CLIENT_DECODED).feed_chunks([b"d" + bad[1:]])
 
 
-def test_length_over_max_length_raises_and_max_length_itself_is_accepted():
+def test_a_message_over_max_length_is_delivered_cut_and_framing_goes_on():
+    """proxy.max_message_bytes limits what is decoded, never the stream: the message after an
+    oversized one frames as usual, whatever the chunking."""
     at_limit = w.typed(b"Q", b"x" * 95 + b"\0")  # length field 100
-    over = w.typed(b"d", b"x" * 97)  # length field 101
-    recorder = Recorder(CLIENT_DECODED, max_length=100).feed_chunks([at_limit])
-    assert recorder.calls == [("Q", b"x" * 95 + b"\0", True)]
-    with pytest.raises(FramingError, match="101"):
-        recorder.feed_chunks([over])
-    with pytest.raises(FramingError):
-        Recorder(CLIENT_DECODED, max_length=100).feed_chunks([over[:3], over[3:4], over[4:]])
+    over = w.typed(b"Q", b"y" * 96 + b"\0")  # length field 101
+    skipped = w.typed(b"d", b"z" * 500)  # no handler: skipped whole, whatever its length
+    stream = at_limit + over + skipped + w.sync()
+    expected = [("Q", b"x" * 95 + b"\0", True), ("Q", b"y" * 96, False), ("S", b"", True)]
+    for chunks in ([stream], one_byte_at_a_time(stream), cut(stream, [3, 101, 150, 190])):
+        assert Recorder(CLIENT_DECODED, max_length=100).feed_chunks(chunks).calls == expected
 
 
-def test_default_max_length_is_one_gibibyte():
+def test_a_length_over_what_postgresql_accepts_raises_whatever_max_length():
     header = b"d" + struct.pack("!i", (1 << 30) + 1)
-    with pytest.raises(FramingError):
-        Recorder(CLIENT_DECODED).feed_chunks([header])
-    Recorder(CLIENT_DECODED).feed_chunks([b"d" + struct.pack("!i", 1 << 30)])
+    for max_length in (None, 100):
+        with pytest.raises(FramingError):
+            Recorder(CLIENT_DECODED, max_length).feed_chunks([header])
+        Recorder(CLIENT_DECODED, max_length).feed_chunks([b"d" + struct.pack("!i", 1 << 30)])
 
 
 def _feed_until_error(decoded: bytes, chunks: list[bytes]) -> tuple[list, bool]:
@@ -348,6 +351,33 @@ def test_startup_packet_of_the_maximum_length_is_accepted():
     assert len(raw) == MAX_STARTUP_PACKET
     packet, used = parse_startup_packet(raw)
     assert (packet.kind, used) == ("startup", MAX_STARTUP_PACKET)
+
+
+@pytest.mark.parametrize("garbage", [b"X\0\0\0\x04", b"hello", b"GET / HTTP/1.1\r\n"])
+def test_a_bad_length_is_refused_silently_once_four_bytes_are_in(garbage):
+    """The postmaster judges the length word alone: Terminate before a StartupMessage (what
+    node-postgres sends on connect() then end()) or 5 bytes of text need no more bytes."""
+    assert parse_startup_packet(garbage[:3]) == (None, 0)
+    with pytest.raises(StartupRefused) as refused:
+        parse_startup_packet(garbage[:4])
+    assert refused.value.reply == b""
+
+
+@pytest.mark.parametrize("length", [12, 15, 12 + 256 + 1])
+def test_a_cancel_request_of_a_bad_length_is_refused_silently(length):
+    packet = struct.pack("!ii", length, 80877102) + b"\0" * (length - 8)
+    with pytest.raises(StartupRefused) as refused:
+        parse_startup_packet(packet)
+    assert refused.value.reply == b""
+
+
+def test_a_second_ssl_or_gssenc_request_is_an_unknown_protocol_as_for_the_postmaster():
+    with pytest.raises(StartupRefused, match="1234.5679") as refused:
+        parse_startup_packet(w.ssl_request(), ssl_done=True)
+    assert b"C0A000\0" in refused.value.reply
+    with pytest.raises(StartupRefused, match="1234.5680"):
+        parse_startup_packet(w.gssenc_request(), gss_done=True)
+    assert parse_startup_packet(w.gssenc_request(), ssl_done=True)[0].kind == "gssenc"
 
 
 def test_protocol_2_startup_raises():

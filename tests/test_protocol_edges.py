@@ -12,7 +12,6 @@ import tempfile
 import time
 
 import psycopg
-import pytest
 
 from pgharness import SUPERUSER
 
@@ -94,37 +93,6 @@ def test_direct_tls_without_sslrequest_is_closed_with_a_log_line(pgscout):
     assert any("sslnegotiation=direct" in str(line.get("reason", "")) for line in pgscout.logs()
                if line.get("event") == "startup_failed")
     _still_serving(pgscout)
-
-
-@pytest.mark.parametrize("garbage", [
-    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",   # an HTTP client on the wrong port
-    struct.pack("!ii", 8, 0x00020000),       # protocol 2.0
-    struct.pack("!i", 3) + b"\0" * 8,        # length below the minimum
-    struct.pack("!i", 0x7FFFFFFF) + b"\0" * 8,  # 2 GB startup packet
-])
-def test_garbage_instead_of_a_startup_packet_gets_an_error_response(pgscout, garbage):
-    with _connect(pgscout) as sock:
-        sock.sendall(garbage)
-        messages = _read_messages(sock, b"E")
-        assert messages and messages[-1][0] == b"E"
-        assert _sqlstate(messages[-1][1]) in ("08P01", "0A000")
-        assert sock.recv(1) == b""
-    _still_serving(pgscout)
-
-
-def test_a_length_field_over_the_maximum_closes_only_that_session(start_pgscout):
-    proxy = start_pgscout(env={"PGSCOUT_PROXY_MAX_MESSAGE_BYTES": "1048576"})
-    with psycopg.connect(proxy.dsn(SUPERUSER)) as bystander, _connect(proxy) as sock:
-        sock.sendall(_startup(SUPERUSER, "postgres"))
-        _read_messages(sock, b"Z")
-        sock.sendall(b"Q" + struct.pack("!i", 0x7FFFFFFF) + b"select")
-        messages = _read_messages(sock, b"E")
-        assert _sqlstate(messages[-1][1]) == "08P01"
-        assert b"limit" in messages[-1][1]
-        assert sock.recv(1) == b""
-        assert bystander.execute("select 1").fetchone() == (1,)
-    closed = [line for line in proxy.logs() if line.get("event") == "connection_closed"]
-    assert any("over the 1048576-byte limit" in line["reason"] for line in closed)
 
 
 def test_cancel_request_with_a_wrong_key_is_forwarded_and_harmless(pgscout):

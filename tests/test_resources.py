@@ -194,7 +194,10 @@ def test_a_copy_in_faster_than_the_server_is_held_back_at_the_client(pg, proxy, 
         assert direct.execute(f"select count(*) from {slow_sink}").fetchone() == (0,)
 
 
-def test_hanging_up_mid_copy_in_under_backpressure_cancels_within_2_s(pg, proxy, slow_sink):
+def test_hanging_up_mid_copy_in_under_backpressure_cancels_within_2_s_when_configured(pg, start_pgscout,
+                                                                                     slow_sink):
+    """proxy.cancel_on_client_hangup (off by default, as PostgreSQL notices nothing either)."""
+    proxy = start_pgscout(env={"PGSCOUT_PROXY_CANCEL_ON_CLIENT_HANGUP": "true"})
     session = RawSession(proxy, application_name="copy-in-hangs-up")
     _push_copy(session, slow_sink, seconds=3)
     session.hang_up()

@@ -65,8 +65,8 @@ async def serve(settings: Settings, *, observing: bool,
         await link.start()
         await server.start()
         await admin.start(settings.admin.listen.host, settings.admin.listen.port)
-    except OSError as exc:
-        log.error("cannot_listen", error=str(exc))
+    except (OSError, ConfigError) as exc:  # ConfigError: the upstream is pgscout's own listener
+        log.error("cannot_listen" if isinstance(exc, OSError) else "cannot_start", error=str(exc))
         await link.stop()
         return 1
     log.info("admin_listening", listen=str(settings.admin.listen))

@@ -543,8 +543,15 @@ class ProxySettings:
     listen: Address = _setting(Address("127.0.0.1", 6434), _ListenAddress())
     upstream: Upstream | None = _setting(None, _UpstreamURL())
     connect_timeout_seconds: float = _setting(5.0, _Number(0, above_minimum=True))
+    # PostgreSQL's authentication_timeout: from accept to the end of authentication.
+    startup_timeout_seconds: float = _setting(60.0, _Number(0, above_minimum=True))
     drain_timeout_seconds: float = _setting(30.0, _Number(0))
+    # How much of one message pgscout decodes; longer ones are still forwarded whole.
     max_message_bytes: int = _setting(1 << 30, _Integer(1))
+    # Off, as in PostgreSQL (client_connection_check_interval = 0); never after a Terminate.
+    cancel_on_client_hangup: bool = _setting(False, _Flag())
+    # The upstream URL's sslcert/sslkey are for the control connection unless this is set.
+    upstream_cert_for_sessions: bool = _setting(False, _Flag())
     write_buffer_high_bytes: int = _setting(262144, _Integer(1))
     write_buffer_low_bytes: int = _setting(65536, _Integer(0))
     client_tls_cert: str = _setting("", _Text())

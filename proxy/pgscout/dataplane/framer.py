@@ -2,9 +2,11 @@
 
 Owns: splitting a byte stream into messages (the untyped startup packets, then typed messages:
 one type byte, an int32 length that counts itself, the body), carrying partial headers and bodies
-across reads, and enforcing the maximum message length.
+across reads, capping how much of one body is handed to the decoder, and telling apart the
+startup packets PostgreSQL refuses, with what it answers them.
 Must not: interpret message bodies (decoder.py does), copy the bodies of messages nobody decodes
-(DataRow, CopyData: their bytes are skipped by count), or touch sockets.
+(DataRow, CopyData: their bytes are skipped by count), touch sockets, or let a size limit of
+pgscout's own decide anything about the stream: the framer only observes what is forwarded.
 """
 
 from __future__ import annotations
@@ -23,32 +25,53 @@ _DATA_ROW: Final = wire.B_DATA_ROW
 # Bodies longer than this are delivered cut to this many bytes (flagged incomplete): the decoder
 # needs the names and SQL at the front of a Bind or Query, never 100 MB of bytea behind them.
 DECODE_LIMIT: Final = 1 << 20
-# PostgreSQL's MAX_STARTUP_PACKET_LENGTH.
-MAX_STARTUP_PACKET: Final = 10000
+# A typed message longer than this is one PostgreSQL would never send nor accept.
+_POSTGRES_MAX_LENGTH: Final = wire.DEFAULT_MAX_MESSAGE_LENGTH
+# PostgreSQL's MAX_STARTUP_PACKET_LENGTH, which it compares with the length minus its own 4 bytes.
+MAX_STARTUP_PACKET: Final = 10000 + 4
+# PostgreSQL 18 allows cancel keys of up to 256 bytes (4 before protocol 3.2).
+MAX_CANCEL_KEY: Final = 256
+# What the postmaster says when it refuses a protocol (PostgreSQL 15-17 speak 3.0 only; pgscout
+# relays any 3.x minor and lets the server negotiate it down).
+_SUPPORTED_PROTOCOLS: Final = "server supports 3.0 to 3.0"
 
 Handler = Callable[[bytes, bool], None]
 
 
 class FramingError(Exception):
-    """The stream cannot be framed (bad or oversized length field): the session must end."""
+    """The stream cannot be framed: a length PostgreSQL itself rejects (below 4, over 1 GiB).
+
+    The bytes are forwarded all the same (the server answers them as it would directly); only
+    decoding of that session stops."""
+
+
+class StartupRefused(FramingError):
+    """A startup-phase packet PostgreSQL refuses. `reply` is what the postmaster sends before it
+    closes the connection: nothing for a bad length (it only logs "invalid length of startup
+    packet"), an ErrorResponse for an unsupported protocol version."""
+
+    def __init__(self, message: str, reply: bytes = b""):
+        super().__init__(message)
+        self.reply = reply
 
 
 class Framer:
     """Walks typed messages and hands the ones in `handlers` to their handler.
 
-    A handler is called as `handler(body, complete)`; `complete` is false when the body was longer
-    than DECODE_LIMIT and only its first DECODE_LIMIT bytes are given. Messages whose type has no
-    handler are skipped without copying; `data_rows` counts skipped DataRow messages so the
-    decoder can count rows of suspended portals without ever seeing a row.
+    A handler is called as `handler(body, complete)`; `complete` is false when the message was
+    longer than `max_length` (the proxy.max_message_bytes setting) or its body longer than
+    DECODE_LIMIT, and only the front of the body is given. Messages whose type has no handler are
+    skipped without copying; `data_rows` counts skipped DataRow messages so the decoder can count
+    rows of suspended portals without ever seeing a row.
     """
 
-    __slots__ = ("_handlers", "_table", "_max_length", "_skip", "_head", "_type", "_body", "_want",
+    __slots__ = ("_handlers", "_table", "_decode_limit", "_skip", "_head", "_type", "_body", "_want",
                  "_after", "data_rows")
 
     def __init__(self, handlers: Mapping[int, Handler], max_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH):
         self._handlers = dict(handlers)
         self._table: list[Handler | None] = [self._handlers.get(typ) for typ in range(256)]
-        self._max_length = max_length
+        self._decode_limit = max(0, min(DECODE_LIMIT, max_length - 4))
         self._skip = 0  # bytes of a skipped message still to come
         self._head = b""  # a header cut by a read boundary (fewer than 5 bytes)
         self._type = 0  # type of the body being collected
@@ -83,16 +106,16 @@ class Framer:
 
         table = self._table
         unpack = _HEADER.unpack_from
-        max_length = self._max_length
+        whole_up_to = self._decode_limit + 4
         rows = 0
         # Declared because struct returns Any: compiled, int arithmetic on them is then native.
         typ: int
         length: int
         while end - pos >= 5:
             typ, length = unpack(data, pos)
-            if length < 4 or length > max_length:
+            if length < 4 or length > _POSTGRES_MAX_LENGTH:
                 self.data_rows += rows
-                raise FramingError(_bad_length(typ, length, max_length))
+                raise FramingError(_bad_length(typ, length))
             msg_end = pos + 1 + length
             handler = table[typ]
             if handler is None:
@@ -104,7 +127,7 @@ class Framer:
                     self.data_rows += rows
                     return
                 pos = msg_end
-            elif msg_end <= end and length <= DECODE_LIMIT + 4:
+            elif msg_end <= end and length <= whole_up_to:
                 if rows:
                     self.data_rows += rows  # the handler may read the count
                     rows = 0
@@ -123,8 +146,8 @@ class Framer:
         typ: int
         length: int
         typ, length = _HEADER.unpack_from(header, hpos)
-        if length < 4 or length > self._max_length:
-            raise FramingError(_bad_length(typ, length, self._max_length))
+        if length < 4 or length > _POSTGRES_MAX_LENGTH:
+            raise FramingError(_bad_length(typ, length))
         body_len = length - 4
         handler = self._handlers.get(typ)
         if handler is None:
@@ -137,7 +160,7 @@ class Framer:
             return pos + body_len
         self._type = typ
         self._body = bytearray()
-        self._want = min(body_len, DECODE_LIMIT)
+        self._want = min(body_len, self._decode_limit)
         self._after = body_len - self._want
         return self._collect(data, pos)
 
@@ -165,11 +188,11 @@ class Framer:
         return pos
 
 
-def _bad_length(typ: int, length: int, limit: int) -> str:
+def _bad_length(typ: int, length: int) -> str:
     kind = chr(typ) if 32 < typ < 127 else f"0x{typ:02x}"
     if length < 4:
         return f"message {kind!r} has an invalid length {length}"
-    return f"message {kind!r} declares {length} bytes, over the {limit}-byte limit"
+    return f"message {kind!r} declares {length} bytes, more than PostgreSQL accepts"
 
 
 @dataclass(slots=True)
@@ -188,32 +211,42 @@ class StartupPacket:
         return self.code >> 16, self.code & 0xFFFF
 
 
-def parse_startup_packet(buf: bytes | bytearray) -> tuple[StartupPacket | None, int]:
-    """Frame one startup-phase packet from the front of `buf`.
+def parse_startup_packet(buf: bytes | bytearray, *, ssl_done: bool = False,
+                         gss_done: bool = False) -> tuple[StartupPacket | None, int]:
+    """Frame one startup-phase packet from the front of `buf`, as the postmaster does
+    (ProcessStartupPacket in PostgreSQL's postmaster.c).
 
-    Returns (packet, bytes consumed), or (None, 0) when more bytes are needed.
-    Raises FramingError for a length outside 8..10000 or a StartupMessage that is not protocol 3.
+    Returns (packet, bytes consumed), or (None, 0) when more bytes are needed. The length is
+    judged as soon as its 4 bytes are in. Raises StartupRefused, carrying PostgreSQL's answer, for
+    a length outside 8..10004, a CancelRequest whose key is not 4 to 256 bytes, or a protocol
+    other than 3.x. An SSLRequest after `ssl_done` (or a GSSENCRequest after `gss_done`) is, as
+    for the postmaster, just an unknown protocol version.
     """
-    if len(buf) < 8:
+    if len(buf) < 4:
         return None, 0
-    length, code = struct.unpack_from("!ii", buf, 0)
+    length = _INT32.unpack_from(buf, 0)[0]
     if length < 8 or length > MAX_STARTUP_PACKET:
-        raise FramingError(f"startup packet has an invalid length {length}")
+        raise StartupRefused(f"invalid length of startup packet ({length})")
     if len(buf) < length:
         return None, 0
     raw = bytes(buf[:length])
-    if code == wire.SSL_REQUEST_CODE:
+    code = _INT32.unpack_from(raw, 4)[0] & 0xFFFFFFFF
+    if code == wire.SSL_REQUEST_CODE and not ssl_done:
         return StartupPacket("ssl", raw, code), length
-    if code == wire.GSSENC_REQUEST_CODE:
+    if code == wire.GSSENC_REQUEST_CODE and not gss_done:
         return StartupPacket("gssenc", raw, code), length
     if code == wire.CANCEL_REQUEST_CODE:
-        if length < 16:
-            raise FramingError(f"CancelRequest has an invalid length {length}")
+        if not 16 <= length <= 12 + MAX_CANCEL_KEY:
+            raise StartupRefused(f"invalid length of startup packet (CancelRequest of {length} bytes)")
         pid = _INT32.unpack_from(raw, 8)[0]
         return StartupPacket("cancel", raw, code, cancel_pid=pid, cancel_key=raw[12:]), length
-    if code >> 16 != wire.PROTOCOL_MAJOR:
-        raise FramingError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
-                           f"pgscout and PostgreSQL speak 3.x")
+    major, minor = code >> 16, code & 0xFFFF
+    if major != wire.PROTOCOL_MAJOR:
+        message = f"unsupported frontend protocol {major}.{minor}: {_SUPPORTED_PROTOCOLS}"
+        # Below 3.0 the postmaster answers in the old protocol's format: 'E', then text.
+        reply = (wire.protocol2_error(message) if major < wire.PROTOCOL_MAJOR
+                 else wire.error_response(wire.FEATURE_NOT_SUPPORTED, message))
+        raise StartupRefused(message, reply)
     return StartupPacket("startup", raw, code, parameters=_startup_parameters(raw[8:])), length
 
 

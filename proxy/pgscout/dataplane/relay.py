@@ -1,10 +1,13 @@
 """The hot path: one client connection relayed to its own upstream connection.
 
 Owns: the two asyncio Protocols of a session, the startup phase (SSLRequest, GSSENCRequest,
-CancelRequest, StartupMessage), forwarding each received chunk to the other leg *before* decoding
-it, flow control between the legs, and closing both legs together.
+CancelRequest, StartupMessage) answered the way the postmaster answers it, the startup timeout,
+forwarding each received chunk to the other leg *before* decoding it, flow control between the
+legs, a client's half-close passed on to the server, and closing both legs together.
 Must not: parse messages itself (framer/decoder do), let a decoder failure touch the byte stream
 (the session is marked desynced and keeps forwarding), or log per message.
+Reference: PostgreSQL's postmaster.c (ProcessStartupPacket, processCancelRequest) for what a
+client sees before its session starts.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING
 from pgscout.dataplane import wire
 from pgscout.dataplane.decoder import Decoder
 from pgscout.dataplane.events import Session
-from pgscout.dataplane.framer import FramingError, StartupPacket, parse_startup_packet
+from pgscout.dataplane.framer import StartupPacket, StartupRefused, parse_startup_packet
 from pgscout.dataplane.upstream import UpstreamError, UpstreamProtocol, connect
 
 if TYPE_CHECKING:
@@ -26,6 +29,14 @@ if TYPE_CHECKING:
 monotonic = time.monotonic
 _PAUSED_CLIENT_CHECK_SECONDS = 0.5
 _TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8  # tcpi_state values (linux/tcp_states.h)
+_TERMINATE = b"X\0\0\0\x04"
+# SASLInitialResponse's gs2 header starts "y,": the client could bind but saw no -PLUS offer.
+_GS2_BINDING_EXPECTED = ord("y")
+CHANNEL_BINDING_REFUSED = (
+    "SCRAM channel binding cannot cross pgscout: pgscout ends the client's TLS connection and "
+    "opens its own to the server, so the client's binding can never match the server's; set "
+    "channel_binding=disable for the connection to pgscout (the pgscout-to-server leg stays "
+    "encrypted per the upstream sslmode)")
 
 
 class Relay:
@@ -44,49 +55,96 @@ class Relay:
         self.close_reason = ""
         self._startup = bytearray()
         self._tls = False
+        self._ssl_done = False  # an SSLRequest was answered: a second one is a protocol error
+        self._gss_done = False
+        self.startup_timer: asyncio.TimerHandle | None = None  # until authentication is done
+        self.checking_binding = False  # both legs TLS: SASLInitialResponse must not expect binding
+        self._sasl_offered = False
+        self._client_auth = bytearray()
+        self.said_goodbye = False  # the client's last message was Terminate
+        self.client_reset = False  # the client's connection ended in a reset or an error
+        # Fixed per session: a reload applies to sessions that start after it.
+        self.cancels_on_hangup = server.settings.proxy.cancel_on_client_hangup
         self.client_paused = False  # not read because the upstream's write buffer is full
         self.watching_paused_client = False
 
     # -- startup phase ---------------------------------------------------------------------
+    def start_startup_timer(self) -> None:
+        """Like PostgreSQL's authentication_timeout: a client that has not finished startup and
+        authentication in time is closed without a word (the postmaster exits silently then)."""
+        timeout = self.server.settings.proxy.startup_timeout_seconds
+        self.startup_timer = asyncio.get_running_loop().call_later(
+            timeout, self.refuse, f"startup not finished within {timeout:g} s "
+                                  f"(proxy.startup_timeout_seconds)")
+
     def startup_data(self, data: bytes) -> None:
         buffer = self._startup
+        if not buffer and not self._ssl_done and not self._gss_done and self.server.looped_back(self):
+            return
         buffer += data
-        if not self.session.opened_at and buffer[:1] == bytes([wire.TLS_HANDSHAKE_RECORD]):
-            self.fail("client sent a TLS ClientHello without SSLRequest (sslnegotiation=direct), "
-                      "which pgscout does not accept", wire.FEATURE_NOT_SUPPORTED, reply=False)
+        if not self._ssl_done and buffer[:1] == bytes([wire.TLS_HANDSHAKE_RECORD]):
+            # What PostgreSQL 15/16 do too: 0x16... is no valid length, so they close silently.
+            self.refuse("client sent a TLS ClientHello without SSLRequest (sslnegotiation=direct), "
+                        "which pgscout does not accept")
             return
         while buffer and not self.closed:
             try:
-                packet, used = parse_startup_packet(buffer)
-            except FramingError as exc:
-                self.fail(str(exc), wire.PROTOCOL_VIOLATION)
+                packet, used = parse_startup_packet(buffer, ssl_done=self._ssl_done,
+                                                    gss_done=self._gss_done)
+            except StartupRefused as exc:
+                self.refuse(str(exc), exc.reply)
                 return
             if packet is None:
                 return
             del buffer[:used]
-            if packet.kind == "ssl":
-                self._answer_ssl_request()
-            elif packet.kind == "gssenc":
-                self.client.transport.write(wire.REFUSE_ENCRYPTION)
+            if packet.kind in ("ssl", "gssenc"):
+                if packet.kind == "ssl":
+                    self._ssl_done = True
+                    accepted = self._answer_ssl_request()
+                    self._gss_done = self._gss_done or accepted
+                else:
+                    self._gss_done = True
+                    accepted = False
+                    self.client.transport.write(wire.REFUSE_ENCRYPTION)
+                if buffer:
+                    # As the postmaster: bytes that came with the request, before the answer,
+                    # were not encrypted and may have been injected by a man-in-the-middle.
+                    what = "SSL request" if packet.kind == "ssl" else "GSSAPI encryption request"
+                    message = f"received unencrypted data after {what}"
+                    self.refuse(message, wire.error_response(
+                        wire.PROTOCOL_VIOLATION, message, detail="This could be either a "
+                        "client-software bug or evidence of an attempted man-in-the-middle attack."))
+                    return
+                if accepted:
+                    return
             elif packet.kind == "cancel":
-                self.server.forward_cancel(packet.raw)
-                self.close("cancel request forwarded")
+                # The postmaster closes a cancel connection only once it has signalled the
+                # backend; clients wait for that close so a late cancel cannot hit their next
+                # statement. So the client's close waits for the server's.
+                self.client.transport.pause_reading()
+                self.server.spawn(self._forward_cancel(packet.raw))
                 return
             else:
                 self._startup_message(packet)
                 return
 
-    def _answer_ssl_request(self) -> None:
+    async def _forward_cancel(self, packet: bytes) -> None:
+        await self.server.send_cancel(packet)
+        self.close("cancel request forwarded")
+
+    def _answer_ssl_request(self) -> bool:
+        """Answer 'S' and start TLS when client TLS is configured, else 'N'; True for 'S'."""
         context = self.server.client_tls
         transport = self.client.transport
-        if context is None or self._tls:
+        if context is None:
             transport.write(wire.REFUSE_ENCRYPTION)
-            return
+            return False
         # Nothing may be read between our 'S' and the handshake: the ClientHello belongs to TLS.
         transport.pause_reading()
         transport.write(wire.ACCEPT_TLS)
         self._tls = True
         self.server.spawn(self._start_client_tls(transport, context))
+        return True
 
     async def _start_client_tls(self, transport, context) -> None:
         try:
@@ -120,10 +178,14 @@ class Relay:
         try:
             transport, _ = await connect(
                 server.settings.proxy.upstream, lambda: ServerLeg(self),
-                server.settings.proxy.connect_timeout_seconds)
+                server.settings.proxy.connect_timeout_seconds,
+                client_cert=server.settings.proxy.upstream_cert_for_sessions)
         except UpstreamError as exc:
             server.upstream_session_failed(str(exc))
-            self.fail(f"pgscout: {exc}", wire.CONNECTION_FAILURE)
+            if self.upstream is not None and self.upstream.looped:
+                self.fail(server.loop_message(), wire.CONNECTION_FAILURE)
+            else:
+                self.fail(f"pgscout: {exc}", wire.CONNECTION_FAILURE)
             return
         if self.closed:  # the client went away while we were connecting
             transport.close()
@@ -140,9 +202,14 @@ class Relay:
                                    texts=server.prepared_texts)
         pending = bytes(self._startup)
         self._startup = bytearray()
-        transport.write(startup_packet + pending)
         self.starting_up = True
         self.relaying = True
+        self.checking_binding = self._tls and transport.get_extra_info("sslcontext") is not None
+        if self.checking_binding:
+            pending = self.filter_client_auth(pending)
+            if self.closed:
+                return
+        transport.write(startup_packet + pending)
         if pending:
             self.session.bytes_from_client += len(pending)
             self.decode_client(pending)
@@ -173,11 +240,16 @@ class Relay:
                 code = int.from_bytes(message[5:9], "big")
                 if code == wire.AUTH_SASL:
                     message = _without_channel_binding(message)
+                    self._sasl_offered = True
+                elif code == wire.AUTH_OK:
+                    self._authenticated()
             elif message[0] == wire.B_READY_FOR_QUERY:
                 self.starting_up = False
+                self._authenticated()  # a server that skipped authentication
                 self.server.upstream_session_started()
             elif message[0] == wire.B_ERROR_RESPONSE:
                 self.starting_up = False
+                self._authenticated()
                 self.server.upstream_startup_error(message)
             out.append(message)
             pos = end
@@ -188,20 +260,60 @@ class Relay:
         del buffer[:pos]
         return b"".join(out)
 
+    def _authenticated(self) -> None:
+        """Authentication is over (the startup goes on until ReadyForQuery)."""
+        self.checking_binding = False
+        if self.startup_timer is not None:
+            self.startup_timer.cancel()
+            self.startup_timer = None
+
+    def filter_client_auth(self, data: bytes) -> bytes:
+        """With TLS on both legs, refuse a SASLInitialResponse that expects channel binding.
+
+        A client on TLS that sees no SCRAM-SHA-256-PLUS offer (filter_auth removes it) sends gs2
+        flag 'y'; the server, itself on TLS, would call that a downgrade attack and answer a
+        bare "SCRAM channel binding negotiation error". pgscout answers instead, saying what to
+        set. Messages are held only until that one message (or the end of authentication).
+        SASLInitialResponse: Byte1 'p', Int32 len, String mechanism, Int32 length, gs2 header...
+        """
+        buffer = self._client_auth
+        buffer += data
+        out = bytearray()
+        while len(buffer) >= 5:
+            length = int.from_bytes(buffer[1:5], "big")
+            if length < 4:  # not ours to judge: the server answers it
+                break
+            end = 1 + length
+            if end > len(buffer):
+                return bytes(out)
+            if buffer[0] == wire.F_PASSWORD and self._sasl_offered:
+                mechanism_end = buffer.find(b"\0", 5, end)
+                if 0 < mechanism_end and end >= mechanism_end + 6 \
+                        and buffer[mechanism_end + 5] == _GS2_BINDING_EXPECTED:
+                    self.fail(CHANNEL_BINDING_REFUSED, wire.INVALID_AUTHORIZATION)
+                    return b""
+                break  # checked: everything after it passes untouched
+            out += buffer[:end]
+            del buffer[:end]
+        else:
+            return bytes(out)
+        self.checking_binding = False
+        out += buffer
+        self._client_auth = bytearray()
+        return bytes(out)
+
     # -- relaying --------------------------------------------------------------------------
+    # A FramingError (a length PostgreSQL itself rejects) desyncs like any other decoder
+    # failure: the bytes went through unchanged and the server answers them as it would directly.
     def decode_client(self, data: bytes) -> None:
         try:
             self.decoder.client_data(data, monotonic())
-        except FramingError as exc:
-            self.fail(f"client {exc}", wire.PROTOCOL_VIOLATION)
         except Exception as exc:
             self.desync(exc)
 
     def decode_server(self, data: bytes) -> None:
         try:
             self.decoder.server_data(data, monotonic())
-        except FramingError as exc:
-            self.fail(f"server {exc}", wire.PROTOCOL_VIOLATION)
         except Exception as exc:
             self.desync(exc)
 
@@ -211,25 +323,66 @@ class Relay:
         self.decoder = None
         self.server.desynced(self, f"{type(exc).__name__}: {exc}")
 
+    def client_ended(self) -> bool:
+        """The client sent EOF; True keeps its leg open for the results still to come.
+
+        PostgreSQL runs what a client sent before it closed (a script that ends in Terminate and
+        a close, or a half-close with shutdown(SHUT_WR)) and writes the results to the socket
+        until it reads the EOF itself. So the EOF is passed on to the server behind the bytes
+        already written, and the client's leg stays open until the server closes."""
+        if not self.relaying or self.closed:
+            return False  # mid-startup: like the postmaster, give up on an incomplete packet
+        if self._cancels_on_hangup():
+            self.close("client")
+            return False
+        upstream = self.upstream.transport
+        if upstream.can_write_eof():
+            upstream.write_eof()
+        elif not self.said_goodbye:
+            # A TLS upstream leg cannot be half-closed. After a Terminate the server closes by
+            # itself; otherwise close the leg behind the bytes written (the server still reads
+            # and runs them, but a half-closed client gets EOF instead of those results).
+            self.close("client")
+            return False
+        # asyncio's TLS transport cannot stay half-open: a TLS client's EOF closes its leg, and
+        # the server still reads what was written before it.
+        return not self._tls
+
+    def _cancels_on_hangup(self) -> bool:
+        return (self.cancels_on_hangup and not self.said_goodbye and self.session.active
+                and self.decoder is not None)
+
     async def watch_paused_client(self) -> None:
-        """While the upstream is full and the client is not being read, a hang-up by the client
-        would go unseen until the server drained the backlog (and its statement ran on). Check
-        the client's TCP state instead, so that hanging up still cancels at once."""
+        """While the upstream is full and the client is not being read, a reset by the client
+        would go unseen until the server drained the backlog. Check the client's TCP state
+        instead: a reset is passed on at once (see close), and with proxy.cancel_on_client_hangup
+        a FIN (a hang-up mid-statement) ends the session too. Without the option a FIN waits
+        for its turn behind the data before it, as it would directly."""
         try:
             while self.client_paused and not self.closed:
                 await asyncio.sleep(_PAUSED_CLIENT_CHECK_SECONDS)
-                if self.client_paused and not self.closed and _hung_up(self.client.transport):
+                if not self.client_paused or self.closed:
+                    break
+                state = _tcp_state(self.client.transport)
+                if state == _TCP_CLOSE:
+                    self.client_reset = True
+                    self.close("client")
+                elif state == _TCP_CLOSE_WAIT and self.cancels_on_hangup:
                     self.close("client")
         finally:
             self.watching_paused_client = False
 
     # -- ending ----------------------------------------------------------------------------
-    def fail(self, message: str, sqlstate: str, reply: bool = True) -> None:
-        """End the session with an ErrorResponse to the client (when it can still read one)."""
+    def fail(self, message: str, sqlstate: str) -> None:
+        """End the session with a FATAL ErrorResponse to the client."""
+        self.refuse(message, wire.error_response(sqlstate, message))
+
+    def refuse(self, message: str, reply: bytes = b"") -> None:
+        """End the session with `reply` (nothing: silence, as PostgreSQL for a bad length)."""
         if self.closed:
             return
         if reply and self.client is not None and not self.client.transport.is_closing():
-            self.client.transport.write(wire.error_response(sqlstate, message))
+            self.client.transport.write(reply)
         self.close(f"error: {message}")
 
     def close(self, reason: str) -> None:
@@ -237,13 +390,21 @@ class Relay:
             return
         self.closed = True
         self.close_reason = reason
+        if self.startup_timer is not None:
+            self.startup_timer.cancel()
+            self.startup_timer = None
         if self.client is not None:
             self.client.transport.close()
         if self.upstream is not None and self.upstream.transport is not None:
-            if reason == "client" and self.session.active and self.decoder is not None:
-                # The app hung up mid-statement: stop the backend's work instead of letting it
-                # run on, and drop what the app had sent but the server not yet read.
+            if reason == "client" and self._cancels_on_hangup():
+                # proxy.cancel_on_client_hangup: the app hung up mid-statement, so stop the
+                # backend's work instead of letting it run on (PostgreSQL's own equivalent is
+                # client_connection_check_interval), and drop what it had not read yet.
                 self.server.cancel_backend(self.session.backend_pid, self.decoder.cancel_key)
+                self.upstream.transport.abort()
+            elif reason == "client" and self.client_reset:
+                # Directly, the server would read what is already in its socket, then get the
+                # reset; what the client had not yet delivered is lost. Pass the reset on.
                 self.upstream.transport.abort()
             else:
                 self.upstream.transport.close()
@@ -255,19 +416,18 @@ class Relay:
             self.server.startup_failed(self)
 
 
-def _hung_up(transport: asyncio.Transport) -> bool:
-    """True when the peer of a TCP socket we are not reading from has closed or reset it.
+def _tcp_state(transport: asyncio.Transport) -> int | None:
+    """The kernel's state of a TCP connection we are not reading from (None if not TCP).
 
-    The kernel's connection state says so even while unread data waits in the socket (a peek
-    would return that data and hide the reset behind it)."""
+    It shows a FIN or a reset even while unread data waits in the socket (a peek would return
+    that data and hide the reset behind it)."""
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
+        return None
     try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
     except OSError:
-        return True
-    return state in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
+        return _TCP_CLOSE
 
 
 def _without_channel_binding(message: bytes) -> bytes:
@@ -294,21 +454,30 @@ class ClientLeg(asyncio.Protocol):
         limits = self.relay.server.settings.proxy
         transport.set_write_buffer_limits(limits.write_buffer_high_bytes, limits.write_buffer_low_bytes)
         self.relay.client = self
+        self.relay.start_startup_timer()
 
     def data_received(self, data: bytes) -> None:
         relay = self.relay
         if relay.relaying:
+            if relay.checking_binding:
+                data = relay.filter_client_auth(data)
+                if not data:
+                    return
             relay.upstream.transport.write(data)
             relay.session.bytes_from_client += len(data)
+            # Terminate is a client's last message: the hang-up policy must never cancel what
+            # a client ended cleanly, and a TLS upstream leg can wait for the server's close.
+            relay.said_goodbye = data.endswith(_TERMINATE)
             if relay.decoder is not None:
                 relay.decode_client(data)
         elif not relay.closed:
             relay.startup_data(data)
 
     def eof_received(self):
-        return False  # half-close is not part of the protocol: close both legs
+        return self.relay.client_ended()
 
     def connection_lost(self, exc) -> None:
+        self.relay.client_reset = exc is not None
         self.relay.close("client")
 
     def pause_writing(self) -> None:
@@ -352,8 +521,11 @@ class ServerLeg(UpstreamProtocol):
         return False
 
     def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
         if self._tls_answer is not None:
             self.lose_tls_answer()  # connect() raises; nothing was relayed yet
+        elif self.looped:
+            self.relay.fail(self.relay.server.loop_message(), wire.CONNECTION_FAILURE)
         elif self.transport is not None:  # connected (maybe still writing the startup packet)
             relay = self.relay
             if relay.starting_up and not relay.closed:

@@ -1,7 +1,9 @@
 """Opening pgscout's connection to the real database, TLS negotiated the way libpq does it.
 
 Owns: TCP/unix-socket connect, the SSLRequest exchange, the TLS context per sslmode
-(disable, allow, prefer, require, verify-ca, verify-full) and the connect timeout.
+(disable, allow, prefer, require, verify-ca, verify-full), whether the upstream URL's client
+certificate is presented, the connect timeout, and the registry of pgscout's own open upstream
+connections by local address (so the listener can tell when it is talking to itself).
 Must not: send anything of the client's (the caller writes the StartupMessage once this returns).
 Reference: PostgreSQL docs, "SSL Session Encryption" (protocol) and libpq "SSL Support" (sslmode).
 """
@@ -20,14 +22,56 @@ class UpstreamError(Exception):
     """The upstream cannot be reached or refused the connection; the text is client-facing."""
 
 
+# Both ends, (local, remote), of each open TCP connection pgscout made upstream -> its protocol.
+# Both, because the kernel reuses a local port for connections to different destinations: a
+# client's port may well equal that of one of pgscout's own connections to the database.
+_own_legs: dict[tuple[tuple[str, int], tuple[str, int]], UpstreamProtocol] = {}
+
+
+def own_leg(peer: object, local: object) -> UpstreamProtocol | None:
+    """The upstream connection of pgscout's own that is the other end of an accepted
+    connection from `peer` to `local`, if any."""
+    if not isinstance(peer, tuple) or not isinstance(local, tuple):
+        return None
+    return _own_legs.get((_end(peer), _end(local)))
+
+
+def plain_ip(ip: str) -> str:
+    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d, what an IPv6 socket reports for an IPv4
+    peer) as the IPv4 address it is."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def _end(address: tuple) -> tuple[str, int]:
+    return plain_ip(address[0]), address[1]
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """Base of the protocols pgscout opens upstream: while `connect` waits for the answer to
-    its SSLRequest, the first byte received goes to it instead of the subclass."""
+    its SSLRequest, the first byte received goes to it instead of the subclass. Subclasses
+    that override connection_lost call this one's first.
 
-    __slots__ = ("_tls_answer",)
+    `looped` is set when pgscout's own listener accepted this very connection: the upstream
+    is pgscout itself."""
+
+    __slots__ = ("_tls_answer", "_ends", "looped")
 
     def __init__(self) -> None:
         self._tls_answer: asyncio.Future[bytes] | None = None
+        self._ends: tuple[tuple[str, int], tuple[str, int]] | None = None
+        self.looped = False
+
+    def connection_made(self, transport) -> None:
+        # Registered before a byte is sent, so the listener knows it the moment it reads one.
+        local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        if isinstance(local, tuple) and isinstance(remote, tuple):
+            self._ends = (_end(local), _end(remote))
+            _own_legs[self._ends] = self
+
+    def connection_lost(self, exc) -> None:
+        if self._ends is not None:
+            _own_legs.pop(self._ends, None)
+            self._ends = None
 
     def expect_tls_answer(self) -> asyncio.Future[bytes]:
         self._tls_answer = asyncio.get_running_loop().create_future()
@@ -49,7 +93,11 @@ class UpstreamProtocol(asyncio.Protocol):
             answer.set_exception(ConnectionResetError("connection closed by upstream"))
 
 
-def tls_context(upstream: Upstream) -> ssl.SSLContext:
+def tls_context(upstream: Upstream, client_cert: bool) -> ssl.SSLContext:
+    """The context for one upstream TLS connection. `client_cert`: present the URL's
+    sslcert/sslkey. With `cert` authentication that certificate logs its user in, so only the
+    connections meant to act as that user (the control connection, or every session when
+    proxy.upstream_cert_for_sessions says so) may carry it."""
     mode = upstream.sslmode
     if mode == "require" and upstream.sslrootcert:
         mode = "verify-ca"  # libpq: a root certificate makes require verify the chain
@@ -62,17 +110,17 @@ def tls_context(upstream: Upstream) -> ssl.SSLContext:
     else:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    if upstream.sslcert:
+    if client_cert and upstream.sslcert:
         context.load_cert_chain(upstream.sslcert, upstream.sslkey or None)
     return context
 
 
 async def connect(upstream: Upstream, protocol_factory: Callable[[], UpstreamProtocol],
-                  timeout: float) -> tuple[asyncio.Transport, UpstreamProtocol]:
+                  timeout: float, *, client_cert: bool) -> tuple[asyncio.Transport, UpstreamProtocol]:
     """Connect and negotiate TLS per sslmode, within `timeout` seconds."""
     try:
         async with asyncio.timeout(timeout):
-            return await _connect(upstream, protocol_factory)
+            return await _connect(upstream, protocol_factory, client_cert)
     except TimeoutError:
         raise UpstreamError(f"could not connect to upstream {upstream.display()}: "
                             f"timed out after {timeout:g} s") from None
@@ -85,7 +133,7 @@ async def connect(upstream: Upstream, protocol_factory: Callable[[], UpstreamPro
         raise UpstreamError(f"could not connect to upstream {upstream.display()}: {reason}") from None
 
 
-async def _connect(upstream: Upstream, protocol_factory):
+async def _connect(upstream: Upstream, protocol_factory, client_cert: bool):
     loop = asyncio.get_running_loop()
     if upstream.is_unix_socket:
         transport, protocol = await loop.create_unix_connection(protocol_factory,
@@ -100,7 +148,7 @@ async def _connect(upstream: Upstream, protocol_factory):
         answer = await pending_answer
         if answer == wire.ACCEPT_TLS:
             tls_transport = await loop.start_tls(
-                transport, protocol, tls_context(upstream), server_hostname=upstream.host)
+                transport, protocol, tls_context(upstream, client_cert), server_hostname=upstream.host)
             return tls_transport, protocol
         if answer == wire.REFUSE_ENCRYPTION and upstream.sslmode == "prefer":
             return transport, protocol

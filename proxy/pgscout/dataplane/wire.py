@@ -77,14 +77,23 @@ PROTOCOL_VIOLATION = "08P01"
 TOO_MANY_CONNECTIONS = "53300"
 CANNOT_CONNECT_NOW = "57P03"
 FEATURE_NOT_SUPPORTED = "0A000"
+INVALID_AUTHORIZATION = "28000"
 
 
-def error_response(sqlstate: str, message: str, severity: str = "FATAL") -> bytes:
+def error_response(sqlstate: str, message: str, severity: str = "FATAL", detail: str = "") -> bytes:
     """Build an ErrorResponse ('E', int32 len, then (code byte, cstring) fields, then a zero byte)."""
     fields = [b"S", severity.encode(), b"\0", b"V", severity.encode(), b"\0",
               b"C", sqlstate.encode(), b"\0", b"M", message.encode("utf-8", "replace"), b"\0"]
+    if detail:
+        fields += [b"D", detail.encode("utf-8", "replace"), b"\0"]
     body = b"".join(fields) + b"\0"
     return b"E" + _INT32.pack(len(body) + 4) + body
+
+
+def protocol2_error(message: str) -> bytes:
+    """A protocol 2.0 error, which is what the postmaster sends a client asking for 2.0 or less:
+    'E', then "FATAL:  <message>\\n" as a cstring."""
+    return b"E" + f"FATAL:  {message}\n".encode("utf-8", "replace") + b"\0"
 
 
 def cancel_request(pid: int, key: bytes) -> bytes:

@@ -148,6 +148,8 @@ class PgscoutCollector(Collector):
         yield CounterMetricFamily("pgscout_startup_errors", "Connections closed before a valid "
                                   "StartupMessage (garbage, bad lengths, direct TLS)",
                                   value=server.startup_errors_total)
+        yield CounterMetricFamily("pgscout_accept_fd_exhausted", "accept() failures for want of file descriptors (clients wait in the backlog)", value=server.accept_fd_exhausted_total)
+        yield CounterMetricFamily("pgscout_self_loops", "Connections refused because the upstream is pgscout itself", value=server.self_loops_total)
         yield CounterMetricFamily("pgscout_cancel_requests", "CancelRequests forwarded upstream "
                                   "(from clients and for clients that hung up mid-statement)",
                                   value=server.cancels_forwarded_total)
