@@ -379,7 +379,7 @@ def test_accepting_one_of_its_own_upstream_connections_refuses_the_session(pg):
         port = free_port()
         settings = load_settings(None, {}, {"proxy.listen": f"127.0.0.1:{port}",
                                             "proxy.upstream": pg.upstream_url()})
-        server = Server(settings, lambda event: None, observing=False)
+        server = Server(settings, lambda record: None, lambda event: None, observing=False)
         await server.start()
         looped = dataclasses.replace(settings.proxy.upstream, port=port)
         server.settings = dataclasses.replace(settings, proxy=dataclasses.replace(settings.proxy, upstream=looped))

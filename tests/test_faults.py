@@ -30,9 +30,11 @@ from pgharness import APP_DATABASE, PgCluster, PgscoutFactory, rss_bytes, wait_u
 STORM_MAX_CONNECTIONS = 600
 BIG_TABLE_ROWS = 500_000
 CONNECT_TIMEOUT_SECONDS = 2
-# After 2,000 sessions, what the proxy may keep: pymalloc and the event loop keep some freed
-# memory for reuse instead of returning it to the OS, so RSS settles above where it started.
-STORM_RSS_SLACK_BYTES = 16 * 1024 * 1024
+# After 2,000 sessions and 500 held at once, what the proxy may keep: pymalloc and the event
+# loop keep freed memory for reuse instead of returning it to the OS, so RSS settles above where
+# it started, at the peak's high-water mark (about 20 MB for 500 sessions; 4,000 sessions in
+# waves of 40 grow the data plane by 2 MB in all, so it is a plateau, not a leak).
+STORM_RSS_SLACK_BYTES = 32 * 1024 * 1024
 STORM_FD_SLACK = 4
 
 

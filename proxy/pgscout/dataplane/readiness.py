@@ -50,9 +50,11 @@ def is_server_fault(sqlstate: str) -> bool:
 class Readiness:
     """Evidence about the upstream: `record(ok, detail)` from sessions, `check()` for /readyz."""
 
-    def __init__(self, upstream: Upstream, timeout: float, clock=time.monotonic):
+    def __init__(self, upstream: Upstream, timeout: float, *, client_cert: bool,
+                 clock=time.monotonic):
         self._upstream = upstream
         self._timeout = timeout
+        self._client_cert = client_cert  # probe as a session would (proxy.upstream_cert_for_sessions)
         self._clock = clock
         self._evidence: tuple[float, bool, str] | None = None  # (at, ok, detail)
         self._probe: asyncio.Task | None = None
@@ -72,7 +74,7 @@ class Readiness:
 
     async def _run_probe(self) -> tuple[bool, str]:
         try:
-            ok, detail = await probe(self._upstream, self._timeout)
+            ok, detail = await probe(self._upstream, self._timeout, self._client_cert)
             self.record(ok, detail)
             return ok, detail
         finally:
@@ -121,12 +123,12 @@ def startup_message(user: str, database: str) -> bytes:
     return struct.pack("!ii", len(body) + 8, _PROTOCOL_3_0) + body
 
 
-async def probe(upstream: Upstream, timeout: float) -> tuple[bool, str]:
+async def probe(upstream: Upstream, timeout: float, client_cert: bool) -> tuple[bool, str]:
     """Start a session as the control connection would and judge the server's answers."""
     where = f"upstream {upstream.display()}"
     try:
         async with asyncio.timeout(timeout):
-            transport, leg = await connect(upstream, _ProbeLeg, timeout)
+            transport, leg = await connect(upstream, _ProbeLeg, timeout, client_cert=client_cert)
             try:
                 transport.write(startup_message(upstream.user or getpass.getuser(),
                                                 upstream.database or "postgres"))

@@ -77,7 +77,8 @@ class Server:
         self._accept_retry = _ACCEPT_RETRY_FIRST
         self._fd_exhausted_logged = (-_REPEAT_LOG_INTERVAL, 0)  # (when, count at that time)
         self._loop_logged = -_REPEAT_LOG_INTERVAL
-        self.readiness = (Readiness(settings.proxy.upstream, settings.proxy.connect_timeout_seconds)
+        self.readiness = (Readiness(settings.proxy.upstream, settings.proxy.connect_timeout_seconds,
+                                    client_cert=settings.proxy.upstream_cert_for_sessions)
                           if settings.proxy.upstream is not None else None)
 
     # -- lifecycle -------------------------------------------------------------------------
