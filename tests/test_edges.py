@@ -26,6 +26,7 @@ import psycopg
 import pytest
 import trustme
 
+import wirebuild as w
 from pgharness import (APP_DATABASE, LOOPBACK, SUPERUSER, PgCluster, Pgscout, PgscoutFactory,
                        free_port, wait_until)
 
@@ -50,16 +51,8 @@ def query(sql: str) -> bytes:
 
 def read_to_close(sock: socket.socket, quiet: float = 3.0) -> tuple[bytes, str]:
     """Everything received until the peer closes (EOF or reset alike) or is quiet for `quiet` s."""
-    sock.settimeout(quiet)
-    received = b""
-    try:
-        while chunk := sock.recv(65536):
-            received += chunk
-    except TimeoutError:
-        return received, QUIET
-    except ConnectionResetError:
-        pass
-    return received, CLOSED
+    received, closed = w.read_until_closed_or_quiet(sock, quiet)
+    return received, CLOSED if closed else QUIET
 
 
 def messages(data: bytes) -> list[tuple[bytes, bytes]]:

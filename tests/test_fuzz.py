@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import wirebuild as w
 from pgharness import APP_DATABASE, wait_until
 
 PROPERTY_SETTINGS = settings(max_examples=75, deadline=None, derandomize=True,
@@ -50,20 +51,6 @@ def _split_messages(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
         messages.append((data[pos:pos + 1], data[pos + 5:pos + 1 + length]))
         pos += 1 + length
     return messages, data[pos:]
-
-
-def _read_until_closed_or_quiet(sock: socket.socket, quiet: float) -> tuple[bytes, bool]:
-    """Everything the peer sends until it closes (True) or is quiet for `quiet` s (False)."""
-    sock.settimeout(quiet)
-    received = b""
-    try:
-        while chunk := sock.recv(65536):
-            received += chunk
-    except TimeoutError:
-        return received, False
-    except ConnectionResetError:
-        pass
-    return received, True
 
 
 def _metric(proxy, name: str, **labels: str) -> float:
@@ -119,7 +106,7 @@ def test_garbage_after_startup_gets_an_answer_or_a_close_and_harms_no_one(pgscou
     desyncs_before = _metric(pgscout, "pgscout_decoder_desyncs_total")
     with _logged_in(pgscout, "fuzz-garbage") as sock:
         sock.sendall(garbage)
-        received, _closed = _read_until_closed_or_quiet(sock, QUIET_SECONDS)
+        received, _closed = w.read_until_closed_or_quiet(sock, QUIET_SECONDS)
         # Whatever came back is whole backend messages: pgscout never cuts or interleaves them.
         _messages, trailing = _split_messages(received)
         assert trailing == b"", received
@@ -150,7 +137,7 @@ def test_a_conversation_cut_short_closes_its_session_cleanly(pgscout, bystander,
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:
             sock.shutdown(socket.SHUT_WR)  # half-close: pgscout ends the whole session
-            _read_until_closed_or_quiet(sock, 5)
+            w.read_until_closed_or_quiet(sock, 5)
     _unharmed(pgscout, bystander)
 
 
@@ -181,7 +168,7 @@ def _converse(proxy, application_name: str, startup_cuts: set[int], conversation
             while not received.endswith(_message(b"Z", b"I")):
                 received += sock.recv(65536)
         _send(sock, _pieces(CONVERSATION + TERMINATE, conversation_cuts), pause)
-        received, closed = _read_until_closed_or_quiet(sock, 10)
+        received, closed = w.read_until_closed_or_quiet(sock, 10)
     assert closed, "the session did not end after Terminate"
     messages, trailing = _split_messages(received)
     assert trailing == b""
@@ -238,7 +225,7 @@ def test_an_undecodable_message_desyncs_the_session_once_and_traffic_still_flows
     with _logged_in(pgscout, "fuzz-desync") as sock:
         sock.sendall(_message(b"P", b"no terminators here") + _message(b"S", b""))
         sock.sendall(_message(b"Q", b"select 'still flowing'\0") + TERMINATE)
-        received, closed = _read_until_closed_or_quiet(sock, 5)
+        received, closed = w.read_until_closed_or_quiet(sock, 5)
     messages, _ = _split_messages(received)
     assert closed and [t for t, _ in messages] == [b"E", b"Z", b"T", b"D", b"C", b"Z"], messages
     assert b"C08P01" in messages[0][1], messages  # the server's own protocol_violation
@@ -257,7 +244,7 @@ def test_a_startup_packet_with_an_impossible_length_counts_one_startup_error(pgs
     errors_before = _metric(pgscout, "pgscout_startup_errors_total")
     with socket.create_connection((pgscout.host, pgscout.port), timeout=10) as sock:
         sock.sendall(struct.pack("!i", length) + rest)
-        received, closed = _read_until_closed_or_quiet(sock, 5)
+        received, closed = w.read_until_closed_or_quiet(sock, 5)
     # As the postmaster ("invalid length of startup packet", logged only): closed, no reply.
     assert closed and received == b"", received
     _unharmed(pgscout, bystander)

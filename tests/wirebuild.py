@@ -1,13 +1,15 @@
 """Exact bytes of PostgreSQL protocol messages, for tests that feed the sans-IO core.
 
 Owns: one small builder per frontend (client -> server) and backend (server -> client) message,
-written from the "Message Formats" section of the PostgreSQL protocol documentation.
+written from the "Message Formats" section of the PostgreSQL protocol documentation; and reading
+a raw socket to its close, for the tests that compare what a client sees.
 Must not: import the code under test (the bytes must come from the protocol, not from pgscout's
 own idea of it) or parse anything.
 """
 
 from __future__ import annotations
 
+import socket
 import struct
 
 SSL_REQUEST_CODE = 80877103
@@ -218,3 +220,18 @@ def copy_out_response(ncols: int = 1) -> bytes:
 def parameter_description(n: int) -> bytes:
     """n parameters, all int4."""
     return typed(b"t", _int16(n) + b"".join(_int32(23) for _ in range(n)))
+
+
+def read_until_closed_or_quiet(sock: socket.socket, quiet: float) -> tuple[bytes, bool]:
+    """Everything the peer sends until it closes, EOF or reset alike (True), or is quiet for
+    `quiet` s (False)."""
+    sock.settimeout(quiet)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return received, False
+    except ConnectionResetError:
+        pass
+    return received, True
