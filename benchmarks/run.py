@@ -136,7 +136,11 @@ def results_document(command: str, args: argparse.Namespace, table: str, machine
         "The observed/forward-only column is workload 9: the cost of observation. "
         "bare uvloop is benchmarks/bare.py, a uvloop forwarder that only copies bytes between its two "
         "legs with pgscout's write-buffer flow control: the floor for any asyncio proxy, so the "
-        "observed/bare and forward-only/bare columns are what pgscout costs beyond it.\n"
+        "observed/bare and forward-only/bare columns are what pgscout costs beyond it. "
+        "CPU per statement is the user + system time of the proxy's processes over the pgbench run "
+        "(from /proc/<pid>/stat) divided by the transactions pgbench processed, one statement each: "
+        "data-plane is the process the harness started (pgscout's data plane, PgBouncer, bare), "
+        "analysis is pgscout's analysis process, counted until it is idle after the run.\n"
     )
 
 

@@ -46,6 +46,8 @@ class Target:
     password: str | None
     database: str
     pid: int | None  # the proxy process; None for direct
+    # pgscout's analysis work runs in a child of `pid`; its CPU is reported apart from the data plane's.
+    has_analysis_process: bool = False
 
     def url(self, scheme: str = "postgresql") -> str:
         url = make_dsn(self.host, self.port, self.user, self.database, self.password,
@@ -224,10 +226,10 @@ class BenchEnvironment:
                                    max_clients=self.max_clients + SERVER_HEADROOM_CONNECTIONS).start()
 
     def _pgscout_target(self, name: str, proxy: Pgscout) -> Target:
-        return self._target(name, proxy.host, proxy.port, proxy.process.pid)
+        return self._target(name, proxy.host, proxy.port, proxy.process.pid, has_analysis_process=True)
 
-    def _target(self, name: str, host: str, port: int, pid: int) -> Target:
-        return Target(name, host, port, self.user, self.password, self.database, pid)
+    def _target(self, name: str, host: str, port: int, pid: int, has_analysis_process: bool = False) -> Target:
+        return Target(name, host, port, self.user, self.password, self.database, pid, has_analysis_process)
 
     def failure_report(self) -> str:
         sections = [proxy.output() for proxy in self.proxies]

@@ -14,8 +14,13 @@ from pgharness import REPO_ROOT
 
 TARGET_COLUMNS = ["direct", "PgBouncer", "bare uvloop", "pgscout", "pgscout forward-only"]
 PROXY_COLUMNS = TARGET_COLUMNS[1:]
+PGSCOUT_COLUMNS = ["pgscout", "pgscout forward-only"]
 RATIO_COLUMNS = ["pgscout / PgBouncer", "observed / bare", "forward-only / bare", "observed / forward-only"]
 WORKLOADS = [f"{number}. " for number in range(1, 10)]
+# The workloads that report CPU per statement (pgbench -S: prepared, simple, latency).
+CPU_WORKLOADS = ["1. ", "2. ", "3. "]
+DATA_PLANE_CPU = "data-plane CPU µs per statement"
+ANALYSIS_CPU = "analysis CPU µs per statement"
 TINY_RUN = ["--duration", "1", "--rounds", "1", "--copy-mb", "4", "--idle-connections", "50",
             "--slow-reader-mb", "8", "--slow-reader-mbps", "20"]
 
@@ -28,7 +33,9 @@ def _table_rows(markdown: str) -> tuple[list[str], list[dict[str, str]]]:
 
 def _measured_columns(row: dict[str, str]) -> list[str]:
     """The target columns a row must have a value in."""
-    if row["Workload"].startswith("8. "):
+    if row["Metric"] == ANALYSIS_CPU:
+        return PGSCOUT_COLUMNS  # only pgscout has an analysis process
+    if row["Metric"] == DATA_PLANE_CPU or row["Workload"].startswith("8. "):
         return PROXY_COLUMNS  # measured on a proxy process, so not on direct
     return TARGET_COLUMNS
 
@@ -44,6 +51,10 @@ def test_tiny_run_measures_every_workload_on_every_target(tmp_path):
     for workload in WORKLOADS:
         assert any(row["Workload"].startswith(workload) for row in rows), \
             f"no row for workload {workload!r}\n{run.stdout}"
+    for workload in CPU_WORKLOADS:
+        for metric in (DATA_PLANE_CPU, ANALYSIS_CPU):
+            assert any(row["Workload"].startswith(workload) and row["Metric"] == metric for row in rows), \
+                f"no {metric!r} row for workload {workload!r}\n{run.stdout}"
     for row in rows:
         if row["Workload"].startswith("9. "):
             assert row["observed / forward-only"] != "—", row  # the summary of observation's cost
