@@ -1,8 +1,9 @@
 """The results table: what was measured, how it compares, and whether pgscout meets its targets.
 
 Owns: the Metric and Goal vocabulary the workloads declare, collecting one value per metric,
-target and round, the medians and min-max across rounds, the ratios pgscout/PgBouncer and
-observed/forward-only, the Markdown table and the machine description written beside it.
+target and round, the medians and min-max across rounds, the ratios pgscout/PgBouncer,
+observed/bare, forward-only/bare and observed/forward-only, the Markdown table and the machine
+description written beside it.
 Must not: run anything against a database (workloads measure, this only summarises).
 """
 
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 
 DIRECT = "direct"
 PGBOUNCER = "pgbouncer"
+BARE = "bare"
 PGSCOUT = "pgscout"
 FORWARD_ONLY = "pgscout-forward-only"
 TARGET_LABELS = {
     DIRECT: "direct",
     PGBOUNCER: "PgBouncer",
+    BARE: "bare uvloop",
     PGSCOUT: "pgscout",
     FORWARD_ONLY: "pgscout forward-only",
 }
@@ -96,8 +99,10 @@ class Results:
 
 
 def render_table(workloads: list[WorkloadRows], results: Results, targets: list[str]) -> str:
+    # Over bare: what pgscout costs beyond the floor any asyncio proxy pays.
     header = ["Workload", "Metric", *(TARGET_LABELS[t] for t in targets),
-              "pgscout / PgBouncer", "observed / forward-only", "Target", "Verdict"]
+              "pgscout / PgBouncer", "observed / bare", "forward-only / bare", "observed / forward-only",
+              "Target", "Verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     observed_ratios: list[tuple[float, str]] = []
     for workload in workloads:
@@ -106,6 +111,8 @@ def render_table(workloads: list[WorkloadRows], results: Results, targets: list[
             medians = {target: statistics.median(values) for target, values in series.items() if values}
             cells = [_cell(series.get(target, []), metric.decimals) for target in targets]
             vs_bouncer = _ratio(medians, PGSCOUT, PGBOUNCER)
+            observed_vs_bare = _ratio(medians, PGSCOUT, BARE)
+            forward_only_vs_bare = _ratio(medians, FORWARD_ONLY, BARE)
             observed = _ratio(medians, PGSCOUT, FORWARD_ONLY)
             goals: list[tuple[str, bool | None]] = []
             if metric.goal is not None:
@@ -114,7 +121,8 @@ def render_table(workloads: list[WorkloadRows], results: Results, targets: list[
                 observed_ratios.append((observed, f"{workload.title}: {metric.label}"))
                 goals.append((f"observed ≥ {OBSERVED_MIN_RATIO}× forward-only", observed >= OBSERVED_MIN_RATIO))
             lines.append("| " + " | ".join([
-                workload.title, metric.label, *cells, _times(vs_bouncer), _times(observed),
+                workload.title, metric.label, *cells, _times(vs_bouncer), _times(observed_vs_bare),
+                _times(forward_only_vs_bare), _times(observed),
                 "; ".join(text for text, _ in goals) or "—",
                 " / ".join(_verdict(met) for _, met in goals) or "—",
             ]) + " |")
@@ -124,7 +132,7 @@ def render_table(workloads: list[WorkloadRows], results: Results, targets: list[
         blanks = ["—"] * len(targets)
         lines.append("| " + " | ".join([
             "9. observation on vs off", "worst / geometric mean of the throughput ratios above",
-            *blanks, "—", f"{_times(worst)} / {_times(geomean)}",
+            *blanks, "—", "—", "—", f"{_times(worst)} / {_times(geomean)}",
             f"observed ≥ {OBSERVED_MIN_RATIO}× forward-only (worst: {where})",
             _verdict(worst >= OBSERVED_MIN_RATIO),
         ]) + " |")

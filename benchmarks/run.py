@@ -1,11 +1,12 @@
-"""Benchmark harness: pgscout against direct connections and PgBouncer, side by side.
+"""Benchmark harness: pgscout against direct connections, PgBouncer and a bare forwarder, side by side.
 
     python benchmarks/run.py [--duration S] [--rounds N] [--only W,...] [--upstream URL] [--out FILE]
 
-Starts PostgreSQL (unless --upstream names one), PgBouncer in session mode, pgscout observing
-and pgscout --forward-only, runs every workload against all four in interleaved rounds
-(direct, PgBouncer, pgscout, forward-only, direct, ...) so drift on a shared machine hits every
-target alike, and prints a Markdown table of medians, min-max, ratios and targets.
+Starts PostgreSQL (unless --upstream names one), PgBouncer in session mode, the bare uvloop
+forwarder, pgscout observing and pgscout --forward-only, runs every workload against all five in
+interleaved rounds (direct, PgBouncer, bare, pgscout, forward-only, direct, ...) so drift on a
+shared machine hits every target alike, and prints a Markdown table of medians, min-max, ratios
+and targets.
 
 Owns: the command line, the round loop, progress output and writing the results file.
 Must not: measure (workloads.py), start servers (targets.py) or format numbers (report.py).
@@ -37,7 +38,7 @@ from workloads import MB, Parameters, Runner, all_workloads, targets_for  # noqa
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="pgscout vs direct vs PgBouncer benchmarks")
+    parser = argparse.ArgumentParser(description="pgscout vs direct vs PgBouncer vs a bare forwarder benchmarks")
     parser.add_argument("--duration", type=int, default=30, help="seconds per timed workload run (default 30)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians (default 3)")
     parser.add_argument("--only", help="comma-separated workloads: prepared, simple, latency, large, churn, "
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pgscout-bench-"))
     env = BenchEnvironment(args.upstream, max_clients=args.idle_connections)
     try:
-        progress("starting PostgreSQL, PgBouncer and both pgscouts, loading data")
+        progress("starting PostgreSQL, PgBouncer, the bare forwarder and both pgscouts, loading data")
         env.start()
         progress("started")
         params = Parameters(duration=args.duration, copy_bytes=int(args.copy_mb * MB),
@@ -132,7 +133,14 @@ def results_document(command: str, args: argparse.Namespace, table: str, machine
         "It is measured on a freshly started proxy of each kind (a heap grown by earlier workloads "
         "would hide what new sessions cost). Each idle session has run one query, so PgBouncer holds "
         "a server connection for it as pgscout does. "
-        "The observed/forward-only column is workload 9: the cost of observation.\n"
+        "The observed/forward-only column is workload 9: the cost of observation. "
+        "bare uvloop is benchmarks/bare.py, a uvloop forwarder that only copies bytes between its two "
+        "legs with pgscout's write-buffer flow control: the floor for any asyncio proxy, so the "
+        "observed/bare and forward-only/bare columns are what pgscout costs beyond it. "
+        "CPU per statement is the user + system time of the proxy's processes over the pgbench run "
+        "(from /proc/<pid>/stat) divided by the transactions pgbench processed, one statement each: "
+        "data-plane is the process the harness started (pgscout's data plane, PgBouncer, bare), "
+        "analysis is pgscout's analysis process, counted until it is idle after the run.\n"
     )
 
 

@@ -1,8 +1,9 @@
-"""The four things a benchmark client can connect to, and the database behind them.
+"""The five things a benchmark client can connect to, and the database behind them.
 
 Owns: starting (or adopting, with --upstream) PostgreSQL, loading the benchmark data (pgbench
 tables, a 100,000-row table for large results, a COPY sink, the ORM tables), starting PgBouncer,
-pgscout observing and pgscout --forward-only in front of it, and stopping all of them again.
+the bare uvloop forwarder (bare.py), pgscout observing and pgscout --forward-only in front of it,
+and stopping all of them again.
 Must not: measure anything (workloads do), or start a proxy differently from how a user does
 (`python -m pgscout run`, through tests/pgharness.py).
 """
@@ -10,18 +11,21 @@ Must not: measure anything (workloads do), or start a proxy differently from how
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgharness import LOOPBACK, PgCluster, Pgscout, make_dsn, run_client
+from pgharness import LOOPBACK, PgCluster, Pgscout, accepts_tcp, free_port, make_dsn, run_client
 
 import orm_nplusone
 import pgbouncer
-from report import DIRECT, FORWARD_ONLY, PGBOUNCER, PGSCOUT
+from report import BARE, DIRECT, FORWARD_ONLY, PGBOUNCER, PGSCOUT
 
 BENCH_DATABASE = "bench"
 PGBENCH_SCALE = 1
@@ -29,6 +33,8 @@ LARGE_TABLE_ROWS = 100_000
 # The idle-session test's server connections (PgBouncer keeps its own pooled until it stops) plus
 # everything the other proxies and the benchmark's clients hold at the same time.
 SERVER_HEADROOM_CONNECTIONS = 100
+BARE_FORWARDER = Path(__file__).resolve().parent / "bare.py"
+BARE_START_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class Target:
     password: str | None
     database: str
     pid: int | None  # the proxy process; None for direct
+    # pgscout's analysis work runs in a child of `pid`; its CPU is reported apart from the data plane's.
+    has_analysis_process: bool = False
 
     def url(self, scheme: str = "postgresql") -> str:
         url = make_dsn(self.host, self.port, self.user, self.database, self.password,
@@ -53,12 +61,64 @@ class ForwardOnlyPgscout(Pgscout):
         return [*super().argv, "--forward-only"]
 
 
+class BareForwarder:
+    """bare.py as a subprocess on a free loopback port, its output kept for failure reports."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.host = LOOPBACK
+        self.port = free_port()
+        self.upstream = f"{upstream_host}:{upstream_port}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="pgscout-bench-bare-"))
+        self.output_file = self.workdir / "output.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BareForwarder:
+        argv = [sys.executable, str(BARE_FORWARDER), "--listen", f"{self.host}:{self.port}",
+                "--upstream", self.upstream]
+        with open(self.output_file, "wb") as output:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
+                                            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + BARE_START_TIMEOUT_SECONDS
+        # Each probe opens (and at once closes) one upstream connection; the server shrugs it off.
+        while not accepts_tcp(self.host, self.port, timeout=0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the bare forwarder did not listen on {self.host}:{self.port}\n{self.output()}")
+            time.sleep(0.05)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "the bare forwarder was never started"
+        return self.process.pid
+
+    def output(self) -> str:
+        try:
+            return "--- bare forwarder output ---\n" + self.output_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return "--- bare forwarder output ---\n(none)"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 class BenchEnvironment:
     """Everything the workloads run against; `close()` stops what this process started."""
 
     def __init__(self, upstream_url: str | None, max_clients: int) -> None:
         self.cluster: PgCluster | None = None
         self.bouncer: pgbouncer.PgBouncer | None = None
+        self.bare: BareForwarder | None = None
         self.proxies: list[Pgscout] = []
         self.max_clients = max_clients
         if upstream_url is None:
@@ -124,11 +184,13 @@ class BenchEnvironment:
 
     def _start_proxies(self) -> None:
         self.bouncer = self._new_bouncer()
+        self.bare = BareForwarder(self.host, self.port).start()
         observed, forward_only = Pgscout(self.pgscout_upstream), ForwardOnlyPgscout(self.pgscout_upstream)
         for proxy in (observed, forward_only):
             self.proxies.append(proxy)
             proxy.start()
         self.targets = [self.direct, self._target(PGBOUNCER, self.bouncer.host, self.bouncer.port, self.bouncer.pid),
+                        self._target(BARE, self.bare.host, self.bare.port, self.bare.pid),
                         self._pgscout_target(PGSCOUT, observed), self._pgscout_target(FORWARD_ONLY, forward_only)]
 
     @contextlib.contextmanager
@@ -141,6 +203,13 @@ class BenchEnvironment:
                 yield self._target(PGBOUNCER, bouncer.host, bouncer.port, bouncer.pid)
             finally:
                 bouncer.stop()
+            return
+        if name == BARE:
+            bare = BareForwarder(self.host, self.port).start()
+            try:
+                yield self._target(BARE, bare.host, bare.port, bare.pid)
+            finally:
+                bare.cleanup()
             return
         proxy = (Pgscout if name == PGSCOUT else ForwardOnlyPgscout)(self.pgscout_upstream)
         try:
@@ -157,13 +226,15 @@ class BenchEnvironment:
                                    max_clients=self.max_clients + SERVER_HEADROOM_CONNECTIONS).start()
 
     def _pgscout_target(self, name: str, proxy: Pgscout) -> Target:
-        return self._target(name, proxy.host, proxy.port, proxy.process.pid)
+        return self._target(name, proxy.host, proxy.port, proxy.process.pid, has_analysis_process=True)
 
-    def _target(self, name: str, host: str, port: int, pid: int) -> Target:
-        return Target(name, host, port, self.user, self.password, self.database, pid)
+    def _target(self, name: str, host: str, port: int, pid: int, has_analysis_process: bool = False) -> Target:
+        return Target(name, host, port, self.user, self.password, self.database, pid, has_analysis_process)
 
     def failure_report(self) -> str:
         sections = [proxy.output() for proxy in self.proxies]
+        if self.bare is not None:
+            sections.append(self.bare.output())
         if self.bouncer is not None:
             sections.append("--- PgBouncer log (tail) ---\n" + self.bouncer.log_tail())
         if self.cluster is not None:
@@ -173,6 +244,8 @@ class BenchEnvironment:
     def close(self) -> None:
         for proxy in self.proxies:
             proxy.cleanup()
+        if self.bare is not None:
+            self.bare.cleanup()
         if self.bouncer is not None:
             self.bouncer.stop()
         if self.cluster is not None:

@@ -1,14 +1,16 @@
 """The workloads: what each one runs against a target, what it measures and its target from the brief.
 
 Owns: the pgbench invocations and custom scripts, COPY out/in through psql, driving the ORM
-request loop, the memory measurements, parsing their output into numbers, and each workload's rows
-(metrics and goals) in the results table.
+request loop, the memory measurements, the proxy processes' CPU time over a pgbench run (from
+/proc), parsing their output into numbers, and each workload's rows (metrics and goals) in the
+results table.
 Must not: start or stop servers (targets.py), or aggregate across rounds (report.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import time
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgharness import run_client
+from pgharness import child_pids, run_client
 
 import memory
 import orm_nplusone
@@ -33,6 +35,16 @@ COPY_PAYLOAD_BYTES = 1000
 SLOW_READER_MAX_GROWTH_MB = 64
 MB = 1e6
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
+_TRANSACTIONS = re.compile(r"^number of transactions actually processed: ([0-9]+)", re.MULTILINE)
+CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+# /proc/<pid>/stat fields, numbered as in proc(5), counted from field 3 (the first after the
+# command name, which may itself hold spaces and parentheses).
+_UTIME, _STIME, _CUTIME, _CSTIME = (number - 3 for number in (14, 15, 16, 17))
+# The analysis process works through the records of a run after pgbench has finished; its CPU
+# counts until it has been idle this long (no clock tick in it), which also keeps that tail out of
+# the next target's run.
+ANALYSIS_IDLE_SECONDS = 0.2
+ANALYSIS_SETTLE_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass
@@ -43,6 +55,52 @@ class Parameters:
     slow_reader_bytes: int
     slow_reader_bytes_per_second: float
     workdir: Path
+
+
+@dataclass(frozen=True)
+class ProxyCpu:
+    """User + system seconds a proxy's processes have used since they started."""
+
+    own: float  # the process the harness started: pgscout's data plane, PgBouncer, bare
+    # Its children (pgscout's analysis process), with those that exited and were waited for,
+    # so that a restarted analysis process does not take its predecessor's time with it.
+    children: float
+
+
+def proxy_cpu(pid: int) -> ProxyCpu:
+    fields = _stat_fields(pid)
+    live_children = 0
+    for child in child_pids(pid):
+        try:
+            child_fields = _stat_fields(child)
+        except FileNotFoundError:  # gone since listed; in cutime/cstime once waited for
+            continue
+        live_children += int(child_fields[_UTIME]) + int(child_fields[_STIME])
+    own = int(fields[_UTIME]) + int(fields[_STIME])
+    children = int(fields[_CUTIME]) + int(fields[_CSTIME]) + live_children
+    return ProxyCpu(own / CLOCK_TICKS_PER_SECOND, children / CLOCK_TICKS_PER_SECOND)
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as stat:
+        text = stat.read()
+    return text[text.rindex(")") + 2:].split()
+
+
+def settled_proxy_cpu(target: Target) -> ProxyCpu:
+    """The target's CPU once its analysis process (if any) has caught up with the run."""
+    sample = proxy_cpu(target.pid)
+    if not target.has_analysis_process:
+        return sample
+    deadline = time.monotonic() + ANALYSIS_SETTLE_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(ANALYSIS_IDLE_SECONDS)
+        later = proxy_cpu(target.pid)
+        if later.children == sample.children:
+            return later
+        sample = later
+    raise RuntimeError(f"{target.name}'s analysis process was still busy "
+                       f"{ANALYSIS_SETTLE_TIMEOUT_SECONDS:g} s after pgbench finished")
 
 
 @dataclass(frozen=True)
@@ -69,22 +127,36 @@ class Runner:
         return run_client(argv, timeout=self.params.duration + 300).stdout
 
     def tps(self, target: Target, *args: str) -> float:
-        output = self.pgbench(target, *args)
-        match = _TPS.search(output)
-        if match is None:
-            raise RuntimeError(f"no tps line in pgbench output:\n{output}")
-        return float(match.group(1))
+        return _tps(self.pgbench(target, *args))
+
+    def select_statements(self, target: Target, key: str, *args: str) -> tuple[str, dict[str, float]]:
+        """A pgbench -S run (one statement per transaction) and, through a proxy, the CPU its
+        processes spent per statement: `key.data_plane_cpu_us`, and `key.analysis_cpu_us` for
+        pgscout's analysis process."""
+        if target.pid is None:
+            return self.pgbench(target, "-S", *args), {}
+        before = settled_proxy_cpu(target)
+        output = self.pgbench(target, "-S", *args)
+        after = settled_proxy_cpu(target)
+        statements = _transactions(output)
+        per_statement = {f"{key}.data_plane_cpu_us": (after.own - before.own) / statements * 1e6}
+        if target.has_analysis_process:
+            per_statement[f"{key}.analysis_cpu_us"] = (after.children - before.children) / statements * 1e6
+        return output, per_statement
 
     def select_prepared(self, target: Target) -> dict[str, float]:
-        return {"prepared.tps": self.tps(target, "-S", "-M", "prepared", *CLIENTS)}
+        output, cpu = self.select_statements(target, "prepared", "-M", "prepared", *CLIENTS)
+        return {"prepared.tps": _tps(output), **cpu}
 
     def select_simple(self, target: Target) -> dict[str, float]:
-        return {"simple.tps": self.tps(target, "-S", "-M", "simple", *CLIENTS)}
+        output, cpu = self.select_statements(target, "simple", "-M", "simple", *CLIENTS)
+        return {"simple.tps": _tps(output), **cpu}
 
     def latency(self, target: Target) -> dict[str, float]:
         log_dir = self.params.workdir / f"latency-{target.name}-{time.monotonic_ns()}"
         log_dir.mkdir()
-        self.pgbench(target, "-S", "-M", "prepared", "-c", "1", "-j", "1", "-l", f"--log-prefix={log_dir / 'tx'}")
+        _, cpu = self.select_statements(target, "latency", "-M", "prepared", "-c", "1", "-j", "1", "-l",
+                                        f"--log-prefix={log_dir / 'tx'}")
         # Per-transaction log: client_id transaction_no latency_us script_no epoch epoch_us
         latencies = sorted(int(line.split()[2]) for log in log_dir.iterdir() for line in log.read_text().splitlines())
         for log in log_dir.iterdir():
@@ -92,7 +164,7 @@ class Runner:
         log_dir.rmdir()
         if not latencies:
             raise RuntimeError(f"pgbench logged no transactions against {target.name}")
-        return {"latency.p50": _percentile(latencies, 50), "latency.p99": _percentile(latencies, 99)}
+        return {"latency.p50": _percentile(latencies, 50), "latency.p99": _percentile(latencies, 99), **cpu}
 
     def large_results(self, target: Target) -> dict[str, float]:
         measured = {}
@@ -143,6 +215,24 @@ class Runner:
                 "memory.idle_mb": idle["idle_mb"], "memory.slow_peak_growth_mb": slow["peak_growth_mb"]}
 
 
+def _tps(pgbench_output: str) -> float:
+    return float(_pgbench_number(_TPS, "tps", pgbench_output))
+
+
+def _transactions(pgbench_output: str) -> int:
+    transactions = int(_pgbench_number(_TRANSACTIONS, "transactions processed", pgbench_output))
+    if transactions == 0:
+        raise RuntimeError(f"pgbench processed no transactions:\n{pgbench_output}")
+    return transactions
+
+
+def _pgbench_number(pattern: re.Pattern[str], what: str, pgbench_output: str) -> str:
+    match = pattern.search(pgbench_output)
+    if match is None:
+        raise RuntimeError(f"no {what} line in pgbench output:\n{pgbench_output}")
+    return match.group(1)
+
+
 def _timed(argv: list[str], stdin) -> float:
     started = time.perf_counter()
     result = subprocess.run(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -185,15 +275,18 @@ def all_workloads(runner: Runner) -> list[Workload]:
     bulk_vs_bouncer = at_least_vs_pgbouncer(0.9)
     return [
         Workload("prepared", WorkloadRows("1. pgbench -S -M prepared -c 8 -j 2", (
-            Metric("prepared.tps", "TPS", True, goal=throughput_vs_bouncer),)), runner.select_prepared),
+            Metric("prepared.tps", "TPS", True, goal=throughput_vs_bouncer),
+            *cpu_per_statement_rows("prepared"))), runner.select_prepared),
         Workload("simple", WorkloadRows("2. pgbench -S -M simple -c 8 -j 2 (literals inline)", (
-            Metric("simple.tps", "TPS", True, goal=throughput_vs_bouncer),)), runner.select_simple),
+            Metric("simple.tps", "TPS", True, goal=throughput_vs_bouncer),
+            *cpu_per_statement_rows("simple"))), runner.select_simple),
         Workload("latency", WorkloadRows("3. pgbench -S -M prepared -c 1 (per-transaction log)", (
             Metric("latency.p50", "p50 latency µs", False),
             Metric("latency.p99", "p99 latency µs", False),
             Metric("latency.added_p50", "added p50 µs over direct", False, goal=not_above_pgbouncer(),
                    over_direct_of="latency.p50"),
             Metric("latency.added_p99", "added p99 µs over direct", False, over_direct_of="latency.p99"),
+            *cpu_per_statement_rows("latency"),
         )), runner.latency),
         Workload("large", WorkloadRows("4. large results (custom script, -M prepared -c 4 -j 2)", (
             Metric("large.1k.tps", "1,000 rows: TPS", True, goal=bulk_vs_bouncer),
@@ -217,6 +310,13 @@ def all_workloads(runner: Runner) -> list[Workload]:
                    goal=at_most(SLOW_READER_MAX_GROWTH_MB, "MB")),
         )), runner.memory, needs_proxy_process=True),
     ]
+
+
+def cpu_per_statement_rows(key: str) -> tuple[Metric, ...]:
+    """The cost itself, not only its share of a saturated machine: per statement, so it compares
+    across targets that ran different numbers of statements."""
+    return (Metric(f"{key}.data_plane_cpu_us", "data-plane CPU µs per statement", False, 1),
+            Metric(f"{key}.analysis_cpu_us", "analysis CPU µs per statement", False, 1))
 
 
 def targets_for(workload: Workload, targets: list[Target]) -> list[Target]:

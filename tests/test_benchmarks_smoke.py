@@ -12,15 +12,32 @@ import sys
 
 from pgharness import REPO_ROOT
 
-TARGET_COLUMNS = ["direct", "PgBouncer", "pgscout", "pgscout forward-only"]
+TARGET_COLUMNS = ["direct", "PgBouncer", "bare uvloop", "pgscout", "pgscout forward-only"]
+PROXY_COLUMNS = TARGET_COLUMNS[1:]
+PGSCOUT_COLUMNS = ["pgscout", "pgscout forward-only"]
+RATIO_COLUMNS = ["pgscout / PgBouncer", "observed / bare", "forward-only / bare", "observed / forward-only"]
 WORKLOADS = [f"{number}. " for number in range(1, 10)]
+# The workloads that report CPU per statement (pgbench -S: prepared, simple, latency).
+CPU_WORKLOADS = ["1. ", "2. ", "3. "]
+DATA_PLANE_CPU = "data-plane CPU µs per statement"
+ANALYSIS_CPU = "analysis CPU µs per statement"
 TINY_RUN = ["--duration", "1", "--rounds", "1", "--copy-mb", "4", "--idle-connections", "50",
             "--slow-reader-mb", "8", "--slow-reader-mbps", "20"]
 
 
-def _table_rows(markdown: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in markdown.splitlines() if line.startswith("| ")]
+def _table_rows(markdown: str) -> tuple[list[str], list[dict[str, str]]]:
+    header, *rows = ([cell.strip() for cell in line.strip().strip("|").split("|")]
+                     for line in markdown.splitlines() if line.startswith("| "))
+    return header, [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def _measured_columns(row: dict[str, str]) -> list[str]:
+    """The target columns a row must have a value in."""
+    if row["Metric"] == ANALYSIS_CPU:
+        return PGSCOUT_COLUMNS  # only pgscout has an analysis process
+    if row["Metric"] == DATA_PLANE_CPU or row["Workload"].startswith("8. "):
+        return PROXY_COLUMNS  # measured on a proxy process, so not on direct
+    return TARGET_COLUMNS
 
 
 def test_tiny_run_measures_every_workload_on_every_target(tmp_path):
@@ -29,21 +46,27 @@ def test_tiny_run_measures_every_workload_on_every_target(tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
 
-    header, *rows = _table_rows(run.stdout)
-    assert header[2:6] == TARGET_COLUMNS
+    header, rows = _table_rows(run.stdout)
+    assert header == ["Workload", "Metric", *TARGET_COLUMNS, *RATIO_COLUMNS, "Target", "Verdict"]
     for workload in WORKLOADS:
-        assert any(row[0].startswith(workload) for row in rows), f"no row for workload {workload!r}\n{run.stdout}"
+        assert any(row["Workload"].startswith(workload) for row in rows), \
+            f"no row for workload {workload!r}\n{run.stdout}"
+    for workload in CPU_WORKLOADS:
+        for metric in (DATA_PLANE_CPU, ANALYSIS_CPU):
+            assert any(row["Workload"].startswith(workload) and row["Metric"] == metric for row in rows), \
+                f"no {metric!r} row for workload {workload!r}\n{run.stdout}"
     for row in rows:
-        workload, metric, *measured = row
-        if workload.startswith("9. "):
-            assert measured[5] != "—", row  # the observed/forward-only summary
+        if row["Workload"].startswith("9. "):
+            assert row["observed / forward-only"] != "—", row  # the summary of observation's cost
             continue
-        proxies_only = workload.startswith("8. ")
-        expected = TARGET_COLUMNS[1:] if proxies_only else TARGET_COLUMNS
-        for column, value in zip(TARGET_COLUMNS, measured[:4]):
-            if column in expected:
-                assert value != "—", f"{workload} / {metric}: nothing measured for {column}"
-        assert measured[-1] != "—" or measured[-2] == "—", row  # every stated target has a verdict
+        for column in TARGET_COLUMNS:
+            measured = row[column] != "—"
+            assert measured == (column in _measured_columns(row)), f"{row['Workload']} / {row['Metric']}: {column}"
+        # Throughput and plain latency are positive whenever measured; added latency, over a
+        # 1-second run, may not be (and its ratio is left out then).
+        if row["Metric"] in ("TPS", "p50 latency µs"):
+            assert row["observed / bare"] != "—" and row["forward-only / bare"] != "—", row
+        assert row["Verdict"] != "—" or row["Target"] == "—", row  # every stated target has a verdict
 
     document = results_file.read_text()
     assert "benchmarks/run.py --duration 1" in document
