@@ -106,7 +106,10 @@ def logged_findings(proxy, app: str) -> list[dict]:
 
 
 def counted_findings(proxy, app: str) -> dict[str, float]:
-    """pgscout_nplusone_findings for `app`, summed by kind."""
+    """pgscout_nplusone_findings for `app`, summed by kind, once all of its sessions are closed
+    (a client's close ends its session when the server has closed its end too)."""
+    assert wait_until(lambda: sessions_of(proxy, app) == 0, timeout=10), \
+        f"sessions of {app} still open"
     status, text = proxy.admin_get("/metrics")
     assert status == 200
     by_kind: dict[str, float] = {}
