@@ -8,7 +8,8 @@ verdict: the statements of *other* sessions on the same table that were sent whi
 held and completed only once it was released, each with its delay. A DDL with no such waiter is
 not reported (nothing queued behind it: precision over recall).
 Must not: parse a statement that cannot be a waiter (only ring entries of a closed window's
-period are), keep more than RING_ENTRIES statements or MAX_OPEN windows, or see raw SQL.
+period are), keep more than RING_ENTRIES statements or MAX_OPEN open and MAX_OPEN closed
+windows, or see raw SQL.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class BlockingMigrations:
                 window = _Window(ev, operations)
                 if window.end is not None:
                     self._closed.append(window)
+                    del self._closed[:-MAX_OPEN]
                 elif sum(map(len, self._open.values())) < MAX_OPEN:
                     self._open.setdefault(window.conn_id, []).append(window)
 
@@ -105,6 +107,7 @@ class BlockingMigrations:
         for window in self._open.pop(conn_id, ()):
             window.end = at
             self._closed.append(window)
+        del self._closed[:-MAX_OPEN]  # a burst of migrations: the newest are judged
 
     def flush(self, now: float) -> None:
         """Judge the windows closed at least GRACE_SECONDS ago."""

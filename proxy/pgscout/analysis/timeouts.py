@@ -10,7 +10,7 @@ statement of at least `min_statement_ms` in a session whose timeout is 0 is an o
 application's finding, with its slowest statement and how long such statements held a backend.
 A session whose timeout cannot be known (catalog not read yet, a value it cannot parse) is never
 judged.
-Must not: keep the SET values beyond zero or not, look at a statement's text unless it mentions
+Must not: keep more than MAX_APPLICATIONS applications' figures, look at a statement's text unless it mentions
 statement_timeout, or see more than the session's own settings.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 from pgscout.analysis.findings import Findings, application_of, cut
+from pgscout.labels import MAX_APPLICATIONS
 from pgscout.dataplane.events import SessionClosed, StatementDone
 
 _SET = re.compile(r"\bset\s+(session\s+|local\s+)?statement_timeout\s*(?:=|\bto\b)\s*"
@@ -80,7 +81,11 @@ class StatementTimeouts:
             return
         session = ev.session
         key = (session.application_name, session.user, session.database)
-        held = self._held.setdefault(key, [0.0, set(), 0.0, ""])
+        held = self._held.get(key)
+        if held is None:
+            if len(self._held) >= MAX_APPLICATIONS:
+                return  # the findings table is bounded too; the applications seen first stay
+            held = self._held[key] = [0.0, set(), 0.0, ""]
         held[0] += ev.duration
         if len(held[1]) < 1000:
             held[1].add(session.conn_id)
