@@ -161,3 +161,13 @@ def test_the_findings_table_is_bounded_and_repeats_update_one_entry():
     assert len(recorder.logged) == MAX_FINDINGS + 11  # the severity rise is logged again
     assert recorder.findings.counts() == {("missing_index", "warning", "web"): MAX_FINDINGS + 10,
                                           ("missing_index", "critical", "web"): 1}
+
+
+def test_a_bad_threshold_names_its_key():
+    from pgscout.settings import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"^PGSCOUT_FINDINGS_LONG_TRANSACTION_SECONDS "
+                                          r"\(findings.long_transaction_seconds\): must be greater than 0"):
+        load_settings(None, {"PGSCOUT_FINDINGS_LONG_TRANSACTION_SECONDS": "0"})
+    with pytest.raises(ConfigError, match=r"^findings.missing_index_min_table_rows: expected an integer"):
+        load_settings(None, {}, {"findings.missing_index_min_table_rows": "many"})

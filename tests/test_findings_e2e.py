@@ -384,6 +384,7 @@ def test_a_slow_statement_filtering_an_unindexed_column_is_a_missing_index(start
     app = name("reporting")
     with connect(proxy, app) as connection:
         connection.execute("SELECT count(*) FROM mi_reviews WHERE book_id = 42")  # indexed
+        connection.execute("SELECT count(*) FROM mi_reviews WHERE stars = 4")  # 5 values: a scan is right
         connection.execute("SELECT count(*) FROM mi_books WHERE title = 'secret-mi-literal'")
     finding = wait_for(proxy, app, "missing_index")
     assert finding["evidence"]["table"] == "public.mi_books"

@@ -22,8 +22,6 @@ from collections.abc import Callable
 
 from pgscout.dataplane.events import Session
 
-KINDS = ("blocking_migration", "no_statement_timeout", "long_transaction", "idle_in_transaction",
-         "missing_index", "n_plus_one", "duplicate", "connection_churn")
 SEVERITIES = ("info", "warning", "critical")
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 MAX_FINDINGS = 500

@@ -6,7 +6,8 @@ DELETE of at least `min_statement_ms`) whose single table is filtered by equalit
 the composition root over the catalog connection with `resolve`), each (database, table,
 columns) looked up at most once per CACHE_SECONDS; and the verdict: exactly one such table in
 that database, holding every filtered column, with at least `min_table_rows` rows (estimated),
-and no valid index whose first column is one of them. Then the finding names the table, the
+no valid index whose first column is one of them, and a filter selective enough for an index to
+serve it (MIN_DISTINCT_VALUES; without statistics, only an N+1 child's key is judged). Then the finding names the table, the
 column, the existing indexes and the CREATE INDEX CONCURRENTLY that would serve the filter.
 Must not: await anything or talk to the server itself (it only receives look-up results), keep
 more than MAX_PENDING look-ups waiting or CACHE_ENTRIES answers, or see raw SQL.
@@ -20,6 +21,9 @@ from pgscout.analysis import sqlshape
 from pgscout.analysis.findings import Findings, application_of, cut
 from pgscout.dataplane.events import StatementDone
 
+# An index serves an equality filter when each value matches a small share of the rows: a column
+# with fewer distinct values (a status, a flag) is read faster by a scan.
+MIN_DISTINCT_VALUES = 20
 MAX_PENDING = 64
 CACHE_ENTRIES = 1024
 CACHE_SECONDS = 300.0
@@ -94,7 +98,7 @@ class MissingIndexes:
 
     def resolve(self, key: LookupKey, tables: list[dict] | None, now: float) -> None:
         """`tables`: one dict per table of that name in the database (schema, table, rows,
-        columns_present, indexed, indexes); None when the look-up failed (tried again later)."""
+        columns_present, indexed, indexes, distinct_values); None when the look-up failed (tried again later)."""
         context = self._in_flight.pop(key, None)
         if tables is None or context is None:
             return
@@ -110,6 +114,11 @@ class MissingIndexes:
         table = tables[0]
         if not table["columns_present"] or table["indexed"] or table["rows"] < self._min_rows:
             return
+        distinct = table["distinct_values"]
+        # Without statistics only an N+1 child is judged: a lookup per parent row is by key.
+        if (distinct is None and context.source != "n_plus_one") or (
+                distinct is not None and distinct < MIN_DISTINCT_VALUES):
+            return
         database, _, _, columns = key
         qualified = f"{table['schema']}.{table['table']}"
         evidence = {
@@ -117,7 +126,8 @@ class MissingIndexes:
             "column": columns[0],
             "filtered_columns": list(columns),
             "rows_estimate": table["rows"],
-            "existing_indexes": table["indexes"],
+            "existing_indexes": [cut(index) for index in table["indexes"]],
+            "distinct_values": None if distinct is None else round(distinct),
             "source": context.source,
             "statement": cut(context.statement),
             "duration_ms": round(context.duration_ms, 1),

@@ -5,7 +5,9 @@ credentials of the upstream URL, one per database asked about, at most MAX_DATAB
 first use and dropped on failure); and three readings, each one statement with a timeout:
 `timeout_defaults()` (the server's statement_timeout and every role/database default of it,
 from pg_settings and pg_db_role_setting), `tables(database, schema, table, columns)` (the tables
-of that name and whether a valid index leads with one of the columns) and `activity(pids)` (the
+of that name, whether a valid index leads with one of the columns, and the most distinct values
+any of them has, from pg_stats: None when the table was never analysed or the role may not read
+the columns) and `activity(pids)` (the
 state of those backends in pg_stat_activity). `status()` says whether the last reading worked.
 Must not: run a statement that takes a lock beyond the catalog's own or writes anything, raise a
 connection failure to its caller (a reading that fails returns None and is logged once), or
@@ -48,7 +50,11 @@ SELECT n.nspname AS schema, c.relname AS table, c.reltuples::bigint AS rows,
                 WHERE i.indrelid = c.oid AND i.indisvalid AND a.attname = ANY($3::text[]))
            AS indexed,
        ARRAY(SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i WHERE i.indrelid = c.oid
-              ORDER BY i.indexrelid LIMIT {limit}) AS indexes
+              ORDER BY i.indexrelid LIMIT {limit}) AS indexes,
+       (SELECT max(CASE WHEN s.n_distinct >= 0 THEN s.n_distinct
+                        ELSE -s.n_distinct * greatest(c.reltuples, 0) END)
+          FROM pg_stats s WHERE s.schemaname = n.nspname AND s.tablename = c.relname
+                            AND s.attname = ANY($3::text[])) AS distinct_values
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relname = $2 AND c.relkind IN ('r', 'p', 'm')
    AND ($1::text IS NULL OR n.nspname = $1)
