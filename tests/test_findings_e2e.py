@@ -148,15 +148,22 @@ def test_create_index_that_blocks_a_writer_is_a_blocking_migration(start_pgscout
     assert "secret-bm-literal" not in proxy.stdout()
 
 
-def test_foreign_key_without_not_valid_blocks_a_writer(start_pgscout, orders):
+@pytest.mark.parametrize("ddl, operation, recipe", [
+    ("ALTER TABLE {t} ADD CONSTRAINT {t}_fk FOREIGN KEY (customer_id) REFERENCES bm_customers (id)",
+     "add_foreign_key", "VALIDATE CONSTRAINT"),
+    ("ALTER TABLE {t} ALTER COLUMN customer_id SET NOT NULL", "set_not_null", "NOT VALID"),
+    ("ALTER TABLE {t} ADD COLUMN token float8 NOT NULL DEFAULT random()",
+     "add_column_volatile_default", "backfill it in batches"),
+    ("ALTER TABLE {t} ALTER COLUMN customer_id TYPE bigint", "alter_column_type", "dual-write"),
+])
+def test_every_locking_ddl_that_blocks_a_writer_is_found_with_its_recipe(
+        start_pgscout, orders, ddl, operation, recipe):
     proxy = start_pgscout()
     migrator, writer = name("migrator"), name("writer")
-    migrate_while_writing(proxy, migrator, writer, [
-        f"ALTER TABLE {orders} ADD CONSTRAINT {orders}_fk FOREIGN KEY (customer_id) "
-        f"REFERENCES bm_customers (id)"], orders)
+    assert migrate_while_writing(proxy, migrator, writer, [ddl.format(t=orders)], orders) >= 0.5
     finding = wait_for(proxy, migrator, "blocking_migration")
-    assert finding["evidence"]["operations"] == ["add_foreign_key"]
-    assert "NOT VALID" in finding["suggestion"] and "VALIDATE CONSTRAINT" in finding["suggestion"]
+    assert finding["evidence"]["operations"] == [operation]
+    assert recipe in finding["suggestion"]
 
 
 def test_concurrent_index_and_not_valid_foreign_key_are_not_blocking(start_pgscout, orders):

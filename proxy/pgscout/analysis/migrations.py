@@ -86,7 +86,10 @@ class BlockingMigrations:
         if ev.txn_status in ("T", "E"):  # the transaction goes on: its locks are still held
             for window in self._open.get(ev.session.conn_id, ()):
                 window.released_after = ev.done_at
-        if ev.sqlstate is None and any(word in ev.normalized.upper() for word in _KEYWORDS):
+        # A query or a write alone is no DDL: only their text of other kinds (or of several
+        # statements) is looked at.
+        if ev.sqlstate is None and (ev.kind not in ("select", "dml") or ev.statement_count > 1) \
+                and any(word in ev.normalized.upper() for word in _KEYWORDS):
             trees = sqlshape.statements(ev.fingerprint, ev.normalized)
             operations = sqlshape.risky_ddl(trees) if trees else []
             if operations:
