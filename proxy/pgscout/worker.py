@@ -54,6 +54,7 @@ MAX_BACKLOG_BYTES = 16 * 1024 * 1024
 _SLICE_RECORDS = 200
 # Catalog readings under way at once; the rest wait for the next tick.
 _MAX_CATALOG_TASKS = 16
+_CATALOG_BUGS_SEEN: set[str] = set()
 
 
 class Analysis:
@@ -291,7 +292,9 @@ async def _tick(analysis: Analysis, catalog: Catalog | None) -> None:
         analysis.migrations.flush(now)
         analysis.open_transactions.flush(now)
         if catalog is not None and len(reading) < _MAX_CATALOG_TASKS:
-            if now - defaults_read_at >= analysis.settings.control.refresh_seconds:
+            # Until a first reading succeeds no session's timeout is known: try every tick.
+            every = analysis.settings.control.refresh_seconds if analysis.timeouts.has_defaults else 1.0
+            if now - defaults_read_at >= every:
                 defaults_read_at = now
                 _spawn(reading, _read_timeout_defaults(analysis, catalog))
             candidates = analysis.open_transactions.idle_candidates(now)
@@ -305,7 +308,16 @@ async def _tick(analysis: Analysis, catalog: Catalog | None) -> None:
 def _spawn(tasks: set[asyncio.Task], coroutine) -> None:
     task = asyncio.get_running_loop().create_task(coroutine)
     tasks.add(task)
+    task.add_done_callback(_catalog_reading_done)
     task.add_done_callback(tasks.discard)
+
+
+def _catalog_reading_done(task: asyncio.Task) -> None:
+    """Connection failures are the catalog's to report; anything else is a bug, said once per kind."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        if type(error).__name__ not in _CATALOG_BUGS_SEEN:
+            _CATALOG_BUGS_SEEN.add(type(error).__name__)
+            log.error("catalog_reading_failed", error=f"{type(error).__name__}: {error}")
 
 
 async def _read_timeout_defaults(analysis: Analysis, catalog: Catalog) -> None:

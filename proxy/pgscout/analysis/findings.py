@@ -37,6 +37,13 @@ def cut(sql: str | None) -> str | None:
     return text if len(text) <= EVIDENCE_SQL_CHARS else text[:EVIDENCE_SQL_CHARS - 1] + "…"
 
 
+def wall_time(session: Session, monotonic_at: float) -> float:
+    """An event's monotonic time on the wall clock (events are judged late: seconds, even)."""
+    if session.opened_wall:
+        return session.opened_wall + (monotonic_at - session.opened_at)
+    return time.time()
+
+
 def application_of(session: Session, tags: dict[str, str] | None = None) -> dict[str, str]:
     """Who the finding belongs to: the session's names, plus route and trace when comments say."""
     application = {"application_name": session.application_name, "user": session.user,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 
 from pgscout.analysis import sqlshape
-from pgscout.analysis.findings import Findings, application_of, cut
+from pgscout.analysis.findings import Findings, application_of, cut, wall_time
 from pgscout.dataplane.events import SessionClosed, StatementDone, TransactionEnded
 
 RING_ENTRIES = 1024
@@ -159,4 +159,5 @@ class BlockingMigrations:
         self._findings.record(
             "blocking_migration", f"{ddl.fingerprint}/{ddl.session.database}",
             "critical" if longest >= CRITICAL_WAIT_SECONDS else "warning",
-            application_of(ddl.session, ddl.tags), evidence, suggestion)
+            application_of(ddl.session, ddl.tags), evidence, suggestion,
+            at=wall_time(ddl.session, ddl.sent_at))

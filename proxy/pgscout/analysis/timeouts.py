@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from pgscout.analysis.findings import Findings, application_of, cut
+from pgscout.analysis.findings import Findings, application_of, cut, wall_time
 from pgscout.labels import MAX_APPLICATIONS
 from pgscout.dataplane.events import SessionClosed, StatementDone
 
@@ -67,6 +67,10 @@ class StatementTimeouts:
     def reconfigure(self, min_statement_ms: float) -> None:
         self._min_seconds = min_statement_ms / 1000
 
+    @property
+    def has_defaults(self) -> bool:
+        return self._defaults is not None
+
     def set_defaults(self, defaults: dict[tuple[str, str], str]) -> None:
         """(role, database) -> value from the catalog; ("", "") is the server's, ("", db) the
         database's, (role, "") the role's."""
@@ -105,7 +109,8 @@ class StatementTimeouts:
         }
         self._findings.record("no_statement_timeout", "/".join(key), "warning",
                               application_of(session, ev.tags), evidence,
-                              SUGGESTION.format(user=session.user or "app"))
+                              SUGGESTION.format(user=session.user or "app"),
+                              at=wall_time(session, ev.done_at))
 
     def on_session_closed(self, ev: SessionClosed) -> None:
         self._sessions.pop(ev.session.conn_id, None)
