@@ -171,3 +171,27 @@ def test_a_bad_threshold_names_its_key():
         load_settings(None, {"PGSCOUT_FINDINGS_LONG_TRANSACTION_SECONDS": "0"})
     with pytest.raises(ConfigError, match=r"^findings.missing_index_min_table_rows: expected an integer"):
         load_settings(None, {}, {"findings.missing_index_min_table_rows": "many"})
+
+
+def test_idle_in_transaction_needs_the_server_to_say_so_for_that_very_backend():
+    from pgscout.analysis.opentransactions import OpenTransactions
+
+    recorder = Recorder()
+    blocks = OpenTransactions(recorder.findings, long_seconds=60, idle_seconds=1)
+    session = Session(conn_id=1, client_addr="x", user="app", application_name="web",
+                      backend_pid=4242)
+    blocks.on_statement(statement(session, "BEGIN", 10.0, 0.001, "T"))
+    blocks.on_statement(statement(session, "UPDATE t SET a = 1 WHERE id = 2", 10.001, 0.002, "T"))
+    assert blocks.idle_candidates(10.5) == {}
+    candidates = blocks.idle_candidates(12.0)
+    assert candidates == {4242: 1}
+    row = {"state": "idle in transaction", "seconds": 2.0, "usename": "app", "application_name": "web"}
+    # Still running a statement, or another backend behind a pooler that reuses the pid:
+    blocks.confirm_idle(candidates, {4242: {**row, "state": "active"}}, 12.0)
+    blocks.confirm_idle(candidates, {4242: {**row, "usename": "someone"}}, 12.0)
+    assert recorder.findings.listing() == []
+    blocks.confirm_idle(candidates, {4242: row}, 12.0)
+    [finding] = recorder.findings.listing()
+    assert finding["kind"] == "idle_in_transaction" and finding["severity"] == "critical"
+    assert finding["evidence"]["wrote"] is True
+    assert blocks.idle_candidates(13.0) == {}  # once per transaction

@@ -110,15 +110,21 @@ class OpenTransactions:
                 if not block.idle_reported and block.session.backend_pid is not None
                 and now - block.last_done_at >= self._idle}
 
-    def confirm_idle(self, candidates: dict[int, int], activity: dict[int, tuple[str, float]],
+    def confirm_idle(self, candidates: dict[int, int], activity: dict[int, dict],
                      now: float) -> None:
-        """`activity`: pid -> (pg_stat_activity.state, seconds since its state_change)."""
+        """`activity`: pid -> its pg_stat_activity row (state, seconds since its state_change,
+        usename, application_name). A row of another user or application is another backend
+        with that pid (a pooler in front of the server hands out pids of its own)."""
         for pid, conn_id in candidates.items():
             block = self._blocks.get(conn_id)
-            state, idle_for = activity.get(pid, ("", 0.0))
-            if block is None or block.idle_reported or block.session.backend_pid != pid:
+            row = activity.get(pid)
+            if block is None or row is None or block.idle_reported or block.session.backend_pid != pid:
                 continue
-            if state.startswith("idle in transaction") and idle_for >= self._idle:
+            session = block.session
+            if (row["usename"], row["application_name"]) != (session.user, session.application_name):
+                continue
+            idle_for = row["seconds"]
+            if row["state"].startswith("idle in transaction") and idle_for >= self._idle:
                 block.idle_reported = True
                 self._record("idle_in_transaction", block, idle_for, now, IDLE_SUGGESTION,
                              CRITICAL_FACTOR * self._idle, idle=True)

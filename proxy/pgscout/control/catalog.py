@@ -8,7 +8,7 @@ from pg_settings and pg_db_role_setting), `tables(database, schema, table, colum
 of that name, whether a valid index leads with one of the columns, and the most distinct values
 any of them has, from pg_stats: None when the table was never analysed or the role may not read
 the columns) and `activity(pids)` (the
-state of those backends in pg_stat_activity). `status()` says whether the last reading worked.
+state, seconds in it, user and application_name of those backends in pg_stat_activity). `status()` says whether the last reading worked.
 Must not: run a statement that takes a lock beyond the catalog's own or writes anything, raise a
 connection failure to its caller (a reading that fails returns None and is logged once), or
 touch the application's sessions.
@@ -62,7 +62,8 @@ SELECT n.nspname AS schema, c.relname AS table, c.reltuples::bigint AS rows,
 """.format(limit=MAX_INDEXES_SHOWN)
 _ACTIVITY = """
 SELECT pid, coalesce(state, '') AS state,
-       coalesce(extract(epoch FROM clock_timestamp() - state_change), 0)::float8 AS seconds
+       coalesce(extract(epoch FROM clock_timestamp() - state_change), 0)::float8 AS seconds,
+       coalesce(usename, '') AS usename, coalesce(application_name, '') AS application_name
   FROM pg_stat_activity WHERE pid = ANY($1::int[])
 """
 
@@ -101,10 +102,10 @@ class Catalog:
             return [dict(row) for row in rows]
         return await self._run(database, read)
 
-    async def activity(self, pids: list[int]) -> dict[int, tuple[str, float]] | None:
-        async def read(connection: asyncpg.Connection) -> dict[int, tuple[str, float]]:
+    async def activity(self, pids: list[int]) -> dict[int, dict] | None:
+        async def read(connection: asyncpg.Connection) -> dict[int, dict]:
             rows = await connection.fetch(_ACTIVITY, pids)
-            return {row["pid"]: (row["state"], row["seconds"]) for row in rows}
+            return {row["pid"]: dict(row) for row in rows}
         return await self._run(self._upstream.database or "postgres", read)
 
     async def close(self) -> None:
