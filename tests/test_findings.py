@@ -101,6 +101,19 @@ def test_session_statement_timeout(startup, statements, found):
     assert bool(recorder.findings.listing()) is found
 
 
+def test_set_local_lasts_to_the_end_of_its_transaction():
+    recorder = Recorder()
+    timeouts = StatementTimeouts(recorder.findings, min_statement_ms=100)
+    timeouts.set_defaults({("", ""): "0"})
+    session = Session(conn_id=1, client_addr="x", application_name="web")
+    for sql, duration, status in (("BEGIN", 0, "T"), ("SET LOCAL statement_timeout = '2s'", 0, "T"),
+                                  ("SELECT pg_sleep(1)", 1, "T"), ("COMMIT", 0, "I")):
+        timeouts.on_statement(statement(session, sql, duration=duration, txn_status=status))
+    assert recorder.findings.listing() == []
+    timeouts.on_statement(statement(session, "SELECT pg_sleep(1)", duration=1))
+    assert len(recorder.findings.listing()) == 1
+
+
 def test_no_judgement_before_the_catalog_is_read_or_for_a_role_default():
     recorder = Recorder()
     timeouts = StatementTimeouts(recorder.findings, min_statement_ms=100)

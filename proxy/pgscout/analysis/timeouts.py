@@ -5,7 +5,8 @@ server's value, overridden by the database's, the role's and the role-in-databas
 over the catalog connection and handed in with `set_defaults`), then by the StartupMessage
 (`statement_timeout` given directly, or `-c statement_timeout=...` in `options`), then by
 successful `SET [SESSION] statement_timeout`, `set_config('statement_timeout', ..., false)` and
-`RESET statement_timeout` / `RESET ALL` / `DISCARD ALL` seen in the session; and the verdict: a
+`RESET statement_timeout` / `RESET ALL` / `DISCARD ALL` seen in the session, and for the rest of
+its transaction `SET LOCAL` and `set_config(..., true)`; and the verdict: a
 statement of at least `min_statement_ms` in a session whose timeout is 0 is an occurrence of the
 application's finding, with its slowest statement and how long such statements held a backend.
 A session whose timeout cannot be known (catalog not read yet, a value it cannot parse) is never
@@ -49,11 +50,12 @@ def is_zero(value: str | None) -> bool | None:
 
 
 class _SessionTimeout:
-    __slots__ = ("startup", "set_value")
+    __slots__ = ("startup", "set_value", "local_value")
 
     def __init__(self, startup: str | None) -> None:
         self.startup = startup
         self.set_value: str | None = None
+        self.local_value: str | None = None  # SET LOCAL: to the end of the transaction
 
 
 class StatementTimeouts:
@@ -86,7 +88,10 @@ class StatementTimeouts:
                                     or _SET_CONFIG_CALL.search(ev.normalized)) \
                 and _MENTIONS.search(ev.sql):
             self._follow(state, ev.sql)
-        if ev.duration < self._min_seconds or is_zero(self._effective(ev, state)) is not True:
+        effective = self._effective(ev, state)
+        if ev.txn_status not in ("T", "E"):
+            state.local_value = None
+        if ev.duration < self._min_seconds or is_zero(effective) is not True:
             return
         session = ev.session
         key = (session.application_name, session.user, session.database)
@@ -116,6 +121,8 @@ class StatementTimeouts:
         self._sessions.pop(ev.session.conn_id, None)
 
     def _effective(self, ev: StatementDone, state: _SessionTimeout) -> str | None:
+        if state.local_value is not None:
+            return state.local_value
         if state.set_value is not None:
             return state.set_value
         if state.startup is not None:
@@ -131,20 +138,26 @@ class StatementTimeouts:
 
     @staticmethod
     def _follow(state: _SessionTimeout, sql: str) -> None:
-        """Settings changes in the statement's text, in order of appearance (a SET LOCAL or a
-        set_config(..., true) lasts only to the end of its transaction: left out)."""
+        """Settings changes in the statement's text, in order of appearance: SET [SESSION] and
+        set_config(..., false) for the session, SET LOCAL and set_config(..., true) to the end of
+        the transaction, RESET for both."""
         changes = []
         for match in _SET.finditer(sql):
-            if not (match.group(1) or "").strip().lower() == "local":
-                value = next(g for g in match.groups()[1:] if g is not None)
-                changes.append((match.start(), value))
+            local = (match.group(1) or "").strip().lower() == "local"
+            value = next(g for g in match.groups()[1:] if g is not None)
+            changes.append((match.start(), local, value))
         for match in _SET_CONFIG.finditer(sql):
-            if match.group(2).lower() == "false":
-                changes.append((match.start(), match.group(1)))
+            changes.append((match.start(), match.group(2).lower() == "true", match.group(1)))
         for match in _RESET.finditer(sql):
-            changes.append((match.start(), None))
-        for _, value in sorted(changes, key=lambda change: change[0]):
-            state.set_value = None if value is not None and value.lower() == "default" else value
+            changes.append((match.start(), False, None))
+        for _, local, value in sorted(changes, key=lambda change: change[0]):
+            if value is not None and value.lower() == "default":
+                value = None
+            if local:
+                state.local_value = value
+            else:
+                state.set_value = value
+                state.local_value = None
 
 
 def _startup(startup: dict[str, str]) -> str | None:
