@@ -68,8 +68,15 @@ def direct(pg, db: str = APP_DATABASE, user: str = "trust_user") -> psycopg.Conn
 
 
 def wait_catalog(proxy) -> None:
-    assert wait_until(lambda: api(proxy)["catalog"]["ok"], timeout=10, interval=0.1), \
-        f"the catalog connection never read: {api(proxy)}\n{proxy.output()}"
+    """Until the catalog's first reading, no session's statement_timeout is known."""
+    def read() -> bool:
+        try:
+            return api(proxy)["catalog"]["ok"]
+        except OSError:  # the admin port listens a moment after the proxy's
+            return False
+
+    assert wait_until(read, timeout=10, interval=0.1), \
+        f"the catalog connection never read\n{proxy.output()}"
 
 
 # -- blocking migration ---------------------------------------------------------------------------
