@@ -11,6 +11,7 @@ test's traffic (application names and tables are the test's own).
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import uuid
@@ -425,3 +426,24 @@ def test_connection_churn_joins_the_findings(start_pgscout):
     assert "pool" in finding["suggestion"]
     assert counted(proxy, "connection_churn", churner) == 1
     assert findings_of(proxy, pooled) == []
+
+
+# -- thresholds -------------------------------------------------------------------------------
+def test_thresholds_change_on_reload(start_pgscout, tmp_path):
+    config = tmp_path / "pgscout.yaml"
+    config.write_text("findings:\n  no_statement_timeout_min_statement_ms: 60000\n")
+    proxy = start_pgscout(config=config)
+    wait_catalog(proxy)
+    app = name("reloaded")
+    with connect(proxy, app) as connection:
+        slow_statement(connection)
+        # Answered once the statement is analysed: judged under the old threshold.
+        assert findings_of(proxy, app) == []
+        config.write_text("findings:\n  no_statement_timeout_min_statement_ms: 300\n")
+        proxy.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: any(line.get("event") == "config_reloaded"
+                                      for line in proxy.logs()), 5)
+        assert findings_of(proxy, app) == []
+        slow_statement(connection)
+    finding = wait_for(proxy, app, "no_statement_timeout")
+    assert finding["occurrences"] == 1 and finding["evidence"]["threshold_ms"] == 300
