@@ -301,7 +301,8 @@ def test_a_transaction_left_open_is_found_while_it_is_open(start_pgscout, accoun
     with connect(proxy, app) as connection:
         connection.execute("BEGIN")
         connection.execute(f"UPDATE {accounts} SET balance = balance + 7 WHERE id = 1")
-        connection.execute(f"SELECT balance FROM {accounts} WHERE id = 1")
+        connection.execute(f"SELECT balance FROM {accounts} WHERE id = 1 "
+                           f"AND 'secret-lt-literal' IS NOT NULL")
         idle = wait_for(proxy, app, "idle_in_transaction", timeout=10)
         long = wait_for(proxy, app, "long_transaction", timeout=10)
         assert connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
@@ -311,11 +312,13 @@ def test_a_transaction_left_open_is_found_while_it_is_open(start_pgscout, accoun
     assert [s["statement"] for s in idle["evidence"]["statements"]] == [
         "BEGIN",
         f"UPDATE {accounts} SET balance = balance + $1 WHERE id = $2",
-        f"SELECT balance FROM {accounts} WHERE id = $1"]
+        f"SELECT balance FROM {accounts} WHERE id = $1 AND $2 IS NOT NULL"]
     assert idle["severity"] == "critical"  # it holds a row lock
     assert long["evidence"]["open_seconds"] >= 2
     assert "idle_in_transaction_session_timeout" in idle["suggestion"]
     assert counted(proxy, "idle_in_transaction", app) == 1
+    assert "secret-lt-literal" not in proxy.admin_get("/api/findings")[1]
+    assert "secret-lt-literal" not in proxy.stdout()
     assert counted(proxy, "long_transaction", app) == 1
 
 
@@ -390,6 +393,16 @@ def test_n_plus_one_on_an_unindexed_foreign_key_is_a_missing_index(start_pgscout
     # The N+1 loops themselves are in the same model.
     assert wait_for(proxy, unindexed, "n_plus_one")["evidence"]["n"] == 30
     assert wait_for(proxy, indexed, "n_plus_one")
+    # Duplicates join the same model.
+    duplicates = name("duplicates")
+    with connect(proxy, duplicates) as connection:
+        for _ in range(3):
+            ids = [row[0] for row in connection.execute(
+                "SELECT id FROM mi_authors ORDER BY id LIMIT 5").fetchall()]
+            for key in ids:
+                connection.execute("SELECT name FROM mi_authors WHERE id = %s", (1,)).fetchall()
+    assert wait_for(proxy, duplicates, "duplicate")["evidence"]["child_sql"] == \
+        "SELECT name FROM mi_authors WHERE id = $1"
     assert findings_of(proxy, indexed, "missing_index") == []
 
 
