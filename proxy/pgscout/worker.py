@@ -3,8 +3,10 @@
 Owns: the analysis process's life (started by the data plane's AnalysisLink with one end of two
 socketpairs, records and control; it ends when the records channel closes), subscribing every observer on the bus in order
 (fingerprints first), replaying the record batches into events, answering the admin requests
-the data plane relays (/metrics and /api, with the data plane's snapshot), the per-second N+1
-tick, and what a settings reload changes live.
+the data plane relays (/metrics and /api, with the data plane's snapshot), the per-second tick
+(N+1 segments, migration windows, open transactions, and the catalog readings the findings wait
+for, run as tasks of their own and handed back to the observers), and what a settings reload
+changes live.
 The records channel is read only while fewer than MAX_BACKLOG_BYTES of frames wait to be
 analysed, so that a burst of hostile SQL backs up into the data plane, which sheds it (counted),
 instead of growing this process. The control channel is always read: a request is answered once

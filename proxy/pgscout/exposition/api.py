@@ -1,7 +1,7 @@
 """The admin server's endpoints: /metrics and the JSON API under /api/.
 
-Owns: turning observer state into JSON documents (top fingerprints, every finding, N+1 findings, slow queries,
-connections and budgets, an overview for the status page, the last 15 minutes of the overview's
+Owns: turning observer state into JSON documents (top fingerprints, every finding, N+1 findings,
+slow queries, connections and budgets, an overview for the status page, the last 15 minutes of the overview's
 counters for the page's charts) and the /metrics exposition; and the one endpoint that changes
 anything, POST /api/reset, which resets the per-fingerprint statistics like
 pg_stat_statements_reset() (see StatementStats.reset).
