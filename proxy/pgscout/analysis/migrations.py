@@ -52,15 +52,34 @@ RECIPES = {
 }
 
 
+class _Seen:
+    """What the ring keeps of a statement: not the event, whose raw text may be 32 KB."""
+
+    __slots__ = ("conn_id", "application_name", "fingerprint", "normalized", "sent_at", "done_at")
+
+    def __init__(self, ev: StatementDone) -> None:
+        self.conn_id = ev.session.conn_id
+        self.application_name = ev.session.application_name
+        self.fingerprint = ev.fingerprint
+        self.normalized = ev.normalized
+        self.sent_at = ev.sent_at
+        self.done_at = ev.done_at
+
+
 class _Window:
     """When the lock was held: from `start` to `end`; it was released after `released_after`
     (the reply before the one that ended the transaction)."""
 
-    __slots__ = ("conn_id", "ev", "operations", "start", "end", "released_after")
+    __slots__ = ("conn_id", "session", "tags", "fingerprint", "normalized", "ran", "operations",
+                 "start", "end", "released_after")
 
     def __init__(self, ev: StatementDone, operations: list) -> None:
         self.conn_id = ev.session.conn_id
-        self.ev = ev
+        self.session = ev.session
+        self.tags = ev.tags
+        self.fingerprint = ev.fingerprint
+        self.normalized = ev.normalized
+        self.ran = ev.duration
         self.operations = operations
         self.start = ev.sent_at
         self.end: float | None = ev.done_at if ev.txn_status == "I" else None
@@ -73,7 +92,7 @@ class BlockingMigrations:
     def __init__(self, findings: Findings, min_wait_ms: float) -> None:
         self._findings = findings
         self.reconfigure(min_wait_ms)
-        self._ring: deque[StatementDone] = deque(maxlen=RING_ENTRIES)
+        self._ring: deque[_Seen] = deque(maxlen=RING_ENTRIES)
         self._open: dict[int, list[_Window]] = {}  # conn_id -> windows awaiting their end
         self._closed: list[_Window] = []
 
@@ -82,7 +101,7 @@ class BlockingMigrations:
 
     def on_statement(self, ev: StatementDone) -> None:
         if ev.duration >= self._min_wait:
-            self._ring.append(ev)
+            self._ring.append(_Seen(ev))
         if ev.txn_status in ("T", "E"):  # the transaction goes on: its locks are still held
             for window in self._open.get(ev.session.conn_id, ()):
                 window.released_after = ev.done_at
@@ -124,7 +143,7 @@ class BlockingMigrations:
         tables = {table for _, _, table, _ in window.operations}
         waiters = []
         for ev in self._ring:
-            if (ev.session.conn_id == window.conn_id or not window.start <= ev.sent_at < window.end
+            if (ev.conn_id == window.conn_id or not window.start <= ev.sent_at < window.end
                     or not window.released_after <= ev.done_at <= window.end + RELEASE_SLACK_SECONDS):
                 continue
             delay = min(ev.done_at, window.end) - ev.sent_at
@@ -137,27 +156,26 @@ class BlockingMigrations:
         if not waiters:
             return
         waiters.sort(key=lambda item: -item[0])
-        ddl = window.ev
-        operation, schema, table, detail = window.operations[0]
+        _, schema, table, _ = window.operations[0]
         qualified = f"{schema}.{table}" if schema else table
         longest = waiters[0][0]
         evidence = {
-            "statement": cut(ddl.normalized),
+            "statement": cut(window.normalized),
             "operations": [op for op, *_ in window.operations],
             "table": qualified,
-            "ran_ms": round(ddl.duration * 1000, 1),
+            "ran_ms": round(window.ran * 1000, 1),
             "lock_held_ms": round((window.end - window.start) * 1000, 1),
-            "waiting_sessions": len({ev.session.conn_id for _, ev in waiters}),
+            "waiting_sessions": len({ev.conn_id for _, ev in waiters}),
             "waited_total_ms": round(sum(delay for delay, _ in waiters) * 1000, 1),
-            "waiters": [{"statement": cut(ev.normalized), "application_name":
-                         ev.session.application_name, "delay_ms": round(delay * 1000, 1)}
+            "waiters": [{"statement": cut(ev.normalized), "application_name": ev.application_name,
+                         "delay_ms": round(delay * 1000, 1)}
                         for delay, ev in waiters[:MAX_WAITERS_SHOWN]],
         }
         suggestion = "; ".join(dict.fromkeys(
             RECIPES[op].format(table=qualified if t == table else t, detail=d or "…")
             for op, _, t, d in window.operations))
         self._findings.record(
-            "blocking_migration", f"{ddl.fingerprint}/{ddl.session.database}",
+            "blocking_migration", f"{window.fingerprint}/{window.session.database}",
             "critical" if longest >= CRITICAL_WAIT_SECONDS else "warning",
-            application_of(ddl.session, ddl.tags), evidence, suggestion,
-            at=wall_time(ddl.session, ddl.sent_at))
+            application_of(window.session, window.tags), evidence, suggestion,
+            at=wall_time(window.session, window.start))
