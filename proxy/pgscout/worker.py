@@ -336,8 +336,11 @@ async def _confirm_idle(analysis: Analysis, catalog: Catalog, candidates: dict[i
 
 async def _look_up_table(analysis: Analysis, catalog: Catalog, key) -> None:
     database, schema, table, columns = key
-    tables = await catalog.tables(database, schema, table, columns)
-    analysis.indexes.resolve(key, tables, time.monotonic())
+    tables = None
+    try:
+        tables = await catalog.tables(database, schema, table, columns)
+    finally:  # whatever happened, the look-up is no longer in flight
+        analysis.indexes.resolve(key, tables, time.monotonic())
 
 
 def main(argv: list[str] | None = None) -> int:
