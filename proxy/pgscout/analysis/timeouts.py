@@ -88,10 +88,11 @@ class StatementTimeouts:
                                     or _SET_CONFIG_CALL.search(ev.normalized)) \
                 and _MENTIONS.search(ev.sql):
             self._follow(state, ev.sql)
-        effective = self._effective(ev, state)
+        slow = ev.duration >= self._min_seconds
+        effective = self._effective(ev, state) if slow else None
         if ev.txn_status not in ("T", "E"):
             state.local_value = None
-        if ev.duration < self._min_seconds or is_zero(effective) is not True:
+        if not slow or is_zero(effective) is not True:
             return
         session = ev.session
         key = (session.application_name, session.user, session.database)
