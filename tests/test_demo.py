@@ -99,7 +99,7 @@ def assert_cleaned_up(demo: Demo) -> None:
     assert processes_using(cluster) == [], f"server processes left behind\n{demo.output()}"
 
 
-def test_demo_shows_n_plus_one_slow_statement_and_budget_warning_then_cleans_up(run_demo):
+def test_demo_shows_n_plus_one_slow_statement_budget_warning_and_findings_then_cleans_up(run_demo):
     started = time.monotonic()
     demo = run_demo("--duration", "25")
     assert demo.wait(timeout=120) == 0, demo.output()
@@ -113,6 +113,19 @@ def test_demo_shows_n_plus_one_slow_statement_and_budget_warning_then_cleans_up(
     assert re.search(r"fix: .*selectinload", finding), out
     assert re.search(r"slow statement: \d+ ms .*threshold 200 ms", out), out
     assert 'connection budget "demo" (application_name=demo-pool)' in out, out
+    # The deploy's blocking index build, with the app's save that queued behind it...
+    assert "blocking migration (warning) in application demo-migrate" in out, out
+    migration = out[out.index("blocking migration"):]
+    assert "DDL:    CREATE INDEX reviews_stars ON reviews (stars)" in migration, out
+    assert re.search(r"waited: \d+ ms  INSERT INTO reviews .*\(demo-app\)", migration), out
+    assert "fix:    CREATE INDEX CONCURRENTLY" in migration, out
+    # ...once only: the same migration done CONCURRENTLY blocks nobody.
+    assert out.count("blocking migration (") == 1, out
+    # The N+1's foreign key has no index.
+    assert "missing index (warning) in application demo-app: pgscout_demo.books has no index " \
+           "leading with author_id" in out, out
+    missing = out[out.index("missing index ("):]
+    assert "fix:    CREATE INDEX CONCURRENTLY ON pgscout_demo.books (author_id)" in missing, out
     assert "/api/overview" in out and "/metrics" in out, out
     assert '"event"' not in out, f"JSON log lines reached the terminal\n{out}"
     assert_cleaned_up(demo)

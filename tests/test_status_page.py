@@ -130,7 +130,7 @@ def test_status_page_draws_the_last_minutes_on_load(browser, start_pgscout):
     # Right after the first poll, the chart already has the points pgscout sampled before.
     points = page.get_attribute("#rate-chart polyline", "points").split()
     assert len(points) >= 2, points
-    assert page.inner_text("#findings") == "No N+1 loop found yet."
+    assert page.inner_text("#findings") == "No finding yet."
     assert errors == []
     page.close()
 
@@ -153,3 +153,23 @@ def test_status_page_says_over_budget_and_resets_statistics(browser, start_pgsco
         page.wait_for_selector("#fingerprints td.empty:text('No statements yet.')", timeout=10_000)
         assert page.inner_text("#stats-reset").startswith("since ")
         page.close()
+
+
+def test_status_page_shows_a_transaction_left_open_with_its_fix(browser, library, start_pgscout):
+    proxy = start_pgscout(env={"PGSCOUT_FINDINGS_IDLE_IN_TRANSACTION_SECONDS": "1"})
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"http://{proxy.host}:{proxy.admin_port}/")
+    page.wait_for_selector("#state.live", timeout=10_000)
+    with psycopg.connect(proxy.dsn("trust_user", APP_DATABASE, application_name="page-idler")) as connection:
+        connection.execute("UPDATE page_books SET title = 'secret-page-literal' WHERE id = 1")
+        finding = page.wait_for_selector(".finding:has-text('Idle in transaction')", timeout=15_000)
+        text = finding.inner_text()
+        connection.rollback()
+    assert "page-idler" in text and "wrote rows" in text, text
+    assert "UPDATE page_books SET title = $1 WHERE id = $2" in text, text
+    assert "idle_in_transaction_session_timeout" in text, text
+    assert "secret-page-literal" not in text
+    assert errors == []
+    page.close()

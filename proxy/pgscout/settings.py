@@ -143,11 +143,12 @@ class Upstream:
             return self.socket_path
         return str(Address(self.host, self.port))
 
-    def control_dsn(self) -> str:
-        """A DSN for asyncpg.connect() for pgscout's own queries (max_connections, activity)."""
+    def control_dsn(self, database: str | None = None) -> str:
+        """A DSN for asyncpg.connect() for pgscout's own queries (max_connections, activity),
+        to `database` (the catalog looks into the applications' own), else the upstream's."""
         return self._url(
             include_password=True,
-            database=self.database or "postgres",
+            database=database or self.database or "postgres",
             extra=(("application_name", CONTROL_APPLICATION_NAME),),
         )
 
@@ -639,6 +640,21 @@ class NPlusOneSettings:
 
 
 @dataclass(frozen=True)
+class FindingsSettings:
+    # Other sessions' statements must have queued this long behind a DDL's lock for it to be a
+    # blocking migration.
+    blocking_migration_min_wait_ms: float = _setting(200.0, _Number(0, above_minimum=True))
+    # A statement this slow in a session with statement_timeout = 0 makes the finding.
+    no_statement_timeout_min_statement_ms: float = _setting(1000.0, _Number(0))
+    long_transaction_seconds: float = _setting(60.0, _Number(0, above_minimum=True))
+    idle_in_transaction_seconds: float = _setting(10.0, _Number(0, above_minimum=True))
+    # Slow statements (besides N+1 children) whose filter column is checked for an index.
+    missing_index_min_statement_ms: float = _setting(500.0, _Number(0))
+    # Smaller tables are scanned cheaply: no missing-index finding on them.
+    missing_index_min_table_rows: int = _setting(1000, _Integer(0))
+
+
+@dataclass(frozen=True)
 class ControlSettings:
     refresh_seconds: float = _setting(30.0, _Number(0, above_minimum=True))
 
@@ -652,6 +668,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     slowlog: SlowlogSettings = field(default_factory=SlowlogSettings)
     nplusone: NPlusOneSettings = field(default_factory=NPlusOneSettings)
+    findings: FindingsSettings = field(default_factory=FindingsSettings)
     # A list rather than a section of keys: its kind sits on the field itself.
     budgets: tuple[Budget, ...] = field(default=(), metadata={"kind": _Budgets()})
     control: ControlSettings = field(default_factory=ControlSettings)

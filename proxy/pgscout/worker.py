@@ -3,8 +3,10 @@
 Owns: the analysis process's life (started by the data plane's AnalysisLink with one end of two
 socketpairs, records and control; it ends when the records channel closes), subscribing every observer on the bus in order
 (fingerprints first), replaying the record batches into events, answering the admin requests
-the data plane relays (/metrics and /api, with the data plane's snapshot), the per-second N+1
-tick, and what a settings reload changes live.
+the data plane relays (/metrics and /api, with the data plane's snapshot), the per-second tick
+(N+1 segments, migration windows, open transactions, and the catalog readings the findings wait
+for, run as tasks of their own and handed back to the observers), and what a settings reload
+changes live.
 The records channel is read only while fewer than MAX_BACKLOG_BYTES of frames wait to be
 analysed, so that a burst of hostile SQL backs up into the data plane, which sheds it (counted),
 instead of growing this process. The control channel is always read: a request is answered once
@@ -17,20 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import signal
 import socket
 import sys
+import time
 
 import structlog
 
 from pgscout import logs
 from pgscout.analysis.bus import Bus
+from pgscout.analysis.findings import Findings
 from pgscout.analysis.fingerprint import Fingerprinter
+from pgscout.analysis.indexes import MissingIndexes
+from pgscout.analysis.migrations import BlockingMigrations
 from pgscout.analysis.nplusone import NPlusOneDetector
+from pgscout.analysis.opentransactions import OpenTransactions
 from pgscout.analysis.replay import Replay
 from pgscout.analysis.slowlog import SlowLog
 from pgscout.analysis.statements import StatementStats
+from pgscout.analysis.timeouts import StatementTimeouts
 from pgscout.analysis.transactions import TransactionStats
+from pgscout.control.catalog import Catalog
 from pgscout.dataplane.events import SessionClosed, StatementDone, TransactionEnded
 from pgscout.dataplane.records import (LOG, RECORDS, REPLY, REQUEST, REQUEST_CATCH_UP_SECONDS,
                                        SETTINGS, STARTED, FrameReader, decode_payload,
@@ -45,6 +55,9 @@ log = structlog.get_logger("pgscout.analysis")
 MAX_BACKLOG_BYTES = 16 * 1024 * 1024
 # Records of one batch analysed between two looks at the channel (requests, new frames).
 _SLICE_RECORDS = 200
+# Catalog readings under way at once; the rest wait for the next tick.
+_MAX_CATALOG_TASKS = 16
+_CATALOG_BUGS_SEEN: set[str] = set()
 
 
 class Analysis:
@@ -74,20 +87,44 @@ class Analysis:
         slowlog = SlowLog(slow.threshold_ms, slow.per_application, slow.log_parameters,
                           slow.max_per_second, slow.keep,
                           emit=lambda record: log.warning("slow_query", **record))
-        nplusone = NPlusOneDetector(settings.nplusone,
-                                    emit=lambda finding: log.warning("n_plus_one", **finding.to_dict()))
+        found = settings.findings
+        findings = Findings(emit=lambda finding: log.warning("finding", **finding))
+        self.migrations = BlockingMigrations(findings, found.blocking_migration_min_wait_ms)
+        self.timeouts = StatementTimeouts(findings, found.no_statement_timeout_min_statement_ms)
+        self.open_transactions = OpenTransactions(findings, found.long_transaction_seconds,
+                                                  found.idle_in_transaction_seconds)
+        self.indexes = MissingIndexes(findings, found.missing_index_min_statement_ms,
+                                      found.missing_index_min_table_rows)
+
+        def on_nplusone(finding) -> None:
+            log.warning("n_plus_one", **finding.to_dict())
+            findings.from_nplusone(finding)
+            if finding.kind == "n_plus_one":
+                self.indexes.on_nplusone(finding, time.monotonic())
+
+        nplusone = NPlusOneDetector(settings.nplusone, emit=on_nplusone)
         transactions = TransactionStats()
         for event_type, handler in (
                 (StatementDone, fingerprinter.on_statement),
                 (StatementDone, statements.on_statement),
                 (StatementDone, slowlog.on_statement),
                 (StatementDone, nplusone.on_statement),
+                (StatementDone, self.migrations.on_statement),
+                (StatementDone, self.timeouts.on_statement),
+                (StatementDone, self.open_transactions.on_statement),
+                (StatementDone, self.indexes.on_statement),
                 (TransactionEnded, transactions.on_transaction),
-                (SessionClosed, nplusone.on_session_closed)):
+                (TransactionEnded, self.migrations.on_transaction),
+                (TransactionEnded, self.open_transactions.on_transaction),
+                (SessionClosed, nplusone.on_session_closed),
+                (SessionClosed, self.migrations.on_session_closed),
+                (SessionClosed, self.timeouts.on_session_closed),
+                (SessionClosed, self.open_transactions.on_session_closed)):
             self.bus.subscribe(event_type, handler)
         return Sources(server=None, statements=statements, fingerprinter=fingerprinter,
                        slowlog=slowlog, transactions=transactions, nplusone=nplusone,
-                       connections=None, limits=None, bus=self.bus, dataplane=None)
+                       connections=None, limits=None, bus=self.bus, dataplane=None,
+                       findings=findings, catalog=None)
 
     def _configure_logs(self, settings: Settings) -> None:
         """Log lines go to the data plane, which writes them into pgscout's one log (and the
@@ -105,6 +142,13 @@ class Analysis:
         self.sources.slowlog.reconfigure(slow.threshold_ms, slow.per_application,
                                          slow.log_parameters, slow.max_per_second)
         self.sources.nplusone.reconfigure(new.nplusone)
+        found = new.findings
+        self.migrations.reconfigure(found.blocking_migration_min_wait_ms)
+        self.timeouts.reconfigure(found.no_statement_timeout_min_statement_ms)
+        self.open_transactions.reconfigure(found.long_transaction_seconds,
+                                           found.idle_in_transaction_seconds)
+        self.indexes.reconfigure(found.missing_index_min_statement_ms,
+                                 found.missing_index_min_table_rows)
         self.settings = new
 
     async def answer(self, request: Request, snapshot) -> Response:
@@ -114,6 +158,7 @@ class Analysis:
         sources.server = snapshot.server
         sources.connections = snapshot.connections
         sources.limits = snapshot.limits
+        sources.findings.observe_churn(snapshot.connections.churn())
         return await self.router.respond(request)
 
 
@@ -204,7 +249,12 @@ async def _serve(records_fd: int, control_fd: int) -> int:
     analysis = await control.ready
     records = _RecordsChannel()
     await loop.create_unix_connection(lambda: records, sock=socket.socket(fileno=records_fd))
-    ticker = loop.create_task(_tick(analysis))
+    catalog = None
+    if analysis.settings.proxy.upstream is not None:
+        catalog = Catalog(analysis.settings.proxy.upstream, log,
+                          analysis.settings.proxy.connect_timeout_seconds)
+        analysis.sources.catalog = catalog
+    ticker = loop.create_task(_tick(analysis, catalog))
     analysis.router.start_periodic()  # the status page's history sampling
     control.send(STARTED, None)
     while True:
@@ -228,14 +278,70 @@ async def _serve(records_fd: int, control_fd: int) -> int:
     ticker.cancel()
     analysis.router.stop_periodic()
     analysis.sources.nplusone.flush()
+    if catalog is not None:
+        await catalog.close()
     return 0
 
 
-async def _tick(analysis: Analysis) -> None:
-    """Once a second: end idle N+1 segments and emit the per-minute roll-ups that are due."""
+async def _tick(analysis: Analysis, catalog: Catalog | None) -> None:
+    """Once a second: end idle N+1 segments and emit the per-minute roll-ups that are due; judge
+    closed migration windows and open transactions; start the catalog readings the findings
+    wait for (tasks of their own: a slow catalog never holds up the analysis)."""
+    reading: set[asyncio.Task] = set()  # the loop keeps only weak references
+    defaults_read_at = -math.inf
     while True:
-        await asyncio.sleep(1.0)
+        now = time.monotonic()
         analysis.sources.nplusone.flush()
+        analysis.migrations.flush(now)
+        analysis.open_transactions.flush(now)
+        if catalog is not None and len(reading) < _MAX_CATALOG_TASKS:
+            # Until a first reading succeeds no session's timeout is known: try every tick.
+            every = analysis.settings.control.refresh_seconds if analysis.timeouts.has_defaults else 1.0
+            if now - defaults_read_at >= every:
+                defaults_read_at = now
+                _spawn(reading, _read_timeout_defaults(analysis, catalog))
+            candidates = analysis.open_transactions.idle_candidates(now)
+            if candidates:
+                _spawn(reading, _confirm_idle(analysis, catalog, candidates))
+            for key in analysis.indexes.requests():
+                _spawn(reading, _look_up_table(analysis, catalog, key))
+        await asyncio.sleep(1.0)
+
+
+def _spawn(tasks: set[asyncio.Task], coroutine) -> None:
+    task = asyncio.get_running_loop().create_task(coroutine)
+    tasks.add(task)
+    task.add_done_callback(_catalog_reading_done)
+    task.add_done_callback(tasks.discard)
+
+
+def _catalog_reading_done(task: asyncio.Task) -> None:
+    """Connection failures are the catalog's to report; anything else is a bug, said once per kind."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        if type(error).__name__ not in _CATALOG_BUGS_SEEN:
+            _CATALOG_BUGS_SEEN.add(type(error).__name__)
+            log.error("catalog_reading_failed", error=f"{type(error).__name__}: {error}")
+
+
+async def _read_timeout_defaults(analysis: Analysis, catalog: Catalog) -> None:
+    defaults = await catalog.timeout_defaults()
+    if defaults is not None:
+        analysis.timeouts.set_defaults(defaults)
+
+
+async def _confirm_idle(analysis: Analysis, catalog: Catalog, candidates: dict[int, int]) -> None:
+    activity = await catalog.activity(list(candidates))
+    if activity is not None:
+        analysis.open_transactions.confirm_idle(candidates, activity, time.monotonic())
+
+
+async def _look_up_table(analysis: Analysis, catalog: Catalog, key) -> None:
+    database, schema, table, columns = key
+    tables = None
+    try:
+        tables = await catalog.tables(database, schema, table, columns)
+    finally:  # whatever happened, the look-up is no longer in flight
+        analysis.indexes.resolve(key, tables, time.monotonic())
 
 
 def main(argv: list[str] | None = None) -> int:

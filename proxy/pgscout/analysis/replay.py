@@ -38,10 +38,10 @@ class Replay:
 
     def _opened(self, record: list) -> None:
         _, conn_id, client_addr, user, database, application_name, replication, opened_at, \
-            opened_wall = record
+            opened_wall, startup = record
         session = Session(conn_id=conn_id, client_addr=client_addr, user=user, database=database,
                           application_name=application_name, replication=replication,
-                          opened_at=opened_at, opened_wall=opened_wall)
+                          opened_at=opened_at, opened_wall=opened_wall, startup=startup)
         self.sessions[conn_id] = session
         self._publish(SessionOpened(session))
 

@@ -34,6 +34,8 @@ class Session:
     standard_strings: bool = True  # standard_conforming_strings, from ParameterStatus
     bytes_from_client: int = 0
     bytes_from_server: int = 0
+    # StartupMessage parameters the analysis judges by (records.STARTUP_PARAMETERS), as sent.
+    startup: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)

@@ -17,12 +17,18 @@ import struct
 from typing import Final
 
 # Record kinds (item 0 of every record).
-OPENED: Final = 0  # conn_id, client_addr, user, database, application_name, replication, opened_at, opened_wall
+OPENED: Final = 0  # conn_id, client_addr, user, database, application_name, replication, opened_at, opened_wall, startup
 READY: Final = 1  # conn_id, at, backend_pid
 PARAMETER: Final = 2  # conn_id, name, value (a ParameterStatus the analysis needs)
 STATEMENT: Final = 3  # see the S_* positions
 TRANSACTION: Final = 4  # conn_id, started_at, ended_at, outcome, idle_seconds
 CLOSED: Final = 5  # conn_id, at, reason
+
+# The StartupMessage parameters OPENED carries (as `startup`, a dict): the session's settings
+# the findings judge (statement_timeout given directly, as asyncpg does, or in `options`, as libpq
+# does), each cut to STARTUP_VALUE_CHARS.
+STARTUP_PARAMETERS: Final = ("options", "statement_timeout")
+STARTUP_VALUE_CHARS: Final = 1024
 
 # STATEMENT record positions.
 S_CONN: Final = 1

@@ -17,7 +17,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pgscout.dataplane import wire
+from pgscout.dataplane import records, wire
 from pgscout.dataplane.decoder import Decoder
 from pgscout.dataplane.events import Session
 from pgscout.dataplane.framer import StartupPacket, StartupRefused, parse_startup_packet
@@ -162,6 +162,8 @@ class Relay:
         session.database = params.get("database", session.user)
         session.application_name = params.get("application_name", "")
         session.replication = params.get("replication", "false").lower() not in ("false", "off", "no", "0")
+        session.startup = {name: params[name][:records.STARTUP_VALUE_CHARS]
+                           for name in records.STARTUP_PARAMETERS if name in params}
         session.opened_at = monotonic()
         session.opened_wall = time.time()
         self.server.session_opened(self)

@@ -212,7 +212,7 @@ class Server:
                  database=s.database, application_name=s.application_name,
                  replication=s.replication or None)
         self.emit([records.OPENED, s.conn_id, s.client_addr, s.user, s.database,
-                   s.application_name, s.replication, s.opened_at, s.opened_wall])
+                   s.application_name, s.replication, s.opened_at, s.opened_wall, s.startup])
         self.session_events(SessionOpened(s))
 
     def session_ready(self, relay: Relay, at: float) -> None:

@@ -1,9 +1,10 @@
 """`pgscout demo`: a throwaway PostgreSQL, pgscout in front of it and an app with problems to find.
 
 Owns: the `demo` subcommand; the demo's settings (ports, a 200 ms slow-query threshold, a `demo`
-budget the app's pool outgrows); the progress shown while the database starts; telling the user,
-in plain words and as they happen, the findings pgscout logs (N+1 loops, slow statements, budget
-warnings), while the JSON log lines go to a file; and the order of shutdown: when pgscout starts
+budget the app's pool outgrows, missing indexes reported from 100 rows since the demo's tables
+are small); the progress shown while the database starts; telling the user, in plain words and
+as they happen, the findings pgscout logs (N+1 loops, blocking migrations, missing indexes and
+the other findings, slow statements, budget warnings), while the JSON log lines go to a file; and the order of shutdown: when pgscout starts
 draining (Ctrl-C, SIGTERM or --duration) the app stops, pgscout stops, then the database goes.
 Must not: observe traffic itself (pgscout's observers do, and it reads their log events), or
 leave a cluster, its dir or a server process behind.
@@ -36,6 +37,7 @@ DEFAULT_LISTEN_PORT = ProxySettings().listen.port
 DEFAULT_ADMIN_PORT = AdminSettings().listen.port
 BUDGET = {"name": "demo", "application_name": "demo-pool", "max_connections": 4}
 SLOW_THRESHOLD_MS = 200
+MISSING_INDEX_MIN_TABLE_ROWS = 100
 # The demo app is the only client and stops as soon as draining starts.
 DRAIN_TIMEOUT_SECONDS = 5
 SQL_SHOWN_CHARS = 160
@@ -48,8 +50,9 @@ def add_demo_command(commands) -> None:
     demo = commands.add_parser(
         "demo", help="see pgscout find problems in a sample app, with a throwaway database",
         description="Start a throwaway PostgreSQL (or use --upstream), pgscout in front of it and a "
-                    "small SQLAlchemy app with an N+1 loop, a slow report and a pool that outgrows "
-                    "its connection budget; print what pgscout finds. Ctrl-C stops it and removes "
+                    "small SQLAlchemy app with an N+1 loop over an unindexed foreign key, a slow "
+                    "report, a pool that outgrows its connection budget and a migration that "
+                    "blocks it; print what pgscout finds, with the fixes. Ctrl-C stops it and removes "
                     "the database.")
     demo.add_argument("--upstream", metavar="URL",
                       help="use this PostgreSQL instead of a throwaway one (the demo only creates "
@@ -115,6 +118,7 @@ def _settings(upstream_url: str) -> Settings:
         "admin.listen": f"{LOOPBACK}:{_port_or_free(DEFAULT_ADMIN_PORT)}",
         "proxy.drain_timeout_seconds": str(DRAIN_TIMEOUT_SECONDS),
         "slowlog.threshold_ms": str(SLOW_THRESHOLD_MS),
+        "findings.missing_index_min_table_rows": str(MISSING_INDEX_MIN_TABLE_ROWS),
         "budgets": json.dumps([BUDGET]),
     }
     return load_settings(None, os.environ, overrides)
@@ -202,7 +206,7 @@ def _print_where_to_look(settings: Settings, log_path: str, *, throwaway: bool) 
         "through pgscout.",
         f"  status page  {admin}/",
         f"  metrics      {admin}/metrics",
-        f"  JSON API     {admin}/api/overview  (also /api/fingerprints, /api/nplusone, /api/slow, "
+        f"  JSON API     {admin}/api/findings  (also /api/overview, /api/fingerprints, /api/slow, "
         "/api/connections)",
         f"  the proxy    {proxy_url}  (try psql on it)",
         f"  pgscout log  {log_path}  (JSON lines)",
@@ -230,6 +234,7 @@ class Narrator:
             "budget_warning": _describe_budget_warning,
             "budget_exceeded": _describe_budget_exceeded,
             "connection_churn": _describe_churn,
+            "finding": _describe_model_finding,
         }
 
     def __call__(self, logger, method_name: str, event: dict) -> dict:
@@ -289,6 +294,39 @@ def _describe_finding(finding: dict) -> str:
         f"    child: {_sql(finding['child_sql'])}",
         f"    fix:   {finding['suggestion']}",
     ]
+    return "\n".join(lines)
+
+
+_FINDING_NAMES = {
+    "blocking_migration": "blocking migration", "no_statement_timeout": "no statement timeout",
+    "long_transaction": "long transaction", "idle_in_transaction": "idle in transaction",
+    "missing_index": "missing index",
+}
+
+
+def _describe_model_finding(finding: dict) -> str | None:
+    """A finding of the findings model; N+1 loops, duplicates and churn have their own lines."""
+    name = _FINDING_NAMES.get(finding["kind"])
+    if name is None:
+        return None
+    e = finding["evidence"]
+    head = f"{name} ({finding['severity']}) in application " \
+           f"{finding['application'].get('application_name') or '?'}"
+    if finding["kind"] == "blocking_migration":
+        lines = [f"{head}: held its lock on {e['table']} for {e['lock_held_ms']:.0f} ms while "
+                 f"{e['waiting_sessions']} other session(s) waited {e['waited_total_ms']:.0f} ms",
+                 f"    DDL:    {_sql(e['statement'])}"]
+        lines += [f"    waited: {w['delay_ms']:.0f} ms  {_sql(w['statement'])} "
+                  f"({w['application_name'] or '?'})" for w in e["waiters"][:3]]
+    elif finding["kind"] == "missing_index":
+        behind = "an N+1 child query" if e["source"] == "n_plus_one" else "a slow statement"
+        lines = [f"{head}: {e['table']} has no index leading with {e['column']} "
+                 f"(about {e['rows_estimate']} rows), behind {behind}",
+                 f"    query:   {_sql(e['statement'])}",
+                 f"    indexes: {'; '.join(e['existing_indexes']) or '(none)'}"]
+    else:
+        lines = [head]
+    lines.append(f"    fix:    {finding['suggestion']}")
     return "\n".join(lines)
 
 

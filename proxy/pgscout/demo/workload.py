@@ -2,9 +2,10 @@
 
 Owns: the demo's schema (authors, books, reviews in the `pgscout_demo` schema, so a real database
 given with --upstream is never touched outside it), seeding and dropping it over a direct
-connection, and the request loop run through pgscout with psycopg 3: a lazy-loading page (an N+1),
-the same page fixed with selectinload, a slow report, and a pool that outgrows its connection
-budget.
+connection, and the request loop run through pgscout with psycopg 3: a lazy-loading page (an N+1
+over a foreign key without an index), the same page fixed with selectinload, a slow report, a pool
+that outgrows its connection budget, and once, a deploy whose migration builds an index the
+blocking way while the app writes, then the same migration done the safe way.
 Must not: import the proxy (it is an ordinary client of it), or touch anything outside its schema.
 """
 
@@ -27,6 +28,8 @@ AUTHORS, BOOKS_PER_AUTHOR, REVIEWS_PER_BOOK = 40, 4, 3
 AUTHORS_PER_PAGE = 25  # N for the N+1: at 20 or more children it is a warning
 REPORT_EVERY_REQUESTS = 5
 THINK_SECONDS = 1.5  # between requests: longer than the detector's 1 s idle gap
+MIGRATION_APP_NAME = "demo-migrate"
+MIGRATION_HOLD_SECONDS = 0.8  # the rest of the migration's transaction (a backfill, say)
 
 
 class Base(DeclarativeBase):
@@ -44,7 +47,8 @@ class Author(Base):
 class Book(Base):
     __tablename__ = "books"
     id: Mapped[int] = mapped_column(primary_key=True)
-    author_id: Mapped[int] = mapped_column(ForeignKey(Author.id), index=True)
+    # No index: PostgreSQL does not index a foreign key by itself (the demo's missing index).
+    author_id: Mapped[int] = mapped_column(ForeignKey(Author.id))
     title: Mapped[str]
     year: Mapped[int]
     author: Mapped[Author] = relationship(back_populates="books")
@@ -93,6 +97,9 @@ class Bookshop:
                 Base.metadata.create_all(connection)
             with Session(engine) as session, session.begin():
                 session.add_all(_seed_authors())
+            with engine.begin() as connection:
+                # Row estimates for the catalog, as autovacuum would give a real database.
+                connection.execute(text("ANALYZE"))
         finally:
             engine.dispose()
 
@@ -119,6 +126,9 @@ class Bookshop:
                     with Session(app) as session:
                         top_rated_report(session)
                     busy_hour(pool)
+                if request == 1:
+                    deploy(self._proxy_dsn, app, concurrently=False)
+                    deploy(self._proxy_dsn, app, concurrently=True)
                 request += 1
                 stopping.wait(THINK_SECONDS)
         finally:
@@ -176,3 +186,33 @@ def busy_hour(pool: Engine) -> None:
     with ThreadPoolExecutor(POOL_SIZE) as workers:
         for result in [workers.submit(count_books) for _ in range(POOL_SIZE)]:
             result.result()
+
+
+def deploy(proxy_dsn: str, app: Engine, *, concurrently: bool) -> None:
+    """A migration adding an index on reviews while the app saves a review. Without
+    CONCURRENTLY the index build's lock, held to the end of the migration's transaction, makes
+    the save wait; with it (outside a transaction block, as it must be) the save goes on."""
+    built = threading.Event()
+
+    def migrate() -> None:
+        with psycopg.connect(proxy_dsn, application_name=MIGRATION_APP_NAME, autocommit=True,
+                             options=f"-c search_path={SCHEMA}") as connection:
+            connection.execute("DROP INDEX IF EXISTS reviews_stars")
+            if concurrently:
+                connection.execute("CREATE INDEX CONCURRENTLY reviews_stars ON reviews (stars)")
+                built.set()
+                return
+            with connection.transaction():
+                connection.execute("CREATE INDEX reviews_stars ON reviews (stars)")
+                built.set()
+                connection.execute("SELECT pg_sleep(%s)", (MIGRATION_HOLD_SECONDS,))
+
+    migration = threading.Thread(target=migrate, name="demo-migration")
+    migration.start()
+    try:
+        built.wait(30)
+        with Session(app) as session, session.begin():
+            session.add(Review(book_id=1, stars=5, body="Saved during the deploy"))
+    finally:
+        built.set()
+        migration.join(30)

@@ -1,7 +1,7 @@
 """The admin server's endpoints: /metrics and the JSON API under /api/.
 
-Owns: turning observer state into JSON documents (top fingerprints, N+1 findings, slow queries,
-connections and budgets, an overview for the status page, the last 15 minutes of the overview's
+Owns: turning observer state into JSON documents (top fingerprints, every finding, N+1 findings,
+slow queries, connections and budgets, an overview for the status page, the last 15 minutes of the overview's
 counters for the page's charts) and the /metrics exposition; and the one endpoint that changes
 anything, POST /api/reset, which resets the per-fingerprint statistics like
 pg_stat_statements_reset() (see StatementStats.reset).
@@ -76,6 +76,15 @@ def register(admin: Router, sources: Sources, registry: CollectorRegistry) -> No
     async def nplusone(request: Request) -> Response:
         return json_response({"findings": sources.nplusone.recent()})
 
+    async def findings(request: Request) -> Response:
+        kind = request.query.get("kind", [None])[0]
+        listed = sources.findings.listing()
+        catalog = sources.catalog
+        return json_response({
+            "findings": [f for f in listed if kind is None or f["kind"] == kind],
+            "catalog": catalog.status() if catalog is not None else {"ok": None, "last_error": None},
+        })
+
     async def slow(request: Request) -> Response:
         return json_response({"slow_queries": list(reversed(sources.slowlog.recent())),
                               "slow_total": sources.slowlog.slow_total,
@@ -101,6 +110,7 @@ def register(admin: Router, sources: Sources, registry: CollectorRegistry) -> No
             "open_sessions": server.open_sessions,
             "slow_total": sources.slowlog.slow_total,
             "findings": sum(sources.nplusone.counts().values()),
+            "findings_total": sum(sources.findings.counts().values()),
             "desyncs": server.desyncs_total,
             "analysis_records_shed": sources.dataplane.handoff.records_shed,
             "draining": server.draining,
@@ -117,6 +127,7 @@ def register(admin: Router, sources: Sources, registry: CollectorRegistry) -> No
     admin.route("/metrics", metrics, protected=True)
     admin.route("/api/fingerprints", fingerprints, protected=True)
     admin.route("/api/nplusone", nplusone, protected=True)
+    admin.route("/api/findings", findings, protected=True)
     admin.route("/api/slow", slow, protected=True)
     admin.route("/api/connections", connections, protected=True)
     admin.route("/api/overview", overview, protected=True)

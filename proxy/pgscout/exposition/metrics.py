@@ -44,6 +44,8 @@ class Sources:
     limits: object  # control.UpstreamLimits
     bus: object
     dataplane: object
+    findings: object = None  # analysis.findings.Findings
+    catalog: object = None  # control.catalog.Catalog, None until the worker starts it
 
 
 class FingerprintLabels:
@@ -281,6 +283,14 @@ class PgscoutCollector(Collector):
         for key, count in folded.items():
             findings.add_metric(list(key), count)
         yield findings
+        every = CounterMetricFamily(
+            "pgscout_findings", "Occurrences of anti-patterns found (blocking migrations, no "
+            "statement timeout, long or idle transactions, missing indexes, N+1 and duplicate "
+            "queries, connection churn), as listed by /api/findings",
+            labels=["kind", "severity", "application"])
+        for (kind, severity, application), count in self.sources.findings.counts().items():
+            every.add_metric([kind, severity, application], count)
+        yield every
 
     # -- connections and budgets -----------------------------------------------------------
     def _connections(self):

@@ -36,7 +36,7 @@ async function poll() {
     const [overview, fingerprints, findings, slow, connections] = await Promise.all([
       api("/api/overview"),
       api(`/api/fingerprints?sort=total_time&limit=${SHOWN.fingerprints}`),
-      api("/api/nplusone"),
+      api("/api/findings"),
       api("/api/slow"),
       api("/api/connections"),
     ]);
@@ -204,7 +204,7 @@ function renderTiles(overview) {
     ["statements", count(overview.statements)],
     ["open sessions", count(overview.open_sessions)],
     ["slow statements", count(overview.slow_total), overview.slow_total > 0],
-    ["N+1 occurrences", count(overview.findings), overview.findings > 0],
+    ["findings", count(overview.findings_total), overview.findings_total > 0],
     ["errors", count(overview.errors), overview.errors > 0],
     ["decoder desyncs", count(overview.desyncs), overview.desyncs > 0],
     ["not analysed (shed)", count(overview.analysis_records_shed), overview.analysis_records_shed > 0],
@@ -250,31 +250,73 @@ function drawChart(id, now, series, format) {
   svg.replaceChildren(...nodes);
 }
 
+const FINDING_TITLES = {
+  blocking_migration: "Blocking migration", no_statement_timeout: "No statement timeout",
+  long_transaction: "Long transaction", idle_in_transaction: "Idle in transaction",
+  missing_index: "Missing index", n_plus_one: "N+1 loop", duplicate: "Duplicate query",
+  connection_churn: "Connection churn",
+};
+
+// What each kind's evidence says in a line, and the SQL lines shown under it.
+function findingSummary(f) {
+  const e = f.evidence;
+  switch (f.kind) {
+    case "n_plus_one":
+    case "duplicate": {
+      // A roll-up: N is per loop, the loops are counted apart.
+      const repeated = e.loops > 1 ? ` per loop · ${e.loops} loops (largest ${e.n_max})` : "";
+      const spread = e.connections > 1 ? ` over ${e.connections} connections` : "";
+      const cost = f.kind === "n_plus_one"
+        ? `loop ${ms(e.loop_time_ms)}, ${ms(e.waste_ms)} beyond one query`
+        : `${ms(e.waste_ms)} spent on repeats`;
+      return [`N = ${e.n}${repeated}${spread}`, `${cost} · ${e.confidence} confidence`,
+        [["owner", e.owner_sql || "(none seen)"], ["child", e.child_sql]]];
+    }
+    case "blocking_migration":
+      return [`${e.table}: lock held ${ms(e.lock_held_ms)}`,
+        `${e.waiting_sessions} session(s) waited ${ms(e.waited_total_ms)} in all`,
+        [["DDL", e.statement], ...e.waiters.map((w) =>
+          [`waited ${ms(w.delay_ms)}`, `${w.statement}  (${w.application_name || "?"})`])]];
+    case "no_statement_timeout":
+      return [`slowest ${ms(e.slowest_ms)}`,
+        `${e.backend_seconds_held.toFixed(1)} s of backend time in statements over ${ms(e.threshold_ms)} · ${e.sessions} session(s)`,
+        [["slowest", e.slowest_statement]]];
+    case "long_transaction":
+    case "idle_in_transaction": {
+      const what = f.kind === "idle_in_transaction" ? `idle ${e.idle_seconds.toFixed(1)} s, ` : "";
+      const wrote = e.wrote ? "wrote rows" : e.locked_rows ? "locked rows" : "read only";
+      return [`${what}open ${e.open_seconds.toFixed(1)} s`, `${wrote} · backend ${e.backend_pid}`,
+        e.statements.map((s) => [s.count > 1 ? `×${s.count}` : "ran", s.statement])];
+    }
+    case "missing_index":
+      return [`${e.table} (${e.column}), about ${count(e.rows_estimate)} rows`,
+        `behind ${e.source === "n_plus_one" ? "an N+1 child query" : "a slow statement"} of ${ms(e.duration_ms)}`,
+        [["query", e.statement], ...e.existing_indexes.map((index) => ["index", index])]];
+    case "connection_churn":
+      return [`${e.opens_per_second.toFixed(1)} connections opened per second`,
+        `median lifetime ${e.median_lifetime_seconds === null ? "?" : ms(e.median_lifetime_seconds * 1000)}`, []];
+    default:
+      return ["", "", []];
+  }
+}
+
 function renderFindings(findings) {
   const container = document.getElementById("findings");
   if (!findings.length) {
-    container.replaceChildren(el("p", { class: "empty" }, "No N+1 loop found yet."));
+    container.replaceChildren(el("p", { class: "empty" }, "No finding yet."));
     return;
   }
   container.replaceChildren(...findings.slice(0, SHOWN.findings).map((f) => {
-    const loop = f.kind === "n_plus_one";
-    const kind = loop ? "N+1 loop" : "Duplicate query";
-    // A roll-up: N is per loop, the loops are counted apart.
-    const repeated = f.iterations > 1
-      ? ` per loop · ${f.iterations} loops (largest ${f.n_max}, ${f.n_total} queries in all)` : "";
-    const spread = f.connections > 1 ? ` over ${f.connections} connections` : "";
-    const cost = loop
-      ? `loop ${ms(f.loop_time_ms)}, ${ms(f.waste_ms)} beyond one query (${ms(f.app_time_ms)} of it in the app)`
-      : `${ms(f.waste_ms)} spent on repeats`;
+    const [title, detail, lines] = findingSummary(f);
+    const who = f.application;
+    const seen = f.occurrences > 1 ? `${count(f.occurrences)} times, last ${clock(f.last_seen)}` : clock(f.first_seen);
     return el("div", { class: `finding ${f.severity}` },
       el("div", { class: "head" },
         el("span", { class: `badge ${f.severity}` }, f.severity),
-        el("span", { class: "title" }, `${kind}: N = ${f.n}${repeated}${spread}`),
-        el("span", {}, `application ${f.application_name || "?"} · ${f.user}@${f.database}`),
-        el("span", { class: "muted" },
-          `${cost}${f.iterations > 1 ? " per loop" : ""} · ${f.confidence} confidence · ${clock(f.first_seen)}`)),
-      el("div", { class: "sqlline" }, el("b", {}, "owner"), el("code", {}, f.owner_sql || "(none seen)")),
-      el("div", { class: "sqlline" }, el("b", {}, "child"), el("code", {}, f.child_sql)),
+        el("span", { class: "title" }, `${FINDING_TITLES[f.kind] || f.kind}: ${title}`),
+        el("span", {}, `application ${who.application_name || "?"}${who.user ? ` · ${who.user}@${who.database}` : ""}${who.route ? ` · ${who.route}` : ""}`),
+        el("span", { class: "muted" }, `${detail} · ${seen}`)),
+      ...lines.map(([label, sql]) => el("div", { class: "sqlline" }, el("b", {}, label), el("code", {}, sql))),
       el("div", { class: "suggestion" }, el("strong", {}, "Fix: "), f.suggestion));
   }));
 }
