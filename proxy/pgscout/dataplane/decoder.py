@@ -163,7 +163,7 @@ class Decoder:
             wire.F_FUNCTION_CALL: self._function_call,
             wire.F_COPY_DONE: self._copy_done,
             wire.F_COPY_FAIL: self._copy_done,
-        }, max_message_length)
+        }, max_message_length, runs={wire.F_SYNC: self._sync_run})
         self.server = Framer({
             wire.B_COMMAND_COMPLETE: self._command_complete,
             wire.B_EMPTY_QUERY_RESPONSE: self._empty_query_response,
@@ -173,7 +173,7 @@ class Decoder:
             wire.B_READY_FOR_QUERY: self._ready_for_query,
             wire.B_BACKEND_KEY_DATA: self._backend_key_data,
             wire.B_PARAMETER_STATUS: self._parameter_status,
-        }, max_message_length)
+        }, max_message_length, runs={wire.B_READY_FOR_QUERY: self._ready_run})
 
     # -- entry points ----------------------------------------------------------------------
     def client_data(self, data: bytes, now: float) -> None:
@@ -315,6 +315,12 @@ class Decoder:
             return
         self._push(_Request(SYNC, self._now))
 
+    def _sync_run(self, body: bytes, count: int) -> None:
+        """`count` Syncs in a row: the first as any Sync, the rest join its FIFO entry."""
+        self._sync(body, True)
+        if count > 1 and not self._copy_in:
+            self._pending[-1].count += count - 1
+
     def _function_call(self, body: bytes, complete: bool) -> None:
         self._push(_Request(FUNCTION, self._now))
 
@@ -437,6 +443,19 @@ class Decoder:
         if status != "I":
             self._idle_since = self._now
         self._work_started_at = 0.0
+
+    def _ready_run(self, body: bytes, count: int) -> None:
+        """`count` identical ReadyForQuery in a row: past the first, those that answer a run of
+        Syncs change nothing but the run's count (same status, nothing completed between)."""
+        self._ready_for_query(body, True)
+        remaining = count - 1
+        pending = self._pending
+        if remaining and self._ready and pending and pending[0].kind == SYNC and not self._held:
+            taken = min(remaining, pending[0].count - 1)
+            pending[0].count -= taken
+            remaining -= taken
+        for _ in range(remaining):
+            self._ready_for_query(body, True)
 
     def _backend_key_data(self, body: bytes, complete: bool) -> None:
         """BackendKeyData: Int32 pid, then the secret key (4 bytes before protocol 3.2, up to 256)."""

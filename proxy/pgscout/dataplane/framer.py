@@ -11,6 +11,7 @@ pgscout's own decide anything about the stream: the framer only observes what is
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,11 @@ MAX_CANCEL_KEY: Final = 256
 _SUPPORTED_PROTOCOLS: Final = "server supports 3.0 to 3.0"
 
 Handler = Callable[[bytes, bool], None]
+RunHandler = Callable[[bytes, int], None]
+# Runs are looked for among messages this short (Sync is 4 bytes of length, ReadyForQuery 5)...
+_MAX_RUN_LENGTH: Final = 8
+# ...and of so many distinct messages at most (ReadyForQuery has three statuses).
+_MAX_RUN_PATTERNS: Final = 8
 
 
 class FramingError(Exception):
@@ -63,14 +69,24 @@ class Framer:
     DECODE_LIMIT, and only the front of the body is given. Messages whose type has no handler are
     skipped without copying; `data_rows` counts skipped DataRow messages so the decoder can count
     rows of suspended portals without ever seeing a row.
+
+    `runs` names, by type, a handler for a run of identical copies of one short message (a client
+    pipelining thousands of Syncs, the server answering each with the same ReadyForQuery): it is
+    called once as `run(body, count)`, the run found by one C-level regex match. The work per
+    byte must be small for the smallest messages too, or a flood of 5-byte Syncs keeps the
+    forwarding loop busy for seconds, however bounded in bytes.
     """
 
-    __slots__ = ("_handlers", "_table", "_decode_limit", "_skip", "_head", "_type", "_body", "_want",
-                 "_after", "data_rows")
+    __slots__ = ("_handlers", "_table", "_runs", "_run_patterns", "_decode_limit", "_skip", "_head",
+                 "_type", "_body", "_want", "_after", "data_rows")
 
-    def __init__(self, handlers: Mapping[int, Handler], max_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH):
+    def __init__(self, handlers: Mapping[int, Handler], max_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH,
+                 runs: Mapping[int, RunHandler] | None = None):
         self._handlers = dict(handlers)
         self._table: list[Handler | None] = [self._handlers.get(typ) for typ in range(256)]
+        given = dict(runs or {})
+        self._runs: list[RunHandler | None] = [given.get(typ) for typ in range(256)]
+        self._run_patterns: dict[bytes, re.Pattern[bytes]] = {}
         self._decode_limit = max(0, min(DECODE_LIMIT, max_length - 4))
         self._skip = 0  # bytes of a skipped message still to come
         self._head = b""  # a header cut by a read boundary (fewer than 5 bytes)
@@ -131,6 +147,13 @@ class Framer:
                 if rows:
                     self.data_rows += rows  # the handler may read the count
                     rows = 0
+                run = self._runs[typ]
+                if run is not None and msg_end < end and data[msg_end] == typ and length <= _MAX_RUN_LENGTH:
+                    count = self._run_count(data, pos, msg_end)
+                    if count > 1:
+                        run(data[pos + 5:msg_end], count)
+                        pos += count * (msg_end - pos)
+                        continue
                 handler(data[pos + 5:msg_end], True)
                 pos = msg_end
             else:
@@ -140,6 +163,18 @@ class Framer:
         self.data_rows += rows
         if pos < end:
             self._head = data[pos:]
+
+    def _run_count(self, data: bytes, pos: int, msg_end: int) -> int:
+        """How many copies of the message at data[pos:msg_end] follow one another from pos."""
+        message = data[pos:msg_end]
+        pattern = self._run_patterns.get(message)
+        if pattern is None:
+            if len(self._run_patterns) >= _MAX_RUN_PATTERNS:
+                self._run_patterns.clear()
+            pattern = self._run_patterns[message] = re.compile(b"(?:" + re.escape(message) + b")+")
+        found = pattern.match(data, pos)
+        assert found is not None  # the message itself matches
+        return (found.end() - pos) // (msg_end - pos)
 
     def _begin(self, header: bytes, hpos: int, data: bytes, pos: int) -> int:
         """Start on the message whose header is at header[hpos:hpos+5]; its body starts at data[pos]."""
