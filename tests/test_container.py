@@ -444,11 +444,16 @@ def test_compose_stack_prometheus_scrapes_pgscout_and_loads_the_rules(image, bui
 
         # Prometheus's scrape interval in the compose file is 15 s.
         assert wait_until(pgscout_target_up, timeout=90, interval=1), prometheus("targets")
-        groups = prometheus("rules")["groups"]
-        rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
         expected = {rule["alert"] for group in yaml.safe_load(
             (REPO_ROOT / "deploy/prometheus/rules/pgscout-alerts.yml").read_text())["groups"] for rule in group["rules"]}
-        assert set(rules) == expected and all(rule["health"] == "ok" for rule in rules.values()), rules
+
+        def loaded_rules() -> dict:
+            return {rule["name"]: rule for group in prometheus("rules")["groups"] for rule in group["rules"]}
+
+        # A rule's health is "unknown" until its group's first evaluation (every 15 s).
+        assert wait_until(lambda: all(rule["health"] == "ok" for rule in loaded_rules().values()),
+                          timeout=60, interval=1), loaded_rules()
+        assert set(loaded_rules()) == expected
 
         # The demo app's lazy-loading page, driven by the traffic service, reached Prometheus as
         # statements and N+1 findings of application demo-app.
