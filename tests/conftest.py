@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import pytest
 
+import purepython
+
+if purepython.ENABLED:
+    purepython.install()
+
 from pgharness import Pgscout, PgscoutFactory, PgCluster, interrupt_on_termination
 
 
