@@ -17,7 +17,8 @@ literal-stripping lexer instead; its fingerprints are blake2b-derived with their
 personalization, so they do not share pglast's hash inputs. The lexer reads at most
 LEXED_PREFIX_CHARS of any text (about 0.5 us a character, pglast about 0.3).
 The cache is keyed by the comment-stripped text, so the comment scan runs per execution (a few
-microseconds when there is a comment) and the parse once per distinct statement text.
+microseconds when there is a comment, skipped when none can be) and the parse once per distinct
+statement text.
 This runs in the analysis process, never on the forwarding loop: a slow parse delays analysis
 (which sheds load when it falls behind), not traffic. libpg_query's normalize costs about 0.7 ms
 per level of nested subquery (1.5 s for 2,000 levels), so a text with many parentheses is parsed
@@ -42,7 +43,7 @@ from typing import Final, NamedTuple
 
 from pglast import parser as pg
 
-from pgscout.analysis.comments import parse_comments
+from pgscout.analysis.comments import may_hold_comments, parse_comments
 from pgscout.dataplane.events import StatementDone
 
 MAX_PARSE_CHARS: Final = 100_000
@@ -191,11 +192,15 @@ class Fingerprinter:
     def on_statement(self, ev: StatementDone) -> None:
         sql = ev.sql
         backslashes = not ev.session.standard_strings and "\\" in sql
+        tags: dict[str, str] | None
         if ev.truncated or len(sql) > MAX_PARSE_CHARS:
             tags, derived = derive(sql, backslashes)
             shape = self._displayed(derived)
         else:
-            tags, text = parse_comments(sql)
+            if may_hold_comments(sql):
+                tags, text = parse_comments(sql)
+            else:  # building parse_comments' answer (a NamedTuple) costs more than this test
+                tags, text = None, sql.strip()
             key = constant_free_key(text) if ev.param_sig is None and not backslashes else None
             if key is None:
                 shape = self._describe_cached(text, text, backslashes)
