@@ -24,6 +24,7 @@ COMPILED_MODULES = [
     "proxy/pgscout/analysis/statements.py",
     "proxy/pgscout/analysis/replay.py",
     "proxy/pgscout/analysis/timeouts.py",
+    "proxy/pgscout/analysis/migrations.py",
     "proxy/pgscout/analysis/opentransactions.py",
     "proxy/pgscout/analysis/indexes.py",
     "proxy/pgscout/histogram.py",
