@@ -412,7 +412,8 @@ class _Track:
 class _Scope:
     """A client connection, or an application's connections taken together (`shared`)."""
 
-    __slots__ = ("key", "shared", "streams", "last_fingerprint", "last_done")
+    __slots__ = ("key", "shared", "streams", "last_fingerprint", "last_done", "application",
+                 "application_session", "application_name")
 
     def __init__(self, key: int | tuple, shared: bool) -> None:
         self.key = key
@@ -421,6 +422,11 @@ class _Scope:
         # A connection's last statement (soft boundaries and catalog reads aside).
         self.last_fingerprint = ""
         self.last_done = 0.0
+        # A connection's application scope, and the session and application_name it was
+        # looked up for.
+        self.application: _Scope | None = None
+        self.application_session: Session | None = None
+        self.application_name = ""
 
 
 class _Stream:
@@ -544,7 +550,7 @@ class NPlusOneDetector:
         stream = self._stream_for(conn, ev, trace, MAX_STREAMS_PER_CONNECTION)
         group = self._observe(stream, ev, shape, None)
         if self._correlate:
-            application = self._application(ev.session)
+            application = self._application(conn, ev.session)
             app_stream = self._stream_for(application, ev, trace, MAX_STREAMS_PER_APPLICATION)
             app_group = self._observe(app_stream, ev, shape, group)
             if group is not None:
@@ -628,12 +634,22 @@ class NPlusOneDetector:
             self._last_trace = trace_id(tags)
         return self._last_trace
 
-    def _application(self, session: Session) -> _Scope:
+    def _application(self, conn: _Scope, session: Session) -> _Scope:
+        scope = conn.application
+        # The last look-up holds while its scope has streams (so it is the one registered under
+        # its key) and the key's parts are unchanged: a session's user, database and address
+        # are, its application_name may not be.
+        if (scope is not None and scope.streams and conn.application_session is session
+                and conn.application_name == session.application_name):
+            return scope
         host = session.client_addr.rsplit(":", 1)[0]
         key = ("app", session.application_name, session.user, session.database, host)
         scope = self._applications.get(key)
         if scope is None:
             scope = self._applications[key] = _Scope(key, shared=True)
+        conn.application = scope
+        conn.application_session = session
+        conn.application_name = session.application_name
         return scope
 
     def _stream_for(self, scope: _Scope, ev: StatementDone, trace: str | None,
@@ -777,8 +793,13 @@ class NPlusOneDetector:
                 self._forget(stream, group)
                 self._judge(stream, track, group, ev.done_at)
             group = track.group = _Group(key, owner, outer, ev, stream.boundaries)
-        group.add(ev, stream.boundaries, stream.statements,
-                  0.0 if stream.scope.shared else stream.busy)
+        if owner is None and stream.scope.shared:
+            # Without an owner no child is foreign, so the group never spans connections and is
+            # never judged: its executions are only counted (against the byte budget too).
+            group.n += 1
+        else:
+            group.add(ev, stream.boundaries, stream.statements,
+                      0.0 if stream.scope.shared else stream.busy)
         stream.bytes += EVENT_BYTES
         self._stream_bytes += EVENT_BYTES
         if owner is not None:
