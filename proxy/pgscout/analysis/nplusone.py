@@ -432,12 +432,11 @@ class _Scope:
 class _Stream:
     """One segment of one stream: owner ring and child tracks, reset when the segment ends."""
 
-    __slots__ = ("key", "scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
+    __slots__ = ("scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
                  "started_at", "last_done", "boundaries", "statements", "busy", "bytes")
 
     def __init__(self, scope: _Scope, trace: str | None, session: Session,
                  started_at: float) -> None:
-        self.key = (scope.key, trace)
         self.scope = scope
         self.trace = trace
         self.session = session
@@ -476,8 +475,14 @@ class NPlusOneDetector:
         self._clock = clock
         self._connections: dict[int, _Scope] = {}
         self._applications: dict[int | tuple, _Scope] = {}
-        self._streams: OrderedDict[tuple, _Stream] = OrderedDict()  # by activity
+        # By activity. Keyed by the stream itself: an identity hashes for free, where a
+        # (scope key, trace id) tuple would be hashed anew at every look-up.
+        self._streams: OrderedDict[_Stream, _Stream] = OrderedDict()
         self._shapes: OrderedDict[tuple[str, int], _Shape] = OrderedDict()  # LRU
+        # The latest _shape() answer and the event fields it was found for.
+        self._last_shape: _Shape | None = None
+        self._last_fingerprint = ""
+        self._last_normalized = ""
         self._reports: OrderedDict[tuple, _Report] = OrderedDict()  # by last emission
         self._counts: dict[tuple[str, str, str, str], int] = {}
         self._shape_bytes = 0
@@ -613,7 +618,14 @@ class NPlusOneDetector:
         # One fingerprint covers IN lists of any length (`IN ($1)` ... `IN ($1, ..., $500)`),
         # which differ in what matters here: the key adds the normalized text's hash (a str
         # caches its hash, and the fingerprinter hands out the same text object each time).
-        key = (ev.fingerprint, hash(ev.normalized))
+        normalized = ev.normalized
+        last = self._last_shape
+        if (last is not None and normalized is self._last_normalized
+                and ev.fingerprint == self._last_fingerprint):
+            # The same statement again (a loop's next child): its shape is already the most
+            # recently used one, so the table's order stays as the look-up would leave it.
+            return last
+        key = (ev.fingerprint, hash(normalized))
         shapes = self._shapes
         shape = shapes.get(key)
         if shape is None:
@@ -624,6 +636,9 @@ class NPlusOneDetector:
                 self._shape_bytes -= evicted.bytes
         else:
             shapes.move_to_end(key)
+        self._last_shape = shape
+        self._last_fingerprint = ev.fingerprint
+        self._last_normalized = normalized
         return shape
 
     def _trace(self, tags: dict[str, str]) -> str | None:
@@ -668,17 +683,17 @@ class NPlusOneDetector:
             stream = _Stream(scope, trace, ev.session, ev.sent_at)
             if not scope.streams and scope.shared:
                 self._applications[scope.key] = scope
-            scope.streams[trace] = self._streams[stream.key] = stream
+            scope.streams[trace] = self._streams[stream] = stream
             self._stream_bytes += stream.bytes
         else:
             scope.streams.move_to_end(trace)
-            self._streams.move_to_end(stream.key)
+            self._streams.move_to_end(stream)
         return stream
 
     def _end_stream(self, stream: _Stream, now: float) -> None:
         scope = stream.scope
         del scope.streams[stream.trace]
-        del self._streams[stream.key]
+        del self._streams[stream]
         self._stream_bytes -= stream.bytes
         if scope.shared and not scope.streams:
             self._applications.pop(scope.key, None)
