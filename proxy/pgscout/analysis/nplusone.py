@@ -870,8 +870,8 @@ class NPlusOneDetector:
         if shared and not group.spans_connections():
             return False  # on one connection: that connection's stream judges it
         gaps = group.gaps
+        think = statistics.median(gaps) if gaps else 0.0  # sorts them: once per judgement
         if gaps:
-            think = statistics.median(gaps)
             if think > self._max_think:
                 return False  # a loop doing real work between queries
             if group.crossed > len(gaps) // 2 and (
@@ -887,7 +887,7 @@ class NPlusOneDetector:
             return False  # a batch: executemany or a pipeline
         # Polling: the connection sleeps between repeats of one statement.
         polling = (group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps)
-                   and self._periodic(gaps))
+                   and self._periodic(gaps, think))
         if (group.max_repeat >= self._duplicate_min and not shared and not polling
                 and not track.shape.locking):
             self._judge_duplicates(stream, track, group, now)
@@ -938,11 +938,11 @@ class NPlusOneDetector:
             return True
         return group.n >= LOOP_MIN_ROW_COVERAGE * (group.owner_rows / max(1, group.owner_execs))
 
-    def _periodic(self, gaps: list[float]) -> bool:
-        """Steady gaps of at least poll_min_interval: a poller sleeping between runs."""
+    def _periodic(self, gaps: list[float], median: float) -> bool:
+        """Steady gaps of at least poll_min_interval: a poller sleeping between runs. `median`:
+        the gaps' median."""
         if len(gaps) < 4:
             return False
-        median = statistics.median(gaps)
         if median < self._poll_min_interval:
             return False
         tolerance = self._poll_max_jitter * median
