@@ -22,6 +22,11 @@ COMPILED_MODULES = [
     "proxy/pgscout/analysis/nplusone.py",
     "proxy/pgscout/analysis/slowlog.py",
     "proxy/pgscout/analysis/statements.py",
+    "proxy/pgscout/analysis/replay.py",
+    "proxy/pgscout/analysis/timeouts.py",
+    "proxy/pgscout/analysis/migrations.py",
+    "proxy/pgscout/analysis/opentransactions.py",
+    "proxy/pgscout/analysis/indexes.py",
     "proxy/pgscout/histogram.py",
     "proxy/pgscout/labels.py",
 ]

@@ -13,7 +13,8 @@ tags. Only the attribution keys in ATTRIBUTION_KEYS are kept: a comment is the a
 free text, and anything else in it (a note, a user id) must not reach logs or the API.
 Values are cut at MAX_VALUE_CHARS; when two comments carry one key the first wins.
 
-Read interface: `parse_comments(sql) -> ParsedComments(tags, text)` and
+Read interface: `parse_comments(sql) -> ParsedComments(tags, text)`, `may_hold_comments(sql)`
+(a cheap test that lets a caller skip the parse of a text without comments) and
 `trace_id(tags) -> str | None` (the W3C trace id from a `traceparent` tag).
 Must not: log, raise on any input, or keep anything between calls.
 """
@@ -59,9 +60,14 @@ class ParsedComments(NamedTuple):
     text: str  # the statement with every comment replaced by one space, outer whitespace stripped
 
 
+def may_hold_comments(sql: str) -> bool:
+    """False when `sql` has no comment for certain: its parse is `({}, sql.strip())`."""
+    return "/*" in sql or "--" in sql
+
+
 def parse_comments(sql: str) -> ParsedComments:
     """Split `sql` into its comment tags and its comment-free text."""
-    if "/*" not in sql and "--" not in sql:
+    if not may_hold_comments(sql):
         return ParsedComments({}, sql.strip())
     tags: dict[str, str] = {}
     kept: list[str] = []

@@ -4,9 +4,10 @@ Owns: deriving, once per distinct SQL text (bounded LRU), what every other obser
 StatementDone: `fingerprint` (16 hex chars, libpg_query through pglast: the literal and `$1`
 forms of a query, and IN lists of any length, share one), `normalized` (pglast's normalize of the
 comment-stripped text: literals become `$n`, cut to `display_chars`, the only SQL text any other
-observer keeps), `kind`, `tags` (pgscout.analysis.comments) and, for the simple protocol,
-`param_sig` (Python's salted hash of the comment-stripped text, so the text itself is never kept
-for it). A multi-statement simple Query arrives as one event and is described whole, in one
+observer keeps), `kind`, `may_change_settings` (not a query or a write, or one calling
+set_config: observers that follow settings read the raw text only then), `tags`
+(pgscout.analysis.comments) and, for the simple protocol, `param_sig` (Python's salted hash of
+the comment-stripped text, so the text itself is never kept for it). A multi-statement simple Query arrives as one event and is described whole, in one
 pass: libpg_query fingerprints and normalizes every statement of a text together.
 
 Text pglast cannot take (a ParseError, cut by the data plane, over MAX_PARSE_CHARS, holding NUL
@@ -16,7 +17,8 @@ literal-stripping lexer instead; its fingerprints are blake2b-derived with their
 personalization, so they do not share pglast's hash inputs. The lexer reads at most
 LEXED_PREFIX_CHARS of any text (about 0.5 us a character, pglast about 0.3).
 The cache is keyed by the comment-stripped text, so the comment scan runs per execution (a few
-microseconds when there is a comment) and the parse once per distinct statement text.
+microseconds when there is a comment, skipped when none can be) and the parse once per distinct
+statement text.
 This runs in the analysis process, never on the forwarding loop: a slow parse delays analysis
 (which sheds load when it falls behind), not traffic. libpg_query's normalize costs about 0.7 ms
 per level of nested subquery (1.5 s for 2,000 levels), so a text with many parentheses is parsed
@@ -41,7 +43,7 @@ from typing import Final, NamedTuple
 
 from pglast import parser as pg
 
-from pgscout.analysis.comments import parse_comments
+from pgscout.analysis.comments import may_hold_comments, parse_comments
 from pgscout.dataplane.events import StatementDone
 
 MAX_PARSE_CHARS: Final = 100_000
@@ -83,6 +85,8 @@ _FIRST_WORDS = re.compile(r"[\s(]*([A-Za-z]+)(?:\s+([A-Za-z]+))?")
 # Inside WITH, a data-modifying statement opens a CTE body `(` or follows the last CTE `)`;
 # FOR UPDATE and ON CONFLICT DO UPDATE never follow a parenthesis.
 _WITH_DML = re.compile(r"[()]\s*(?:insert|update|delete|merge)\b", re.IGNORECASE)
+# A query or a write changes a run-time setting only through set_config().
+_SET_CONFIG_CALL = re.compile(r"set_config", re.IGNORECASE)
 
 # Literals pglast's normalize leaves in place (COPY file names, PREPARE TRANSACTION ids,
 # function bodies, DDL defaults): string and dollar-quoted text is redacted after it.
@@ -125,6 +129,8 @@ class StatementShape(NamedTuple):
     kind: str
     param_sig: int  # hash of the comment-stripped statement text
     parsed: bool  # False when the fallback lexer described it
+    # Until the fingerprinter has looked at the displayed text: whatever the kind, it may.
+    may_change_settings: bool = True
 
 
 class CacheInfo(NamedTuple):
@@ -166,8 +172,7 @@ class Fingerprinter:
             cache.move_to_end(key)
             return shape
         self._misses += 1
-        shape = describe(text, backslashes)
-        shape = shape._replace(normalized=shape.normalized[:self._display_chars])
+        shape = self._displayed(describe(text, backslashes))
         size = len(key) + len(shape.normalized)
         if size > self._cache_chars:
             return shape
@@ -178,14 +183,24 @@ class Fingerprinter:
             self._cached_chars -= len(old_text) + len(old.normalized)
         return shape
 
+    def _displayed(self, shape: StatementShape) -> StatementShape:
+        """`shape` as events carry it: normalized cut for display, and what is judged of that text."""
+        normalized = shape.normalized[:self._display_chars]
+        return shape._replace(normalized=normalized, may_change_settings=(
+            shape.kind not in ("select", "dml") or _SET_CONFIG_CALL.search(normalized) is not None))
+
     def on_statement(self, ev: StatementDone) -> None:
         sql = ev.sql
         backslashes = not ev.session.standard_strings and "\\" in sql
+        tags: dict[str, str] | None
         if ev.truncated or len(sql) > MAX_PARSE_CHARS:
-            tags, shape = derive(sql, backslashes)
-            shape = shape._replace(normalized=shape.normalized[:self._display_chars])
+            tags, derived = derive(sql, backslashes)
+            shape = self._displayed(derived)
         else:
-            tags, text = parse_comments(sql)
+            if may_hold_comments(sql):
+                tags, text = parse_comments(sql)
+            else:  # building parse_comments' answer (a NamedTuple) costs more than this test
+                tags, text = None, sql.strip()
             key = constant_free_key(text) if ev.param_sig is None and not backslashes else None
             if key is None:
                 shape = self._describe_cached(text, text, backslashes)
@@ -197,6 +212,7 @@ class Fingerprinter:
         ev.fingerprint = shape.fingerprint
         ev.normalized = shape.normalized
         ev.kind = shape.kind
+        ev.may_change_settings = shape.may_change_settings
         if tags:
             ev.tags = tags
         if ev.param_sig is None:

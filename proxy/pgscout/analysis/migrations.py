@@ -133,20 +133,23 @@ class BlockingMigrations:
 
     def flush(self, now: float) -> None:
         """Judge the windows closed at least GRACE_SECONDS ago."""
-        due = [window for window in self._closed if window.end + GRACE_SECONDS <= now]
+        due = [window for window in self._closed
+               if window.end is not None and window.end + GRACE_SECONDS <= now]
         if due:
             self._closed = [window for window in self._closed if window not in due]
         for window in due:
             self._judge(window)
 
     def _judge(self, window: _Window) -> None:
+        end = window.end
+        assert end is not None  # only closed windows are judged
         tables = {table for _, _, table, _ in window.operations}
         waiters = []
         for ev in self._ring:
-            if (ev.conn_id == window.conn_id or not window.start <= ev.sent_at < window.end
-                    or not window.released_after <= ev.done_at <= window.end + RELEASE_SLACK_SECONDS):
+            if (ev.conn_id == window.conn_id or not window.start <= ev.sent_at < end
+                    or not window.released_after <= ev.done_at <= end + RELEASE_SLACK_SECONDS):
                 continue
-            delay = min(ev.done_at, window.end) - ev.sent_at
+            delay = min(ev.done_at, end) - ev.sent_at
             if delay < self._min_wait:
                 continue
             trees = sqlshape.statements(ev.fingerprint, ev.normalized)
@@ -164,7 +167,7 @@ class BlockingMigrations:
             "operations": [op for op, *_ in window.operations],
             "table": qualified,
             "ran_ms": round(window.ran * 1000, 1),
-            "lock_held_ms": round((window.end - window.start) * 1000, 1),
+            "lock_held_ms": round((end - window.start) * 1000, 1),
             "waiting_sessions": len({ev.conn_id for _, ev in waiters}),
             "waited_total_ms": round(sum(delay for delay, _ in waiters) * 1000, 1),
             "waiters": [{"statement": cut(ev.normalized), "application_name": ev.application_name,

@@ -412,7 +412,8 @@ class _Track:
 class _Scope:
     """A client connection, or an application's connections taken together (`shared`)."""
 
-    __slots__ = ("key", "shared", "streams", "last_fingerprint", "last_done")
+    __slots__ = ("key", "shared", "streams", "last_fingerprint", "last_done", "application",
+                 "application_session", "application_name")
 
     def __init__(self, key: int | tuple, shared: bool) -> None:
         self.key = key
@@ -421,17 +422,21 @@ class _Scope:
         # A connection's last statement (soft boundaries and catalog reads aside).
         self.last_fingerprint = ""
         self.last_done = 0.0
+        # A connection's application scope, and the session and application_name it was
+        # looked up for.
+        self.application: _Scope | None = None
+        self.application_session: Session | None = None
+        self.application_name = ""
 
 
 class _Stream:
     """One segment of one stream: owner ring and child tracks, reset when the segment ends."""
 
-    __slots__ = ("key", "scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
+    __slots__ = ("scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
                  "started_at", "last_done", "boundaries", "statements", "busy", "bytes")
 
     def __init__(self, scope: _Scope, trace: str | None, session: Session,
                  started_at: float) -> None:
-        self.key = (scope.key, trace)
         self.scope = scope
         self.trace = trace
         self.session = session
@@ -470,8 +475,14 @@ class NPlusOneDetector:
         self._clock = clock
         self._connections: dict[int, _Scope] = {}
         self._applications: dict[int | tuple, _Scope] = {}
-        self._streams: OrderedDict[tuple, _Stream] = OrderedDict()  # by activity
+        # By activity. Keyed by the stream itself: an identity hashes for free, where a
+        # (scope key, trace id) tuple would be hashed anew at every look-up.
+        self._streams: OrderedDict[_Stream, _Stream] = OrderedDict()
         self._shapes: OrderedDict[tuple[str, int], _Shape] = OrderedDict()  # LRU
+        # The latest _shape() answer and the event fields it was found for.
+        self._last_shape: _Shape | None = None
+        self._last_fingerprint = ""
+        self._last_normalized = ""
         self._reports: OrderedDict[tuple, _Report] = OrderedDict()  # by last emission
         self._counts: dict[tuple[str, str, str, str], int] = {}
         self._shape_bytes = 0
@@ -544,7 +555,7 @@ class NPlusOneDetector:
         stream = self._stream_for(conn, ev, trace, MAX_STREAMS_PER_CONNECTION)
         group = self._observe(stream, ev, shape, None)
         if self._correlate:
-            application = self._application(ev.session)
+            application = self._application(conn, ev.session)
             app_stream = self._stream_for(application, ev, trace, MAX_STREAMS_PER_APPLICATION)
             app_group = self._observe(app_stream, ev, shape, group)
             if group is not None:
@@ -607,7 +618,14 @@ class NPlusOneDetector:
         # One fingerprint covers IN lists of any length (`IN ($1)` ... `IN ($1, ..., $500)`),
         # which differ in what matters here: the key adds the normalized text's hash (a str
         # caches its hash, and the fingerprinter hands out the same text object each time).
-        key = (ev.fingerprint, hash(ev.normalized))
+        normalized = ev.normalized
+        last = self._last_shape
+        if (last is not None and normalized is self._last_normalized
+                and ev.fingerprint == self._last_fingerprint):
+            # The same statement again (a loop's next child): its shape is already the most
+            # recently used one, so the table's order stays as the look-up would leave it.
+            return last
+        key = (ev.fingerprint, hash(normalized))
         shapes = self._shapes
         shape = shapes.get(key)
         if shape is None:
@@ -618,6 +636,9 @@ class NPlusOneDetector:
                 self._shape_bytes -= evicted.bytes
         else:
             shapes.move_to_end(key)
+        self._last_shape = shape
+        self._last_fingerprint = ev.fingerprint
+        self._last_normalized = normalized
         return shape
 
     def _trace(self, tags: dict[str, str]) -> str | None:
@@ -628,12 +649,22 @@ class NPlusOneDetector:
             self._last_trace = trace_id(tags)
         return self._last_trace
 
-    def _application(self, session: Session) -> _Scope:
+    def _application(self, conn: _Scope, session: Session) -> _Scope:
+        scope = conn.application
+        # The last look-up holds while its scope has streams (so it is the one registered under
+        # its key) and the key's parts are unchanged: a session's user, database and address
+        # are, its application_name may not be.
+        if (scope is not None and scope.streams and conn.application_session is session
+                and conn.application_name == session.application_name):
+            return scope
         host = session.client_addr.rsplit(":", 1)[0]
         key = ("app", session.application_name, session.user, session.database, host)
         scope = self._applications.get(key)
         if scope is None:
             scope = self._applications[key] = _Scope(key, shared=True)
+        conn.application = scope
+        conn.application_session = session
+        conn.application_name = session.application_name
         return scope
 
     def _stream_for(self, scope: _Scope, ev: StatementDone, trace: str | None,
@@ -652,17 +683,17 @@ class NPlusOneDetector:
             stream = _Stream(scope, trace, ev.session, ev.sent_at)
             if not scope.streams and scope.shared:
                 self._applications[scope.key] = scope
-            scope.streams[trace] = self._streams[stream.key] = stream
+            scope.streams[trace] = self._streams[stream] = stream
             self._stream_bytes += stream.bytes
         else:
             scope.streams.move_to_end(trace)
-            self._streams.move_to_end(stream.key)
+            self._streams.move_to_end(stream)
         return stream
 
     def _end_stream(self, stream: _Stream, now: float) -> None:
         scope = stream.scope
         del scope.streams[stream.trace]
-        del self._streams[stream.key]
+        del self._streams[stream]
         self._stream_bytes -= stream.bytes
         if scope.shared and not scope.streams:
             self._applications.pop(scope.key, None)
@@ -777,8 +808,13 @@ class NPlusOneDetector:
                 self._forget(stream, group)
                 self._judge(stream, track, group, ev.done_at)
             group = track.group = _Group(key, owner, outer, ev, stream.boundaries)
-        group.add(ev, stream.boundaries, stream.statements,
-                  0.0 if stream.scope.shared else stream.busy)
+        if owner is None and stream.scope.shared:
+            # Without an owner no child is foreign, so the group never spans connections and is
+            # never judged: its executions are only counted (against the byte budget too).
+            group.n += 1
+        else:
+            group.add(ev, stream.boundaries, stream.statements,
+                      0.0 if stream.scope.shared else stream.busy)
         stream.bytes += EVENT_BYTES
         self._stream_bytes += EVENT_BYTES
         if owner is not None:
@@ -834,8 +870,8 @@ class NPlusOneDetector:
         if shared and not group.spans_connections():
             return False  # on one connection: that connection's stream judges it
         gaps = group.gaps
+        think = statistics.median(gaps) if gaps else 0.0  # sorts them: once per judgement
         if gaps:
-            think = statistics.median(gaps)
             if think > self._max_think:
                 return False  # a loop doing real work between queries
             if group.crossed > len(gaps) // 2 and (
@@ -851,7 +887,7 @@ class NPlusOneDetector:
             return False  # a batch: executemany or a pipeline
         # Polling: the connection sleeps between repeats of one statement.
         polling = (group.interleaved <= (1.0 - POLL_STEADY_RATIO) * len(gaps)
-                   and self._periodic(gaps))
+                   and self._periodic(gaps, think))
         if (group.max_repeat >= self._duplicate_min and not shared and not polling
                 and not track.shape.locking):
             self._judge_duplicates(stream, track, group, now)
@@ -902,11 +938,11 @@ class NPlusOneDetector:
             return True
         return group.n >= LOOP_MIN_ROW_COVERAGE * (group.owner_rows / max(1, group.owner_execs))
 
-    def _periodic(self, gaps: list[float]) -> bool:
-        """Steady gaps of at least poll_min_interval: a poller sleeping between runs."""
+    def _periodic(self, gaps: list[float], median: float) -> bool:
+        """Steady gaps of at least poll_min_interval: a poller sleeping between runs. `median`:
+        the gaps' median."""
         if len(gaps) < 4:
             return False
-        median = statistics.median(gaps)
         if median < self._poll_min_interval:
             return False
         tolerance = self._poll_max_jitter * median

@@ -29,7 +29,6 @@ _SET_CONFIG = re.compile(r"set_config\s*\(\s*'statement_timeout'\s*,\s*'([^']*)'
                          re.IGNORECASE)
 _RESET = re.compile(r"\breset\s+(statement_timeout|all)\b|\bdiscard\s+all\b", re.IGNORECASE)
 _OPTION = re.compile(r"(?:-c\s*|--)statement[_-]timeout=((?:\\.|\S)+)")
-_SET_CONFIG_CALL = re.compile(r"set_config", re.IGNORECASE)
 _MENTIONS = re.compile(r"statement_timeout|reset|discard", re.IGNORECASE)
 _NUMBER = re.compile(r"\s*(-?\d+(?:\.\d*)?)\s*([a-z]*)\s*", re.IGNORECASE)
 _UNITS = ("", "us", "ms", "s", "min", "h", "d")
@@ -83,9 +82,9 @@ class StatementTimeouts:
         if state is None:
             state = self._sessions[ev.session.conn_id] = _SessionTimeout(_startup(ev.session.startup))
         # SET, RESET and DISCARD are utility statements; a query only changes the setting through
-        # set_config. Only those texts are searched (the raw text: the value is what matters).
-        if ev.sqlstate is None and (ev.kind not in ("select", "dml") or ev.statement_count > 1
-                                    or _SET_CONFIG_CALL.search(ev.normalized)) \
+        # set_config (the fingerprinter tells both, once per text). Only those texts are searched
+        # (the raw text: the value is what matters).
+        if ev.sqlstate is None and (ev.may_change_settings or ev.statement_count > 1) \
                 and _MENTIONS.search(ev.sql):
             self._follow(state, ev.sql)
         slow = ev.duration >= self._min_seconds

@@ -86,6 +86,9 @@ class StatementDone:
     fingerprint: str = ""
     normalized: str = ""
     kind: str = ""  # "select", "dml", "utility", "txn", "ddl" or "other"
+    # False for a query or write whose text calls no set_config (the only way such a one changes
+    # a setting); True until the fingerprinter says so, and for every other kind.
+    may_change_settings: bool = True
     tags: dict[str, str] = field(default_factory=dict)  # parsed sqlcommenter/marginalia comment
 
     # Written out, not generated: compiled by mypyc, a dataclass keeps the interpreted __init__
@@ -95,7 +98,8 @@ class StatementDone:
                  param_sig: int | None, n_params: int, params: tuple[bytes | None, ...] | None,
                  pipelined: bool, txn_status: str = "", truncated: bool = False,
                  fingerprint: str = "",
-                 normalized: str = "", kind: str = "", tags: dict[str, str] | None = None) -> None:
+                 normalized: str = "", kind: str = "", may_change_settings: bool = True,
+                 tags: dict[str, str] | None = None) -> None:
         self.session = session
         self.sql = sql
         self.statement_count = statement_count
@@ -114,6 +118,7 @@ class StatementDone:
         self.fingerprint = fingerprint
         self.normalized = normalized
         self.kind = kind
+        self.may_change_settings = may_change_settings
         self.tags = {} if tags is None else tags
 
     @property
