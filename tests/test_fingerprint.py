@@ -325,6 +325,9 @@ def test_inline_literal_variants_share_one_cache_entry_but_keep_their_own_signat
     ("SELECT 'a' FROM t", "SELECT 'a' FROM u"),
     ("SELECT E'x\\'' FROM t", "SELECT E'x\\'' FROM u"),        # backslash escapes: exact keys
     ("SELECT $$1$$ FROM t", "SELECT $$1$$ FROM u"),            # dollar quotes: exact keys
+    # A quote inside a comment opens no string: the code after it is compared, not skipped.
+    ("SELECT x -- don't\nFROM t WHERE y = 'a'", "SELECT x -- don't\nFROM u WHERE y = 'a'"),
+    ("SELECT x /* it's */ FROM t WHERE y = 'a'", "SELECT x /* it's */ FROM u WHERE y = 'a'"),
 ])
 def test_shared_cache_entries_never_merge_different_statements(first, second):
     fingerprinter = Fingerprinter(cache_size=100)
@@ -336,7 +339,8 @@ def test_shared_cache_entries_never_merge_different_statements(first, second):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(["SELECT", "a", "1", "'x'", '"c1"', '"c2"', "=", ",", "2.5", "$1",
-                                 "(", ")", "FROM", "t", "WHERE", "-", "::", "int"]), max_size=12),
+                                 "(", ")", "FROM", "t", "WHERE", "-", "::", "int", "--", "/*", "*/",
+                                 "\n", "'", "1e5", "t1", ";"]), max_size=12),
        st.lists(st.sampled_from(["1", "22", "'y'", "''", "3.0"]), min_size=1, max_size=3))
 def test_texts_sharing_a_cache_key_share_the_fingerprint(tokens, constants):
     text = " ".join(tokens)

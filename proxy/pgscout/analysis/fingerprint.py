@@ -51,8 +51,7 @@ PARSE_BUDGET_SECONDS: Final = 0.25
 # Texts with fewer parentheses than this cannot nest deeply enough to be slow: parsed inline.
 _GUARDED_PARENTHESES: Final = 64
 DEFAULT_DISPLAY_CHARS: Final = 2048
-_CONSTANT: Final = re.compile(r"""("(?:[^"]|"")*")|'(?:[^']|'')*'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?""")
-_NOT_KEYABLE: Final = re.compile(r"\\|\$(?!\d)")
+_NUL: Final = "\x00"  # what constant_free_key puts for a constant: never in query text
 # Characters the fingerprint cache may hold (texts and their normalized forms): ~4 bytes each
 # at worst, so at most ~16 MB whatever the statements.
 CACHE_CHARS: Final = 4_000_000
@@ -229,12 +228,88 @@ def constant_free_key(text: str) -> str | None:
 
     libpg_query's fingerprint ignores constant values, so such texts share every derived field
     but the parameter signature. Constants (standard strings, numbers) become a NUL, which
-    never occurs in query text; quoted identifiers are kept whole. None for what this simple
-    lexing cannot read safely: backslash escapes (E'' strings), dollar quotes, several statements.
+    never occurs in query text; quoted identifiers are kept whole. None for what this lexing
+    cannot read safely: backslash escapes (E'' strings), dollar quotes, comments, unterminated
+    quotes, several statements.
+    A character loop, not a regular expression: compiled, it reads a pgbench statement in about
+    a microsecond where `re` (lookbehind at every position) took five.
     """
-    if _NOT_KEYABLE.search(text) is not None or ";" in text.rstrip("; \t\r\n"):
+    if "\\" in text:
         return None
-    return _CONSTANT.sub("\\g<1>\x00", text)
+    parts: list[str] = []
+    n = len(text)
+    start = 0  # text[start:i] is still to be copied
+    i = 0
+    previous = 32  # ord of the character before text[i] (a space before the start)
+    while i < n:
+        c = ord(text[i])
+        if c == 39 or c == 34:  # ' a string constant, or " a quoted identifier ('' and "" escape)
+            end = _closing_quote(text, i, text[i])
+            if end < 0:
+                return None
+            if c == 39:
+                parts.append(text[start:i])
+                parts.append(_NUL)
+                start = end
+            i = end
+            previous = c
+        elif 48 <= c <= 57 and not _continues_a_name(previous):
+            end = _number_end(text, i)
+            parts.append(text[start:i])
+            parts.append(_NUL)
+            previous = ord(text[end - 1])
+            i = start = end
+        elif (c == 45 or c == 47) and text.startswith(("--", "/*"), i):
+            return None  # parse_comments strips comments: one left is one it could not read
+        elif c == 36 and not (i + 1 < n and 48 <= ord(text[i + 1]) <= 57):  # a $ not of $n
+            return None
+        elif c == 59 and text[i + 1:].strip("; \t\r\n"):  # a ; with a statement after it
+            return None
+        else:
+            previous = c
+            i += 1
+    parts.append(text[start:])
+    return "".join(parts)
+
+
+def _closing_quote(text: str, i: int, quote: str) -> int:
+    """The position after the quote closing the one at text[i] (a doubled quote is inside), or -1."""
+    doubled = quote + quote
+    j = i + 1
+    while True:
+        j = text.find(quote, j)
+        if j < 0:
+            return -1
+        if not text.startswith(doubled, j):
+            return j + 1
+        j += 2
+
+
+def _number_end(text: str, i: int) -> int:
+    """The end of the numeric constant at text[i]: digits, a fraction, an exponent."""
+    n = len(text)
+    j = _digits_end(text, i)
+    if j < n and text[j] == ".":
+        j = _digits_end(text, j + 1)
+    if j < n and text[j] in "eE":
+        k = j + 1
+        if k < n and text[k] in "+-":
+            k += 1
+        if k < n and "0" <= text[k] <= "9":
+            j = _digits_end(text, k)
+    return j
+
+
+def _digits_end(text: str, i: int) -> int:
+    n = len(text)
+    while i < n and "0" <= text[i] <= "9":
+        i += 1
+    return i
+
+
+def _continues_a_name(c: int) -> bool:
+    """Whether a digit after this character is part of a name (t1, $1, x.5), not a constant."""
+    return c > 127 or c == 95 or c == 36 or c == 46 or 48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122
 
 
 def fingerprint_text(sql: str) -> tuple[str, str, str]:
