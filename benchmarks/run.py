@@ -6,7 +6,8 @@ Starts PostgreSQL (unless --upstream names one), PgBouncer in session mode, the 
 forwarder, pgscout observing and pgscout --forward-only, runs every workload against all five in
 interleaved rounds (direct, PgBouncer, bare, pgscout, forward-only, direct, ...) so drift on a
 shared machine hits every target alike, and prints a Markdown table of medians, min-max, ratios
-and targets.
+and targets; then, with every server stopped, the per-stage profile of observing one statement
+(perstatement.py).
 
 Owns: the command line, the round loop, progress output and writing the results file.
 Must not: measure (workloads.py), start servers (targets.py) or format numbers (report.py).
@@ -32,9 +33,13 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 from pgharness import interrupt_on_termination  # noqa: E402
 
 import pgbouncer  # noqa: E402
+import perstatement  # noqa: E402
 from report import Results, machine_description, render_table  # noqa: E402
 from targets import BenchEnvironment  # noqa: E402
 from workloads import MB, Parameters, Runner, all_workloads, targets_for  # noqa: E402
+
+# Statements the stage profile decodes and analyses per second of --duration (a few seconds).
+PROFILED_STATEMENTS_PER_SECOND = 8_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         env.close()
         shutil.rmtree(workdir, ignore_errors=True)
+    progress("timing each stage of observation in process (benchmarks/perstatement.py)")
+    stages = perstatement.stage_table(PROFILED_STATEMENTS_PER_SECOND * args.duration)
     print(table)
+    print(stages)
     print(machine)
     if args.out:
-        Path(args.out).write_text(results_document(command, args, table, machine))
+        Path(args.out).write_text(results_document(command, args, table, stages, machine))
         progress(f"wrote {args.out}")
     return 0
 
@@ -116,7 +124,8 @@ def pgbench_version(env: BenchEnvironment) -> str:
     return subprocess.run([env.bin("pgbench"), "--version"], capture_output=True, text=True).stdout.strip()
 
 
-def results_document(command: str, args: argparse.Namespace, table: str, machine: str) -> str:
+def results_document(command: str, args: argparse.Namespace, table: str, stages: str,
+                     machine: str) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rounds = "1 round" if args.rounds == 1 else f"medians of {args.rounds} rounds, (min–max) in brackets"
     return (
@@ -140,7 +149,12 @@ def results_document(command: str, args: argparse.Namespace, table: str, machine
         "CPU per statement is the user + system time of the proxy's processes over the pgbench run "
         "(from /proc/<pid>/stat) divided by the transactions pgbench processed, one statement each: "
         "data-plane is the process the harness started (pgscout's data plane, PgBouncer, bare), "
-        "analysis is pgscout's analysis process, counted until it is idle after the run.\n"
+        "analysis is pgscout's analysis process, counted until it is idle after the run.\n\n"
+        "## Where observation's CPU goes\n\n"
+        "benchmarks/perstatement.py: the stages of observing one statement timed in process on "
+        "synthetic pgbench -S streams (no sockets, no cache misses of a loaded machine: a lower "
+        "bound on the CPU rows above, which show the same stages under load).\n\n"
+        f"{stages}"
     )
 
 

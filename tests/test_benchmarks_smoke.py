@@ -7,6 +7,7 @@ Must not: judge pgscout's numbers (a 1-second run on a shared machine says nothi
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -26,8 +27,12 @@ TINY_RUN = ["--duration", "1", "--rounds", "1", "--copy-mb", "4", "--idle-connec
 
 
 def _table_rows(markdown: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The first table's header and rows (the stage profile's table follows it)."""
+    lines = markdown.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    table = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
     header, *rows = ([cell.strip() for cell in line.strip().strip("|").split("|")]
-                     for line in markdown.splitlines() if line.startswith("| "))
+                     for line in table if line.startswith("| "))
     return header, [dict(zip(header, row, strict=True)) for row in rows]
 
 
@@ -55,6 +60,10 @@ def test_tiny_run_measures_every_workload_on_every_target(tmp_path):
         for metric in (DATA_PLANE_CPU, ANALYSIS_CPU):
             assert any(row["Workload"].startswith(workload) and row["Metric"] == metric for row in rows), \
                 f"no {metric!r} row for workload {workload!r}\n{run.stdout}"
+    stages = results_file.read_text().split("## Where observation's CPU goes", 1)[1]
+    for stage in ("data plane: decoder", "hand-off: marshal", "analysis: replay + every observer",
+                  "observer Fingerprinter.on_statement", "observer NPlusOneDetector.on_statement"):
+        assert f"| {stage}" in stages or f"|   {stage}" in stages, f"no {stage!r} row\n{stages}"
     for row in rows:
         if row["Workload"].startswith("9. "):
             assert row["observed / forward-only"] != "—", row  # the summary of observation's cost

@@ -22,6 +22,10 @@ class Bus:
     def subscribe(self, event_type: type, handler: Callable[[object], None]) -> None:
         self._handlers[event_type].append(handler)
 
+    def handlers(self, event_type: type) -> tuple[Callable, ...]:
+        """The handlers of one event type, in the order they are called."""
+        return tuple(self._handlers.get(event_type, ()))
+
     def publish(self, event: object) -> None:
         for handler in self._handlers.get(type(event), ()):
             try:

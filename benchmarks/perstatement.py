@@ -1,0 +1,184 @@
+"""Where the CPU of observing one statement goes: each stage timed in process, no sockets.
+
+    python benchmarks/perstatement.py [--statements N] [--out FILE]
+
+Feeds the byte streams of 8 sessions running pgbench -S (one prepared SELECT per transaction,
+and the same with its literal inline on the simple protocol) to the data plane's decoder, hands
+its records on as the data plane does (marshal), and replays them through the analysis process's
+observers (pgscout.worker.Analysis), timing each stage, and each observer on the same events.
+A profile, not a target: benchmarks/run.py measures the processes' CPU under load (with its
+cache misses and system calls); this shows which stage its microseconds come from.
+Each figure is the minimum of several repetitions (the machines are shared and noisy).
+
+Owns: the synthetic streams and the per-stage timing.
+Must not: start servers or sockets, or time anything but pgscout's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import marshal
+import struct
+import sys
+import time
+from pathlib import Path
+
+from pgscout import worker
+from pgscout.analysis.replay import Replay
+from pgscout.dataplane import records
+from pgscout.dataplane.decoder import Decoder, TextBudget
+from pgscout.dataplane.events import Session, StatementDone
+from pgscout.settings import load_settings
+
+SESSIONS = 8
+REPETITIONS = 5
+BATCH = 300  # records per hand-off batch: about what 10 ms of a saturated run makes
+QUERY = "SELECT abalance FROM pgbench_accounts WHERE aid = "
+
+
+def message(kind: str, body: bytes) -> bytes:
+    return kind.encode() + struct.pack("!i", len(body) + 4) + body
+
+
+def cstring(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def prepared_stream(count: int) -> tuple[bytes, list[bytes], bytes]:
+    """(setup, one client chunk per statement, the server's answer to each): pgbench -M prepared."""
+    setup = message("P", cstring("P0_1") + cstring(QUERY + "$1;") + struct.pack("!h", 0)) \
+        + message("S", b"")
+    chunks = []
+    for i in range(count):
+        value = str(1 + i).encode()
+        chunks.append(message("B", cstring("") + cstring("P0_1") + struct.pack("!hhi", 0, 1, len(value))
+                              + value + struct.pack("!h", 0))
+                      + message("E", cstring("") + struct.pack("!i", 0)) + message("S", b""))
+    answer = message("2", b"") + message("D", struct.pack("!hi", 1, 4) + b"1234") \
+        + message("C", cstring("SELECT 1")) + message("Z", b"I")
+    return setup, chunks, answer
+
+
+def simple_stream(count: int) -> tuple[bytes, list[bytes], bytes]:
+    """pgbench -M simple: every statement is a new text (its literal inline)."""
+    chunks = [message("Q", cstring(f"{QUERY}{1 + i};")) for i in range(count)]
+    answer = message("T", struct.pack("!h", 1) + cstring("abalance") + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0)) \
+        + message("D", struct.pack("!hi", 1, 4) + b"1234") + message("C", cstring("SELECT 1")) \
+        + message("Z", b"I")
+    return b"", chunks, answer
+
+
+def best_of(run, prepare=lambda: None) -> float:
+    """The shortest of REPETITIONS runs of `run(prepare())`, only `run` timed."""
+    best = float("inf")
+    for _ in range(REPETITIONS):
+        prepared = prepare()
+        started = time.perf_counter()
+        run(prepared)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def profile(stream, count: int) -> list[tuple[str, float]]:
+    setup, chunks, answer = stream(count)
+    made: list[list] = []
+    budget = TextBudget()
+    startup_answer = message("R", struct.pack("!i", 0)) + message("K", struct.pack("!ii", 1, 2)) \
+        + message("Z", b"I")
+
+    def decode() -> None:
+        made.clear()
+        decoders = []
+        for conn_id in range(SESSIONS):
+            decoder = Decoder(Session(conn_id=conn_id, client_addr="bench"), made.append, texts=budget)
+            decoder.server_data(startup_answer, 0.0)
+            if setup:
+                decoder.client_data(setup, 0.0)
+                decoder.server_data(message("1", b"") + message("Z", b"I"), 0.0)
+            decoders.append(decoder)
+        del made[:]
+        clock = time.monotonic
+        for n, chunk in enumerate(chunks):
+            decoder = decoders[n % SESSIONS]
+            decoder.client_data(chunk, clock())
+            decoder.server_data(answer, clock())
+        for decoder in decoders:
+            decoder.close()
+
+    rows = [("data plane: decoder (framing, request tracking, the record)", best_of(lambda _: decode()))]
+    statements = [record for record in made if record[0] == records.STATEMENT]
+    batches = [statements[i:i + BATCH] for i in range(0, len(statements), BATCH)]
+    rows.append(("hand-off: marshal dumps (data plane) + loads (analysis)",
+                 best_of(lambda _: [marshal.loads(marshal.dumps(batch)) for batch in batches])))
+
+    settings = load_settings(None, {})
+    opened = [[records.OPENED, conn_id, "bench", "bench", "bench", "pgbench", False, 0.0, 0.0, {}]
+              for conn_id in range(SESSIONS)]
+
+    def fresh_analysis() -> worker.Analysis:
+        analysis = worker.Analysis(settings, _NoControl())
+        analysis.replay.feed(opened)
+        return analysis
+
+    def analyse(analysis: worker.Analysis) -> None:
+        for batch in batches:
+            analysis.replay.feed(batch)
+
+    rows.append(("analysis: replay + every observer", best_of(analyse, fresh_analysis)))
+
+    def replayed() -> list[StatementDone]:
+        events: list = []
+        replay = Replay(events.append)
+        replay.feed(opened)
+        for batch in batches:
+            replay.feed(batch)
+        return [event for event in events if type(event) is StatementDone]
+
+    rows.append(("  replay: records to events", best_of(lambda _: replayed())))
+    # Each observer alone, in bus order on the same events, so each sees them as enriched by the
+    # fingerprinter; the fingerprinter itself gets fresh events each time (it would find its
+    # own results on old ones).
+    analysis = worker.Analysis(settings, _NoControl())
+    first, *others = analysis.bus.handlers(StatementDone)
+    events = replayed()
+    for event in events:
+        first(event)
+    for handler in (first, *others):
+        fresh = replayed if handler is first else lambda: events
+        rows.append((f"  observer {handler.__qualname__}",
+                     best_of(lambda done, handler=handler: [handler(event) for event in done], fresh)))
+    return [(name, seconds / len(statements) * 1e6) for name, seconds in rows]
+
+
+class _NoControl:
+    def send(self, kind: int, value: object) -> None:
+        pass
+
+
+def stage_table(statements: int) -> str:
+    """The Markdown table of both workloads' stages."""
+    compiled = (sys.modules[Decoder.__module__].__file__ or "").endswith(".so")
+    lines = [f"{statements:,} statements over {SESSIONS} sessions, "
+             f"{'compiled (mypyc)' if compiled else 'pure Python'}, minimum of {REPETITIONS} repetitions.",
+             "", "| stage | pgbench -S -M prepared, µs per statement | pgbench -S -M simple, µs per statement |",
+             "|---|---|---|"]
+    prepared = profile(prepared_stream, statements)
+    simple = dict(profile(simple_stream, statements))
+    for name, micros in prepared:
+        lines.append(f"| {name} | {micros:.2f} | {simple[name]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--statements", type=int, default=40_000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    text = stage_table(args.statements)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
