@@ -4,7 +4,7 @@ Owns: the per-connection protocol state pgscout needs to see statements: prepare
 portal names, the FIFO of requests the server still owes a response to, transaction status, the
 backend pid and cancel key; and the compact records (dataplane/records.py) it emits: one per
 Execute, one per simple Query however many statements it holds, and the session's milestones.
-One dispatch table per direction, keyed by message type.
+One dispatch table per direction (_ClientMessages, _ServerMessages), keyed by message type.
 Its work is bounded by the bytes it is fed, whatever the SQL says: texts are cut to
 `max_sql_chars`, prepared statements are kept up to a character budget, the FIFO of outstanding
 requests holds runs of Sync as one entry and refuses to grow past MAX_PENDING (DecoderError: the
@@ -18,17 +18,13 @@ discards messages until Sync) and "Message Formats".
 from __future__ import annotations
 
 import re
-import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Final
 
 from pgscout.dataplane import records, wire
 from pgscout.dataplane.events import Session
-from pgscout.dataplane.framer import Framer
-
-_INT16: Final = struct.Struct("!h")
-_INT32: Final = struct.Struct("!i")
+from pgscout.dataplane.framer import Framer, MessageSink, int16, int32
 
 # Request kinds in the FIFO of things the server will answer, in the order it answers them.
 # Parse, Bind, Describe and Close are not queued: their answers (ParseComplete, BindComplete,
@@ -153,27 +149,10 @@ class Decoder:
         self._idle_in_txn = 0.0
         self._last_tag = ""
         self._last_error = False
-        self.client = Framer({
-            wire.F_QUERY: self._query,
-            wire.F_PARSE: self._parse,
-            wire.F_BIND: self._bind,
-            wire.F_EXECUTE: self._execute,
-            wire.F_CLOSE: self._close,
-            wire.F_SYNC: self._sync,
-            wire.F_FUNCTION_CALL: self._function_call,
-            wire.F_COPY_DONE: self._copy_done,
-            wire.F_COPY_FAIL: self._copy_done,
-        }, max_message_length, runs={wire.F_SYNC: self._sync_run})
-        self.server = Framer({
-            wire.B_COMMAND_COMPLETE: self._command_complete,
-            wire.B_EMPTY_QUERY_RESPONSE: self._empty_query_response,
-            wire.B_PORTAL_SUSPENDED: self._portal_suspended,
-            wire.B_ERROR_RESPONSE: self._error_response,
-            wire.B_COPY_IN_RESPONSE: self._copy_in_response,
-            wire.B_READY_FOR_QUERY: self._ready_for_query,
-            wire.B_BACKEND_KEY_DATA: self._backend_key_data,
-            wire.B_PARAMETER_STATUS: self._parameter_status,
-        }, max_message_length, runs={wire.B_READY_FOR_QUERY: self._ready_run})
+        self.client = Framer(_ClientMessages(self), _ClientMessages.DECODED, max_message_length,
+                             runs=_ClientMessages.RUNS)
+        self.server = Framer(_ServerMessages(self), _ServerMessages.DECODED, max_message_length,
+                             runs=_ServerMessages.RUNS)
 
     # -- entry points ----------------------------------------------------------------------
     def client_data(self, data: bytes, now: float) -> None:
@@ -212,7 +191,7 @@ class Decoder:
             return body[start:end].decode("utf-8", "replace"), False
         return body[start:start + limit].decode("utf-8", "ignore"), True
 
-    def _query(self, body: bytes, complete: bool) -> None:
+    def _query(self, body: bytes) -> None:
         """Query: String query."""
         end = body.find(0)
         if end < 0:
@@ -222,7 +201,7 @@ class Decoder:
         # the bytes, so repeats of one long statement still compare equal.
         self._push(_Query(sql, truncated, hash(body[:end]) if truncated else None, self._now))
 
-    def _parse(self, body: bytes, complete: bool) -> None:
+    def _parse(self, body: bytes) -> None:
         """Parse: String name, String query, Int16 n, Int32[n] parameter type OIDs."""
         if self._discarding:
             return
@@ -251,12 +230,12 @@ class Decoder:
         (Int32 len, Byte[len])[nparams], Int16 nresfmt, Int16[nresfmt]."""
         if self._discarding:
             return
-        portal_end = body.index(0)
-        statement_end = body.index(0, portal_end + 1)
+        portal_end = _string_end(body, 0)
+        statement_end = _string_end(body, portal_end + 1)
         pos = statement_end + 1
-        n_formats: int = _INT16.unpack_from(body, pos)[0]
+        n_formats = int16(body, pos)
         pos += 2 + 2 * n_formats
-        n_params: int = _INT16.unpack_from(body, pos)[0]
+        n_params = int16(body, pos)
         # Keyed hash (Python's per-process salted hash): equal values give equal signatures,
         # the values themselves are never kept.
         signature = hash(body[pos:]) if complete else hash((body[pos:], "incomplete"))
@@ -268,11 +247,11 @@ class Decoder:
             self._finish_suspended(old)
         self._portals[name] = _Portal(sql, truncated, signature, n_params, params)
 
-    def _execute(self, body: bytes, complete: bool) -> None:
+    def _execute(self, body: bytes) -> None:
         """Execute: String portal, Int32 maximum rows (0 = no limit)."""
         if self._discarding:
             return
-        portal = self._portals.get(body[:body.index(0)])
+        portal = self._portals.get(body[:_string_end(body, 0)])
         if portal is None:  # pgscout did not see the Bind (e.g. evicted): time it anyway
             portal = _Portal("", False, 0, 0, None)
         request = _Request(EXECUTE, self._now, portal)
@@ -285,7 +264,7 @@ class Decoder:
         self._last_execute = request
         self._push(request)
 
-    def _close(self, body: bytes, complete: bool) -> None:
+    def _close(self, body: bytes) -> None:
         """Close: Byte1 'S' (statement) or 'P' (portal), String name."""
         if self._discarding:
             return
@@ -297,7 +276,8 @@ class Decoder:
             if portal is not None and portal.suspended_at:
                 self._finish_suspended(portal)
 
-    def _sync(self, body: bytes, complete: bool) -> None:
+    def _sync(self) -> None:
+        """Sync: no body."""
         if self._copy_in:
             return  # the server ignores Sync in copy-in mode
         self._discarding = False
@@ -315,16 +295,17 @@ class Decoder:
             return
         self._push(_Request(SYNC, self._now))
 
-    def _sync_run(self, body: bytes, count: int) -> None:
+    def _sync_run(self, count: int) -> None:
         """`count` Syncs in a row: the first as any Sync, the rest join its FIFO entry."""
-        self._sync(body, True)
+        self._sync()
         if count > 1 and not self._copy_in:
             self._pending[-1].count += count - 1
 
-    def _function_call(self, body: bytes, complete: bool) -> None:
+    def _function_call(self) -> None:
+        """FunctionCall: Int32 function OID, then its arguments: only its answer is waited for."""
         self._push(_Request(FUNCTION, self._now))
 
-    def _copy_done(self, body: bytes, complete: bool) -> None:
+    def _copy_done(self) -> None:
         """CopyDone or CopyFail from the client: copy-in mode ends."""
         self._copy_in = False
 
@@ -338,15 +319,16 @@ class Decoder:
                                f"{_KIND_NAMES[request.kind]} was first in line")
         return request
 
-    def _command_complete(self, body: bytes, complete: bool) -> None:
+    def _command_complete(self, body: bytes) -> None:
         """CommandComplete: String tag ("SELECT 5", "INSERT 0 1", "UPDATE 3", "BEGIN"...)."""
-        tag = body[:-1].decode("ascii", "replace")
-        self._statement_done(tag, _tag_rows(tag), None)
+        tag = body[:-1]
+        self._statement_done(tag.decode("ascii", "replace"), _tag_rows(tag), None)
 
-    def _empty_query_response(self, body: bytes, complete: bool) -> None:
+    def _empty_query_response(self) -> None:
+        """EmptyQueryResponse: no body; it answers an empty query string in place of CommandComplete."""
         self._statement_done("EMPTY", 0, None)
 
-    def _portal_suspended(self, body: bytes, complete: bool) -> None:
+    def _portal_suspended(self) -> None:
         """PortalSuspended: the Execute's row limit was reached; a later Execute continues it."""
         request = self._expect(EXECUTE)
         self._open_executes -= 1
@@ -358,7 +340,7 @@ class Decoder:
         portal.suspended_rows += self.server.data_rows
         self.server.data_rows = 0
 
-    def _copy_in_response(self, body: bytes, complete: bool) -> None:
+    def _copy_in_response(self) -> None:
         """CopyInResponse: the server now ignores Sync until CopyDone or CopyFail. libpq sends
         Parse/Bind/Execute/Sync in one go, so that Sync is already queued: drop it."""
         self._copy_in = True
@@ -369,7 +351,7 @@ class Decoder:
                 pending.popleft()
             pending.appendleft(head)
 
-    def _error_response(self, body: bytes, complete: bool) -> None:
+    def _error_response(self, body: bytes) -> None:
         """ErrorResponse: (Byte1 field code, String value)* then a zero byte; 'C' is the SQLSTATE."""
         sqlstate = _error_field(body, b"C")
         self._copy_in = False
@@ -396,7 +378,7 @@ class Decoder:
             self._discarding = True  # the client has not sent its Sync yet
         self.server.data_rows = 0
 
-    def _ready_for_query(self, body: bytes, complete: bool) -> None:
+    def _ready_for_query(self, body: bytes) -> None:
         """ReadyForQuery: Byte1 status: 'I' idle, 'T' in a transaction block, 'E' failed block."""
         status = chr(body[0])
         # The startup's ReadyForQuery answers no request: a client may have sent its first
@@ -447,7 +429,7 @@ class Decoder:
     def _ready_run(self, body: bytes, count: int) -> None:
         """`count` identical ReadyForQuery in a row: past the first, those that answer a run of
         Syncs change nothing but the run's count (same status, nothing completed between)."""
-        self._ready_for_query(body, True)
+        self._ready_for_query(body)
         remaining = count - 1
         pending = self._pending
         if remaining and self._ready and pending and pending[0].kind == SYNC and not self._held:
@@ -455,14 +437,14 @@ class Decoder:
             pending[0].count -= taken
             remaining -= taken
         for _ in range(remaining):
-            self._ready_for_query(body, True)
+            self._ready_for_query(body)
 
-    def _backend_key_data(self, body: bytes, complete: bool) -> None:
+    def _backend_key_data(self, body: bytes) -> None:
         """BackendKeyData: Int32 pid, then the secret key (4 bytes before protocol 3.2, up to 256)."""
-        self.session.backend_pid = _INT32.unpack_from(body, 0)[0]
+        self.session.backend_pid = int32(body, 0)
         self.cancel_key = body[4:]
 
-    def _parameter_status(self, body: bytes, complete: bool) -> None:
+    def _parameter_status(self, body: bytes) -> None:
         """ParameterStatus: String name, String value (sent at startup and when a GUC_REPORT changes)."""
         name_end = body.index(0)
         name = body[:name_end]
@@ -539,7 +521,7 @@ class Decoder:
 
     def _track_pool_statements(self, sql: str, tag: str, sqlstate: str | None) -> None:
         """SQL-level DEALLOCATE and DISCARD ALL drop protocol-level prepared statements too."""
-        if sqlstate is not None or not tag.startswith(("DEALLOCATE", "DISCARD")):
+        if sqlstate is not None or not (tag.startswith("DEALLOCATE") or tag.startswith("DISCARD")):
             return
         if tag in ("DEALLOCATE ALL", "DISCARD ALL"):
             self._statements.clear()
@@ -578,6 +560,74 @@ class Decoder:
         self._idle_in_txn = 0.0
 
 
+class _ClientMessages(MessageSink):
+    """The frontend dispatch table: each client message type the decoder reads, to its handler."""
+
+    DECODED: Final = (wire.F_QUERY, wire.F_PARSE, wire.F_BIND, wire.F_EXECUTE, wire.F_CLOSE,
+                      wire.F_SYNC, wire.F_FUNCTION_CALL, wire.F_COPY_DONE, wire.F_COPY_FAIL)
+    RUNS: Final = (wire.F_SYNC,)
+
+    def __init__(self, decoder: Decoder) -> None:
+        self._decoder = decoder
+
+    # Compiled, each branch is a direct call of the decoder's method.
+    def message(self, typ: int, body: bytes, complete: bool) -> None:
+        decoder = self._decoder
+        if typ == wire.F_BIND:
+            decoder._bind(body, complete)
+        elif typ == wire.F_EXECUTE:
+            decoder._execute(body)
+        elif typ == wire.F_SYNC:
+            decoder._sync()
+        elif typ == wire.F_PARSE:
+            decoder._parse(body)
+        elif typ == wire.F_QUERY:
+            decoder._query(body)
+        elif typ == wire.F_CLOSE:
+            decoder._close(body)
+        elif typ == wire.F_FUNCTION_CALL:
+            decoder._function_call()
+        elif typ == wire.F_COPY_DONE or typ == wire.F_COPY_FAIL:
+            decoder._copy_done()
+
+    def run(self, typ: int, body: bytes, count: int) -> None:
+        self._decoder._sync_run(count)
+
+
+class _ServerMessages(MessageSink):
+    """The backend dispatch table: each server message type the decoder reads, to its handler."""
+
+    DECODED: Final = (wire.B_COMMAND_COMPLETE, wire.B_EMPTY_QUERY_RESPONSE, wire.B_PORTAL_SUSPENDED,
+                      wire.B_ERROR_RESPONSE, wire.B_COPY_IN_RESPONSE, wire.B_READY_FOR_QUERY,
+                      wire.B_BACKEND_KEY_DATA, wire.B_PARAMETER_STATUS)
+    RUNS: Final = (wire.B_READY_FOR_QUERY,)
+
+    def __init__(self, decoder: Decoder) -> None:
+        self._decoder = decoder
+
+    def message(self, typ: int, body: bytes, complete: bool) -> None:
+        decoder = self._decoder
+        if typ == wire.B_COMMAND_COMPLETE:
+            decoder._command_complete(body)
+        elif typ == wire.B_READY_FOR_QUERY:
+            decoder._ready_for_query(body)
+        elif typ == wire.B_ERROR_RESPONSE:
+            decoder._error_response(body)
+        elif typ == wire.B_EMPTY_QUERY_RESPONSE:
+            decoder._empty_query_response()
+        elif typ == wire.B_PORTAL_SUSPENDED:
+            decoder._portal_suspended()
+        elif typ == wire.B_COPY_IN_RESPONSE:
+            decoder._copy_in_response()
+        elif typ == wire.B_PARAMETER_STATUS:
+            decoder._parameter_status(body)
+        elif typ == wire.B_BACKEND_KEY_DATA:
+            decoder._backend_key_data(body)
+
+    def run(self, typ: int, body: bytes, count: int) -> None:
+        self._decoder._ready_run(body, count)
+
+
 _UNKNOWN: Final = ("", False)
 
 
@@ -589,13 +639,27 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _tag_rows(tag: str) -> int:
-    """The row count that ends SELECT/INSERT/UPDATE/DELETE/MERGE/COPY/FETCH/MOVE tags."""
-    space = tag.rfind(" ")
-    if space < 0:
+def _string_end(body: bytes, start: int) -> int:
+    """Where the String at body[start] ends (its zero byte). Names are short: a compiled loop
+    costs less than a call of bytes.index; an unterminated one raises IndexError."""
+    end = start
+    while body[end]:
+        end += 1
+    return end
+
+
+def _tag_rows(tag: bytes) -> int:
+    """The row count that ends SELECT/INSERT/UPDATE/DELETE/MERGE/COPY/FETCH/MOVE tags: the
+    digits after the last space, read byte by byte (compiled, no str and no int() call)."""
+    start = len(tag)
+    while start and 0x30 <= tag[start - 1] <= 0x39:
+        start -= 1
+    if start == len(tag) or not start or tag[start - 1] != 0x20:
         return 0
-    count = tag[space + 1:]
-    return int(count) if count.isdigit() else 0
+    rows = 0
+    for pos in range(start, len(tag)):
+        rows = rows * 10 + tag[pos] - 0x30
+    return rows
 
 
 def _error_field(body: bytes, code: bytes) -> str | None:
@@ -612,7 +676,7 @@ def _bind_values(body: bytes, pos: int, n_params: int) -> tuple[bytes | None, ..
     pos += 2
     values: list[bytes | None] = []
     for _ in range(n_params):
-        length = _INT32.unpack_from(body, pos)[0]
+        length = int32(body, pos)
         pos += 4
         if length < 0:
             values.append(None)
