@@ -18,9 +18,10 @@ discards messages until Sync) and "Message Formats".
 from __future__ import annotations
 
 import re
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
+
+from mypy_extensions import mypyc_attr
 
 from pgscout.dataplane import records, wire
 from pgscout.dataplane.events import Session
@@ -46,6 +47,8 @@ _MAX_STATEMENT_CHARS: Final = 512 * 1024
 PREPARED_TEXT_BUDGET: Final = 32 * 1024 * 1024
 # Outstanding requests a client may pipeline before pgscout stops observing its session.
 MAX_PENDING: Final = 10000
+# Answered requests a pipeline's FIFO may keep (at most as many as it holds) before dropping them.
+_COMPACT_PENDING: Final = 64
 DEFAULT_MAX_SQL_CHARS: Final = 32 * 1024
 # ParameterStatus values the analysis needs (attribution; how string literals are lexed).
 _REPORTED_PARAMETERS: Final = frozenset((b"application_name", b"standard_conforming_strings"))
@@ -67,6 +70,10 @@ class TextBudget:
         self.used = 0
 
 
+# Requests and portals are made for every statement and refer only to strs, numbers, bytes and
+# each other one way (a request to its portal): acyclic, they are allocated and freed without
+# the cyclic garbage collector tracking them.
+@mypyc_attr(acyclic=True)
 class _Request:
     __slots__ = ("kind", "sent_at", "portal", "pipelined", "count")
 
@@ -78,6 +85,7 @@ class _Request:
         self.count = 1  # a run of consecutive Syncs is one entry
 
 
+@mypyc_attr(acyclic=True)
 class _Query(_Request):
     """A simple Query. PostgreSQL sends the results of all its statements in one flush, so the
     time of each cannot be seen on the wire: the Query is reported whole, with how many
@@ -99,6 +107,7 @@ class _Query(_Request):
         self.deallocated = False  # a named DEALLOCATE ran: its names are read once, at the end
 
 
+@mypyc_attr(acyclic=True)
 class _Portal:
     """A Bind's portal: the statement text and the parameter signature it runs with."""
 
@@ -113,6 +122,59 @@ class _Portal:
         self.params = params
         self.suspended_at = 0.0  # first Execute's send time while PortalSuspended runs continue
         self.suspended_rows = 0
+
+
+class _Pending:
+    """The FIFO of requests the server still owes an answer to, oldest first, as a list and the
+    position of its first entry: compiled, each operation is C, where each of a deque's is a
+    Python method call. Answered entries are dropped when it empties (usually at every
+    ReadyForQuery) or, in a long pipeline, once they are half the list."""
+
+    __slots__ = ("_items", "_first")
+
+    def __init__(self) -> None:
+        self._items: list[_Request] = []
+        self._first = 0
+
+    def __len__(self) -> int:
+        return len(self._items) - self._first
+
+    def __bool__(self) -> bool:
+        return len(self._items) > self._first
+
+    def __getitem__(self, index: int) -> _Request:
+        """The entry `index` places from the front; negative from the back."""
+        position = self._first + index if index >= 0 else len(self._items) + index
+        if position < self._first or position >= len(self._items):
+            raise IndexError("no such request outstanding")
+        return self._items[position]
+
+    def __iter__(self) -> Iterator[_Request]:
+        return iter(self._items[self._first:])
+
+    def append(self, request: _Request) -> None:
+        self._items.append(request)
+
+    def appendleft(self, request: _Request) -> None:
+        if self._first:
+            self._first -= 1
+            self._items[self._first] = request
+        else:
+            self._items.insert(0, request)
+
+    def popleft(self) -> _Request:
+        items = self._items
+        if self._first >= len(items):
+            raise IndexError("no request outstanding")
+        request = items[self._first]
+        self._first += 1
+        if self._first == len(items):
+            items.clear()
+            self._first = 0
+        elif self._first >= _COMPACT_PENDING and 2 * self._first >= len(items):
+            del items[:self._first]
+            self._first = 0
+        return request
 
 
 class Decoder:
@@ -130,7 +192,7 @@ class Decoder:
         self._keep_parameters = keep_parameters
         self._max_sql_chars = max_sql_chars
         self._now = 0.0
-        self._pending: deque[_Request] = deque()
+        self._pending = _Pending()
         self._statements: dict[bytes, tuple[str, bool]] = {}  # name -> (text, truncated)
         self._statement_chars = 0
         self._texts = TextBudget() if texts is None else texts
@@ -380,7 +442,7 @@ class Decoder:
 
     def _ready_for_query(self, body: bytes) -> None:
         """ReadyForQuery: Byte1 status: 'I' idle, 'T' in a transaction block, 'E' failed block."""
-        status = chr(body[0])
+        status = _CHARS[body[0]]
         # The startup's ReadyForQuery answers no request: a client may have sent its first
         # statements before it arrived, and they are still owed.
         pending = self._pending
@@ -629,6 +691,8 @@ class _ServerMessages(MessageSink):
 
 
 _UNKNOWN: Final = ("", False)
+# A byte as a one-character str: indexing this is compiled, a call of chr() is not.
+_CHARS: Final = bytes(range(256)).decode("latin-1")
 
 
 def _text(raw: bytes) -> str:
