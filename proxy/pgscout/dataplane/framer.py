@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from mypy_extensions import mypyc_attr
+from mypy_extensions import i64, mypyc_attr
 
 from pgscout.dataplane import wire
 
@@ -128,8 +128,9 @@ class Framer:
         self.data_rows = 0
 
     def feed(self, data: bytes) -> None:
-        end = len(data)
-        pos = 0
+        # Positions are i64, native C integers when compiled (int is tagged, checked at each step).
+        end: i64 = len(data)
+        pos: i64 = 0
         if self._skip:
             if self._skip >= end:
                 self._skip -= end
@@ -154,13 +155,18 @@ class Framer:
         actions = self._actions
         sink = self._sink
         whole_up_to = self._decode_limit + 4
-        rows = 0
+        rows: i64 = 0
+        typ: i64
+        length: i64
+        msg_end: i64
         while end - pos >= 5:
             typ = data[pos]
-            length = int32(data, pos + 1)
+            # The Int32 read unsigned, inline (this runs for every message): a negative length
+            # is over _POSTGRES_MAX_LENGTH too.
+            length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
             if length < 4 or length > _POSTGRES_MAX_LENGTH:
                 self.data_rows += rows
-                raise FramingError(_bad_length(typ, length))
+                raise FramingError(_bad_length(typ, int32(data, pos + 1)))
             msg_end = pos + 1 + length
             action = actions[typ]
             if action == _SKIP:
