@@ -211,6 +211,9 @@ class Decoder:
         self._idle_in_txn = 0.0
         self._last_tag = ""
         self._last_error = False
+        self._tag_body = b""  # the last CommandComplete body, decoded as _tag, _tag_row_count
+        self._tag = ""
+        self._tag_row_count = 0
         self.client = Framer(_ClientMessages(self), _ClientMessages.DECODED, max_message_length,
                              runs=_ClientMessages.RUNS)
         self.server = Framer(_ServerMessages(self), _ServerMessages.DECODED, max_message_length,
@@ -304,9 +307,10 @@ class Decoder:
         params = _bind_values(body, pos, n_params) if self._keep_parameters and complete else None
         sql, truncated = self._statements.get(body[portal_end + 1:statement_end], _UNKNOWN)
         name = body[:portal_end]
-        old = self._portals.get(name)
-        if old is not None and old.suspended_at:
-            self._finish_suspended(old)
+        if self._suspended:  # rebinding a suspended portal ends what ran of it
+            old = self._portals.get(name)
+            if old is not None and old.suspended_at:
+                self._finish_suspended(old)
         self._portals[name] = _Portal(sql, truncated, signature, n_params, params)
 
     def _execute(self, body: bytes) -> None:
@@ -383,8 +387,12 @@ class Decoder:
 
     def _command_complete(self, body: bytes) -> None:
         """CommandComplete: String tag ("SELECT 5", "INSERT 0 1", "UPDATE 3", "BEGIN"...)."""
-        tag = body[:-1]
-        self._statement_done(tag.decode("ascii", "replace"), _tag_rows(tag), None)
+        # Sessions mostly repeat one tag (pgbench: "SELECT 1"): it is decoded when it changes.
+        if body != self._tag_body:
+            self._tag_body = body
+            self._tag = body[:-1].decode("ascii", "replace")
+            self._tag_row_count = _tag_rows(body[:-1])
+        self._statement_done(self._tag, self._tag_row_count, None)
 
     def _empty_query_response(self) -> None:
         """EmptyQueryResponse: no body; it answers an empty query string in place of CommandComplete."""
