@@ -72,8 +72,8 @@ class TextBudget:
 
 # Requests and portals are made for every statement and refer only to strs, numbers, bytes and
 # each other one way (a request to its portal): acyclic, they are allocated and freed without
-# the cyclic garbage collector tracking them.
-@mypyc_attr(acyclic=True)
+# the cyclic garbage collector tracking them, and the last one freed is reused.
+@mypyc_attr(acyclic=True, free_list_len=1)
 class _Request:
     __slots__ = ("kind", "sent_at", "portal", "pipelined", "count")
 
@@ -107,7 +107,7 @@ class _Query(_Request):
         self.deallocated = False  # a named DEALLOCATE ran: its names are read once, at the end
 
 
-@mypyc_attr(acyclic=True)
+@mypyc_attr(acyclic=True, free_list_len=1)
 class _Portal:
     """A Bind's portal: the statement text and the parameter signature it runs with."""
 
@@ -305,7 +305,8 @@ class Decoder:
         # the values themselves are never kept.
         signature = hash(body[pos:]) if complete else hash((body[pos:], "incomplete"))
         params = _bind_values(body, pos, n_params) if self._keep_parameters and complete else None
-        sql, truncated = self._statements.get(body[portal_end + 1:statement_end], _UNKNOWN)
+        text = self._statements.get(body[portal_end + 1:statement_end])
+        sql, truncated = text if text is not None else _UNKNOWN
         name = body[:portal_end]
         if self._suspended:  # rebinding a suspended portal ends what ran of it
             old = self._portals.get(name)
@@ -451,6 +452,7 @@ class Decoder:
     def _ready_for_query(self, body: bytes) -> None:
         """ReadyForQuery: Byte1 status: 'I' idle, 'T' in a transaction block, 'E' failed block."""
         status = _CHARS[body[0]]
+        idle = status == "I"
         # The startup's ReadyForQuery answers no request: a client may have sent its first
         # statements before it arrived, and they are still owed.
         pending = self._pending
@@ -473,7 +475,7 @@ class Decoder:
         if not pending:
             self._open_executes = 0
             self._last_execute = None
-        if status == "I" and self._suspended:
+        if idle and self._suspended:
             # Leaving the transaction destroys its portals, suspended ones included.
             for name in [n for n, p in self._portals.items() if p.suspended_at]:
                 self._finish_suspended(self._portals.pop(name))
@@ -487,12 +489,12 @@ class Decoder:
             self._emit([records.READY, session.conn_id, self._now, session.backend_pid])
             if self._on_ready is not None:
                 self._on_ready(self._now)
-        elif status != "I" and previous in ("I", ""):
+        elif not idle and previous in ("I", ""):
             self._txn_started_at = self._work_started_at or self._now
             self._idle_in_txn = 0.0
-        elif status == "I" and previous in ("T", "E"):
+        elif idle and previous in ("T", "E"):
             self._end_transaction(previous)
-        if status != "I":
+        if not idle:
             self._idle_since = self._now
         self._work_started_at = 0.0
 
