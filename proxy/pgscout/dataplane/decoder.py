@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from mypy_extensions import mypyc_attr
+from mypy_extensions import i64, mypyc_attr
 
 from pgscout.dataplane import records, wire
 from pgscout.dataplane.events import Session
@@ -713,9 +713,10 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _string_end(body: bytes, start: int) -> int:
+def _string_end(body: bytes, start: i64) -> i64:
     """Where the String at body[start] ends (its zero byte). Names are short: a compiled loop
-    costs less than a call of bytes.index; an unterminated one raises IndexError."""
+    (over native integers) costs less than a call of bytes.index; an unterminated one raises
+    IndexError."""
     end = start
     while body[end]:
         end += 1

@@ -62,16 +62,17 @@ class StartupRefused(FramingError):
         self.reply = reply
 
 
-def int32(data: bytes, pos: int) -> int:
-    """The protocol's Int32 (big-endian, signed) at data[pos:pos + 4]. Byte indexing, which
-    mypyc compiles to plain C, where struct.unpack_from is a Python call and a tuple."""
-    value = data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
+def int32(data: bytes, pos: i64) -> i64:
+    """The protocol's Int32 (big-endian, signed) at data[pos:pos + 4]. Byte indexing and native
+    integers, which mypyc compiles to plain C, where struct.unpack_from is a Python call and a
+    tuple."""
+    value: i64 = data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def int16(data: bytes, pos: int) -> int:
+def int16(data: bytes, pos: i64) -> i64:
     """The protocol's Int16 (big-endian, signed) at data[pos:pos + 2]."""
-    value = data[pos] << 8 | data[pos + 1]
+    value: i64 = data[pos] << 8 | data[pos + 1]
     return value - (1 << 16) if value >= 1 << 15 else value
 
 
@@ -92,11 +93,11 @@ class MessageSink:
 class Framer:
     """Walks typed messages and hands those of the `decoded` types to `sink.message`.
 
-    It is called as `sink.message(typ, body, complete)`; `complete` is false when the message was
-    longer than `max_length` (the proxy.max_message_bytes setting) or its body longer than
-    DECODE_LIMIT, and only the front of the body is given. Messages of other types are skipped
-    without copying; `data_rows` counts skipped DataRow messages so the decoder can count rows of
-    suspended portals without ever seeing a row.
+    The sink is called as `sink.message(typ, body, complete)`; `complete` is false when the
+    message was longer than `max_length` (the proxy.max_message_bytes setting) or its body longer
+    than DECODE_LIMIT, and only the front of the body is given. Messages of other types are
+    skipped without copying; `data_rows` counts skipped DataRow messages so the decoder can count
+    rows of suspended portals without ever seeing a row.
 
     For the `runs` types (also decoded), a run of identical copies of one short message (a client
     pipelining thousands of Syncs, the server answering each with the same ReadyForQuery) is
