@@ -1,5 +1,6 @@
-"""Build hook: compiles pgscout's per-statement path (framing, decoding, the bus, the observers)
-to C extensions with mypyc; everything else about the package is declared in pyproject.toml.
+"""Build hook: compiles pgscout's per-statement path (protocol constants, framing, decoding, the
+bus, the observers) to C extensions with mypyc; everything else about the package is declared in
+pyproject.toml.
 
 Owns: which modules are compiled and when compiling is skipped. The compiled modules' .py files
 stay in the wheel and are the fallback: with PGSCOUT_PURE_PYTHON=1, in an editable install (so
@@ -13,6 +14,7 @@ import sys
 from setuptools import setup
 
 COMPILED_MODULES = [
+    "proxy/pgscout/dataplane/wire.py",
     "proxy/pgscout/dataplane/framer.py",
     "proxy/pgscout/dataplane/decoder.py",
     "proxy/pgscout/dataplane/events.py",

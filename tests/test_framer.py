@@ -15,27 +15,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wirebuild as w
-from pgscout.dataplane.framer import (DECODE_LIMIT, MAX_STARTUP_PACKET, Framer, FramingError, StartupRefused,
-                                      parse_startup_packet)
+from pgscout.dataplane.framer import (DECODE_LIMIT, MAX_STARTUP_PACKET, Framer, FramingError, MessageSink,
+                                      StartupRefused, parse_startup_packet)
 
 # The types the decoder handles in each direction; everything else must be skipped unread.
 CLIENT_DECODED = b"QPBDECSF"
 SERVER_DECODED = b"123tTnCIsEZKS"
 
 
-class Recorder:
-    """A Framer whose handlers record (type, body, complete) in arrival order."""
+class Recorder(MessageSink):
+    """A sink that records (type, body, complete) in arrival order, and the Framer feeding it."""
 
     def __init__(self, decoded: bytes, max_length: int | None = None):
         self.calls: list[tuple[str, bytes, bool]] = []
-        handlers = {t: self._handler(chr(t)) for t in decoded}
-        self.framer = (Framer(handlers) if max_length is None else Framer(handlers, max_length))
+        self.framer = (Framer(self, decoded) if max_length is None else Framer(self, decoded, max_length))
 
-    def _handler(self, kind: str):
-        def handle(body: bytes, complete: bool) -> None:
-            assert isinstance(body, bytes)
-            self.calls.append((kind, body, complete))
-        return handle
+    def message(self, typ: int, body: bytes, complete: bool) -> None:
+        assert isinstance(body, bytes)
+        self.calls.append((chr(typ), body, complete))
 
     def feed_chunks(self, chunks) -> Recorder:
         for chunk in chunks:

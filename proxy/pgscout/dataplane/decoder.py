@@ -4,7 +4,7 @@ Owns: the per-connection protocol state pgscout needs to see statements: prepare
 portal names, the FIFO of requests the server still owes a response to, transaction status, the
 backend pid and cancel key; and the compact records (dataplane/records.py) it emits: one per
 Execute, one per simple Query however many statements it holds, and the session's milestones.
-One dispatch table per direction, keyed by message type.
+One dispatch table per direction (_ClientMessages, _ServerMessages), keyed by message type.
 Its work is bounded by the bytes it is fed, whatever the SQL says: texts are cut to
 `max_sql_chars`, prepared statements are kept up to a character budget, the FIFO of outstanding
 requests holds runs of Sync as one entry and refuses to grow past MAX_PENDING (DecoderError: the
@@ -18,17 +18,14 @@ discards messages until Sync) and "Message Formats".
 from __future__ import annotations
 
 import re
-import struct
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
+
+from mypy_extensions import i64, mypyc_attr
 
 from pgscout.dataplane import records, wire
 from pgscout.dataplane.events import Session
-from pgscout.dataplane.framer import Framer
-
-_INT16: Final = struct.Struct("!h")
-_INT32: Final = struct.Struct("!i")
+from pgscout.dataplane.framer import Framer, MessageSink, int16, int32
 
 # Request kinds in the FIFO of things the server will answer, in the order it answers them.
 # Parse, Bind, Describe and Close are not queued: their answers (ParseComplete, BindComplete,
@@ -50,6 +47,8 @@ _MAX_STATEMENT_CHARS: Final = 512 * 1024
 PREPARED_TEXT_BUDGET: Final = 32 * 1024 * 1024
 # Outstanding requests a client may pipeline before pgscout stops observing its session.
 MAX_PENDING: Final = 10000
+# Answered requests a pipeline's FIFO may keep (at most as many as it holds) before dropping them.
+_COMPACT_PENDING: Final = 64
 DEFAULT_MAX_SQL_CHARS: Final = 32 * 1024
 # ParameterStatus values the analysis needs (attribution; how string literals are lexed).
 _REPORTED_PARAMETERS: Final = frozenset((b"application_name", b"standard_conforming_strings"))
@@ -71,6 +70,10 @@ class TextBudget:
         self.used = 0
 
 
+# Requests and portals are made for every statement and refer only to strs, numbers, bytes and
+# each other one way (a request to its portal): acyclic, they are allocated and freed without
+# the cyclic garbage collector tracking them, and the last one freed is reused.
+@mypyc_attr(acyclic=True, free_list_len=1)
 class _Request:
     __slots__ = ("kind", "sent_at", "portal", "pipelined", "count")
 
@@ -82,6 +85,7 @@ class _Request:
         self.count = 1  # a run of consecutive Syncs is one entry
 
 
+@mypyc_attr(acyclic=True)
 class _Query(_Request):
     """A simple Query. PostgreSQL sends the results of all its statements in one flush, so the
     time of each cannot be seen on the wire: the Query is reported whole, with how many
@@ -103,6 +107,7 @@ class _Query(_Request):
         self.deallocated = False  # a named DEALLOCATE ran: its names are read once, at the end
 
 
+@mypyc_attr(acyclic=True, free_list_len=1)
 class _Portal:
     """A Bind's portal: the statement text and the parameter signature it runs with."""
 
@@ -117,6 +122,59 @@ class _Portal:
         self.params = params
         self.suspended_at = 0.0  # first Execute's send time while PortalSuspended runs continue
         self.suspended_rows = 0
+
+
+class _Pending:
+    """The FIFO of requests the server still owes an answer to, oldest first, as a list and the
+    position of its first entry: compiled, each operation is C, where each of a deque's is a
+    Python method call. Answered entries are dropped when it empties (usually at every
+    ReadyForQuery) or, in a long pipeline, once they are half the list."""
+
+    __slots__ = ("_items", "_first")
+
+    def __init__(self) -> None:
+        self._items: list[_Request] = []
+        self._first = 0
+
+    def __len__(self) -> int:
+        return len(self._items) - self._first
+
+    def __bool__(self) -> bool:
+        return len(self._items) > self._first
+
+    def __getitem__(self, index: int) -> _Request:
+        """The entry `index` places from the front; negative from the back."""
+        position = self._first + index if index >= 0 else len(self._items) + index
+        if position < self._first or position >= len(self._items):
+            raise IndexError("no such request outstanding")
+        return self._items[position]
+
+    def __iter__(self) -> Iterator[_Request]:
+        return iter(self._items[self._first:])
+
+    def append(self, request: _Request) -> None:
+        self._items.append(request)
+
+    def appendleft(self, request: _Request) -> None:
+        if self._first:
+            self._first -= 1
+            self._items[self._first] = request
+        else:
+            self._items.insert(0, request)
+
+    def popleft(self) -> _Request:
+        items = self._items
+        if self._first >= len(items):
+            raise IndexError("no request outstanding")
+        request = items[self._first]
+        self._first += 1
+        if self._first == len(items):
+            items.clear()
+            self._first = 0
+        elif self._first >= _COMPACT_PENDING and 2 * self._first >= len(items):
+            del items[:self._first]
+            self._first = 0
+        return request
 
 
 class Decoder:
@@ -134,7 +192,7 @@ class Decoder:
         self._keep_parameters = keep_parameters
         self._max_sql_chars = max_sql_chars
         self._now = 0.0
-        self._pending: deque[_Request] = deque()
+        self._pending = _Pending()
         self._statements: dict[bytes, tuple[str, bool]] = {}  # name -> (text, truncated)
         self._statement_chars = 0
         self._texts = TextBudget() if texts is None else texts
@@ -153,27 +211,13 @@ class Decoder:
         self._idle_in_txn = 0.0
         self._last_tag = ""
         self._last_error = False
-        self.client = Framer({
-            wire.F_QUERY: self._query,
-            wire.F_PARSE: self._parse,
-            wire.F_BIND: self._bind,
-            wire.F_EXECUTE: self._execute,
-            wire.F_CLOSE: self._close,
-            wire.F_SYNC: self._sync,
-            wire.F_FUNCTION_CALL: self._function_call,
-            wire.F_COPY_DONE: self._copy_done,
-            wire.F_COPY_FAIL: self._copy_done,
-        }, max_message_length, runs={wire.F_SYNC: self._sync_run})
-        self.server = Framer({
-            wire.B_COMMAND_COMPLETE: self._command_complete,
-            wire.B_EMPTY_QUERY_RESPONSE: self._empty_query_response,
-            wire.B_PORTAL_SUSPENDED: self._portal_suspended,
-            wire.B_ERROR_RESPONSE: self._error_response,
-            wire.B_COPY_IN_RESPONSE: self._copy_in_response,
-            wire.B_READY_FOR_QUERY: self._ready_for_query,
-            wire.B_BACKEND_KEY_DATA: self._backend_key_data,
-            wire.B_PARAMETER_STATUS: self._parameter_status,
-        }, max_message_length, runs={wire.B_READY_FOR_QUERY: self._ready_run})
+        self._tag_body = b""  # the last CommandComplete body, decoded as _tag, _tag_row_count
+        self._tag = ""
+        self._tag_row_count = 0
+        self.client = Framer(_ClientMessages(self), _ClientMessages.DECODED, max_message_length,
+                             runs=_ClientMessages.RUNS)
+        self.server = Framer(_ServerMessages(self), _ServerMessages.DECODED, max_message_length,
+                             runs=_ServerMessages.RUNS)
 
     # -- entry points ----------------------------------------------------------------------
     def client_data(self, data: bytes, now: float) -> None:
@@ -212,7 +256,7 @@ class Decoder:
             return body[start:end].decode("utf-8", "replace"), False
         return body[start:start + limit].decode("utf-8", "ignore"), True
 
-    def _query(self, body: bytes, complete: bool) -> None:
+    def _query(self, body: bytes) -> None:
         """Query: String query."""
         end = body.find(0)
         if end < 0:
@@ -222,7 +266,7 @@ class Decoder:
         # the bytes, so repeats of one long statement still compare equal.
         self._push(_Query(sql, truncated, hash(body[:end]) if truncated else None, self._now))
 
-    def _parse(self, body: bytes, complete: bool) -> None:
+    def _parse(self, body: bytes) -> None:
         """Parse: String name, String query, Int16 n, Int32[n] parameter type OIDs."""
         if self._discarding:
             return
@@ -251,28 +295,30 @@ class Decoder:
         (Int32 len, Byte[len])[nparams], Int16 nresfmt, Int16[nresfmt]."""
         if self._discarding:
             return
-        portal_end = body.index(0)
-        statement_end = body.index(0, portal_end + 1)
+        portal_end = _string_end(body, 0)
+        statement_end = _string_end(body, portal_end + 1)
         pos = statement_end + 1
-        n_formats: int = _INT16.unpack_from(body, pos)[0]
+        n_formats = int16(body, pos)
         pos += 2 + 2 * n_formats
-        n_params: int = _INT16.unpack_from(body, pos)[0]
+        n_params = int16(body, pos)
         # Keyed hash (Python's per-process salted hash): equal values give equal signatures,
         # the values themselves are never kept.
         signature = hash(body[pos:]) if complete else hash((body[pos:], "incomplete"))
         params = _bind_values(body, pos, n_params) if self._keep_parameters and complete else None
-        sql, truncated = self._statements.get(body[portal_end + 1:statement_end], _UNKNOWN)
+        text = self._statements.get(body[portal_end + 1:statement_end])
+        sql, truncated = text if text is not None else _UNKNOWN
         name = body[:portal_end]
-        old = self._portals.get(name)
-        if old is not None and old.suspended_at:
-            self._finish_suspended(old)
+        if self._suspended:  # rebinding a suspended portal ends what ran of it
+            old = self._portals.get(name)
+            if old is not None and old.suspended_at:
+                self._finish_suspended(old)
         self._portals[name] = _Portal(sql, truncated, signature, n_params, params)
 
-    def _execute(self, body: bytes, complete: bool) -> None:
+    def _execute(self, body: bytes) -> None:
         """Execute: String portal, Int32 maximum rows (0 = no limit)."""
         if self._discarding:
             return
-        portal = self._portals.get(body[:body.index(0)])
+        portal = self._portals.get(body[:_string_end(body, 0)])
         if portal is None:  # pgscout did not see the Bind (e.g. evicted): time it anyway
             portal = _Portal("", False, 0, 0, None)
         request = _Request(EXECUTE, self._now, portal)
@@ -285,7 +331,7 @@ class Decoder:
         self._last_execute = request
         self._push(request)
 
-    def _close(self, body: bytes, complete: bool) -> None:
+    def _close(self, body: bytes) -> None:
         """Close: Byte1 'S' (statement) or 'P' (portal), String name."""
         if self._discarding:
             return
@@ -297,7 +343,8 @@ class Decoder:
             if portal is not None and portal.suspended_at:
                 self._finish_suspended(portal)
 
-    def _sync(self, body: bytes, complete: bool) -> None:
+    def _sync(self) -> None:
+        """Sync: no body."""
         if self._copy_in:
             return  # the server ignores Sync in copy-in mode
         self._discarding = False
@@ -315,16 +362,17 @@ class Decoder:
             return
         self._push(_Request(SYNC, self._now))
 
-    def _sync_run(self, body: bytes, count: int) -> None:
+    def _sync_run(self, count: int) -> None:
         """`count` Syncs in a row: the first as any Sync, the rest join its FIFO entry."""
-        self._sync(body, True)
+        self._sync()
         if count > 1 and not self._copy_in:
             self._pending[-1].count += count - 1
 
-    def _function_call(self, body: bytes, complete: bool) -> None:
+    def _function_call(self) -> None:
+        """FunctionCall: Int32 function OID, then its arguments: only its answer is waited for."""
         self._push(_Request(FUNCTION, self._now))
 
-    def _copy_done(self, body: bytes, complete: bool) -> None:
+    def _copy_done(self) -> None:
         """CopyDone or CopyFail from the client: copy-in mode ends."""
         self._copy_in = False
 
@@ -338,15 +386,20 @@ class Decoder:
                                f"{_KIND_NAMES[request.kind]} was first in line")
         return request
 
-    def _command_complete(self, body: bytes, complete: bool) -> None:
+    def _command_complete(self, body: bytes) -> None:
         """CommandComplete: String tag ("SELECT 5", "INSERT 0 1", "UPDATE 3", "BEGIN"...)."""
-        tag = body[:-1].decode("ascii", "replace")
-        self._statement_done(tag, _tag_rows(tag), None)
+        # Sessions mostly repeat one tag (pgbench: "SELECT 1"): it is decoded when it changes.
+        if body != self._tag_body:
+            self._tag_body = body
+            self._tag = body[:-1].decode("ascii", "replace")
+            self._tag_row_count = _tag_rows(body[:-1])
+        self._statement_done(self._tag, self._tag_row_count, None)
 
-    def _empty_query_response(self, body: bytes, complete: bool) -> None:
+    def _empty_query_response(self) -> None:
+        """EmptyQueryResponse: no body; it answers an empty query string in place of CommandComplete."""
         self._statement_done("EMPTY", 0, None)
 
-    def _portal_suspended(self, body: bytes, complete: bool) -> None:
+    def _portal_suspended(self) -> None:
         """PortalSuspended: the Execute's row limit was reached; a later Execute continues it."""
         request = self._expect(EXECUTE)
         self._open_executes -= 1
@@ -358,7 +411,7 @@ class Decoder:
         portal.suspended_rows += self.server.data_rows
         self.server.data_rows = 0
 
-    def _copy_in_response(self, body: bytes, complete: bool) -> None:
+    def _copy_in_response(self) -> None:
         """CopyInResponse: the server now ignores Sync until CopyDone or CopyFail. libpq sends
         Parse/Bind/Execute/Sync in one go, so that Sync is already queued: drop it."""
         self._copy_in = True
@@ -369,7 +422,7 @@ class Decoder:
                 pending.popleft()
             pending.appendleft(head)
 
-    def _error_response(self, body: bytes, complete: bool) -> None:
+    def _error_response(self, body: bytes) -> None:
         """ErrorResponse: (Byte1 field code, String value)* then a zero byte; 'C' is the SQLSTATE."""
         sqlstate = _error_field(body, b"C")
         self._copy_in = False
@@ -396,9 +449,10 @@ class Decoder:
             self._discarding = True  # the client has not sent its Sync yet
         self.server.data_rows = 0
 
-    def _ready_for_query(self, body: bytes, complete: bool) -> None:
+    def _ready_for_query(self, body: bytes) -> None:
         """ReadyForQuery: Byte1 status: 'I' idle, 'T' in a transaction block, 'E' failed block."""
-        status = chr(body[0])
+        status = _CHARS[body[0]]
+        idle = status == "I"
         # The startup's ReadyForQuery answers no request: a client may have sent its first
         # statements before it arrived, and they are still owed.
         pending = self._pending
@@ -421,7 +475,7 @@ class Decoder:
         if not pending:
             self._open_executes = 0
             self._last_execute = None
-        if status == "I" and self._suspended:
+        if idle and self._suspended:
             # Leaving the transaction destroys its portals, suspended ones included.
             for name in [n for n, p in self._portals.items() if p.suspended_at]:
                 self._finish_suspended(self._portals.pop(name))
@@ -435,19 +489,19 @@ class Decoder:
             self._emit([records.READY, session.conn_id, self._now, session.backend_pid])
             if self._on_ready is not None:
                 self._on_ready(self._now)
-        elif status != "I" and previous in ("I", ""):
+        elif not idle and previous in ("I", ""):
             self._txn_started_at = self._work_started_at or self._now
             self._idle_in_txn = 0.0
-        elif status == "I" and previous in ("T", "E"):
+        elif idle and previous in ("T", "E"):
             self._end_transaction(previous)
-        if status != "I":
+        if not idle:
             self._idle_since = self._now
         self._work_started_at = 0.0
 
     def _ready_run(self, body: bytes, count: int) -> None:
         """`count` identical ReadyForQuery in a row: past the first, those that answer a run of
         Syncs change nothing but the run's count (same status, nothing completed between)."""
-        self._ready_for_query(body, True)
+        self._ready_for_query(body)
         remaining = count - 1
         pending = self._pending
         if remaining and self._ready and pending and pending[0].kind == SYNC and not self._held:
@@ -455,14 +509,14 @@ class Decoder:
             pending[0].count -= taken
             remaining -= taken
         for _ in range(remaining):
-            self._ready_for_query(body, True)
+            self._ready_for_query(body)
 
-    def _backend_key_data(self, body: bytes, complete: bool) -> None:
+    def _backend_key_data(self, body: bytes) -> None:
         """BackendKeyData: Int32 pid, then the secret key (4 bytes before protocol 3.2, up to 256)."""
-        self.session.backend_pid = _INT32.unpack_from(body, 0)[0]
+        self.session.backend_pid = int32(body, 0)
         self.cancel_key = body[4:]
 
-    def _parameter_status(self, body: bytes, complete: bool) -> None:
+    def _parameter_status(self, body: bytes) -> None:
         """ParameterStatus: String name, String value (sent at startup and when a GUC_REPORT changes)."""
         name_end = body.index(0)
         name = body[:name_end]
@@ -539,7 +593,7 @@ class Decoder:
 
     def _track_pool_statements(self, sql: str, tag: str, sqlstate: str | None) -> None:
         """SQL-level DEALLOCATE and DISCARD ALL drop protocol-level prepared statements too."""
-        if sqlstate is not None or not tag.startswith(("DEALLOCATE", "DISCARD")):
+        if sqlstate is not None or not (tag.startswith("DEALLOCATE") or tag.startswith("DISCARD")):
             return
         if tag in ("DEALLOCATE ALL", "DISCARD ALL"):
             self._statements.clear()
@@ -578,7 +632,77 @@ class Decoder:
         self._idle_in_txn = 0.0
 
 
+class _ClientMessages(MessageSink):
+    """The frontend dispatch table: each client message type the decoder reads, to its handler."""
+
+    DECODED: Final = (wire.F_QUERY, wire.F_PARSE, wire.F_BIND, wire.F_EXECUTE, wire.F_CLOSE,
+                      wire.F_SYNC, wire.F_FUNCTION_CALL, wire.F_COPY_DONE, wire.F_COPY_FAIL)
+    RUNS: Final = (wire.F_SYNC,)
+
+    def __init__(self, decoder: Decoder) -> None:
+        self._decoder = decoder
+
+    # Compiled, each branch is a direct call of the decoder's method.
+    def message(self, typ: int, body: bytes, complete: bool) -> None:
+        decoder = self._decoder
+        if typ == wire.F_BIND:
+            decoder._bind(body, complete)
+        elif typ == wire.F_EXECUTE:
+            decoder._execute(body)
+        elif typ == wire.F_SYNC:
+            decoder._sync()
+        elif typ == wire.F_PARSE:
+            decoder._parse(body)
+        elif typ == wire.F_QUERY:
+            decoder._query(body)
+        elif typ == wire.F_CLOSE:
+            decoder._close(body)
+        elif typ == wire.F_FUNCTION_CALL:
+            decoder._function_call()
+        elif typ == wire.F_COPY_DONE or typ == wire.F_COPY_FAIL:
+            decoder._copy_done()
+
+    def run(self, typ: int, body: bytes, count: int) -> None:
+        self._decoder._sync_run(count)
+
+
+class _ServerMessages(MessageSink):
+    """The backend dispatch table: each server message type the decoder reads, to its handler."""
+
+    DECODED: Final = (wire.B_COMMAND_COMPLETE, wire.B_EMPTY_QUERY_RESPONSE, wire.B_PORTAL_SUSPENDED,
+                      wire.B_ERROR_RESPONSE, wire.B_COPY_IN_RESPONSE, wire.B_READY_FOR_QUERY,
+                      wire.B_BACKEND_KEY_DATA, wire.B_PARAMETER_STATUS)
+    RUNS: Final = (wire.B_READY_FOR_QUERY,)
+
+    def __init__(self, decoder: Decoder) -> None:
+        self._decoder = decoder
+
+    def message(self, typ: int, body: bytes, complete: bool) -> None:
+        decoder = self._decoder
+        if typ == wire.B_COMMAND_COMPLETE:
+            decoder._command_complete(body)
+        elif typ == wire.B_READY_FOR_QUERY:
+            decoder._ready_for_query(body)
+        elif typ == wire.B_ERROR_RESPONSE:
+            decoder._error_response(body)
+        elif typ == wire.B_EMPTY_QUERY_RESPONSE:
+            decoder._empty_query_response()
+        elif typ == wire.B_PORTAL_SUSPENDED:
+            decoder._portal_suspended()
+        elif typ == wire.B_COPY_IN_RESPONSE:
+            decoder._copy_in_response()
+        elif typ == wire.B_PARAMETER_STATUS:
+            decoder._parameter_status(body)
+        elif typ == wire.B_BACKEND_KEY_DATA:
+            decoder._backend_key_data(body)
+
+    def run(self, typ: int, body: bytes, count: int) -> None:
+        self._decoder._ready_run(body, count)
+
+
 _UNKNOWN: Final = ("", False)
+# A byte as a one-character str: indexing this is compiled, a call of chr() is not.
+_CHARS: Final = bytes(range(256)).decode("latin-1")
 
 
 def _text(raw: bytes) -> str:
@@ -589,13 +713,28 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _tag_rows(tag: str) -> int:
-    """The row count that ends SELECT/INSERT/UPDATE/DELETE/MERGE/COPY/FETCH/MOVE tags."""
-    space = tag.rfind(" ")
-    if space < 0:
+def _string_end(body: bytes, start: i64) -> i64:
+    """Where the String at body[start] ends (its zero byte). Names are short: a compiled loop
+    (over native integers) costs less than a call of bytes.index; an unterminated one raises
+    IndexError."""
+    end = start
+    while body[end]:
+        end += 1
+    return end
+
+
+def _tag_rows(tag: bytes) -> int:
+    """The row count that ends SELECT/INSERT/UPDATE/DELETE/MERGE/COPY/FETCH/MOVE tags: the
+    digits after the last space, read byte by byte (compiled, no str and no int() call)."""
+    start = len(tag)
+    while start and 0x30 <= tag[start - 1] <= 0x39:
+        start -= 1
+    if start == len(tag) or not start or tag[start - 1] != 0x20:
         return 0
-    count = tag[space + 1:]
-    return int(count) if count.isdigit() else 0
+    rows = 0
+    for pos in range(start, len(tag)):
+        rows = rows * 10 + tag[pos] - 0x30
+    return rows
 
 
 def _error_field(body: bytes, code: bytes) -> str | None:
@@ -612,7 +751,7 @@ def _bind_values(body: bytes, pos: int, n_params: int) -> tuple[bytes | None, ..
     pos += 2
     values: list[bytes | None] = []
     for _ in range(n_params):
-        length = _INT32.unpack_from(body, pos)[0]
+        length = int32(body, pos)
         pos += 4
         if length < 0:
             values.append(None)

@@ -12,16 +12,14 @@ pgscout's own decide anything about the stream: the framer only observes what is
 from __future__ import annotations
 
 import re
-import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from mypy_extensions import i64, mypyc_attr
+
 from pgscout.dataplane import wire
 
-_HEADER: Final = struct.Struct("!Bi")
-_INT32: Final = struct.Struct("!i")
-_DATA_ROW: Final = wire.B_DATA_ROW
 
 # Bodies longer than this are delivered cut to this many bytes (flagged incomplete): the decoder
 # needs the names and SQL at the front of a Bind or Query, never 100 MB of bytea behind them.
@@ -36,12 +34,15 @@ MAX_CANCEL_KEY: Final = 256
 # relays any 3.x minor and lets the server negotiate it down).
 _SUPPORTED_PROTOCOLS: Final = "server supports 3.0 to 3.0"
 
-Handler = Callable[[bytes, bool], None]
-RunHandler = Callable[[bytes, int], None]
 # Runs are looked for among messages this short (Sync is 4 bytes of length, ReadyForQuery 5)...
 _MAX_RUN_LENGTH: Final = 8
 # ...and of so many distinct messages at most (ReadyForQuery has three statuses).
 _MAX_RUN_PATTERNS: Final = 8
+
+# What the framer does with each message type (Framer._actions, one byte per type).
+_SKIP: Final = 0
+_DELIVER: Final = 1
+_DELIVER_RUNS: Final = 2
 
 
 class FramingError(Exception):
@@ -61,31 +62,62 @@ class StartupRefused(FramingError):
         self.reply = reply
 
 
-class Framer:
-    """Walks typed messages and hands the ones in `handlers` to their handler.
+def int32(data: bytes, pos: i64) -> i64:
+    """The protocol's Int32 (big-endian, signed) at data[pos:pos + 4]. Byte indexing and native
+    integers, which mypyc compiles to plain C, where struct.unpack_from is a Python call and a
+    tuple."""
+    value: i64 = data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
+    return value - (1 << 32) if value >= 1 << 31 else value
 
-    A handler is called as `handler(body, complete)`; `complete` is false when the message was
-    longer than `max_length` (the proxy.max_message_bytes setting) or its body longer than
-    DECODE_LIMIT, and only the front of the body is given. Messages whose type has no handler are
+
+def int16(data: bytes, pos: i64) -> i64:
+    """The protocol's Int16 (big-endian, signed) at data[pos:pos + 2]."""
+    value: i64 = data[pos] << 8 | data[pos + 1]
+    return value - (1 << 16) if value >= 1 << 15 else value
+
+
+# Subclassed by the decoder (compiled: its calls are native) and by tests (interpreted).
+@mypyc_attr(allow_interpreted_subclasses=True)
+class MessageSink:
+    """Where a Framer delivers the messages it was told to decode."""
+
+    def message(self, typ: int, body: bytes, complete: bool) -> None:
+        """One message of type `typ`; `complete` is false when only the front of its body is given."""
+        raise NotImplementedError
+
+    def run(self, typ: int, body: bytes, count: int) -> None:
+        """`count` identical copies of one short message in a row (only for the `runs` types)."""
+        raise NotImplementedError
+
+
+class Framer:
+    """Walks typed messages and hands those of the `decoded` types to `sink.message`.
+
+    The sink is called as `sink.message(typ, body, complete)`; `complete` is false when the
+    message was longer than `max_length` (the proxy.max_message_bytes setting) or its body longer
+    than DECODE_LIMIT, and only the front of the body is given. Messages of other types are
     skipped without copying; `data_rows` counts skipped DataRow messages so the decoder can count
     rows of suspended portals without ever seeing a row.
 
-    `runs` names, by type, a handler for a run of identical copies of one short message (a client
-    pipelining thousands of Syncs, the server answering each with the same ReadyForQuery): it is
-    called once as `run(body, count)`, the run found by one C-level regex match. The work per
-    byte must be small for the smallest messages too, or a flood of 5-byte Syncs keeps the
-    forwarding loop busy for seconds, however bounded in bytes.
+    For the `runs` types (also decoded), a run of identical copies of one short message (a client
+    pipelining thousands of Syncs, the server answering each with the same ReadyForQuery) is
+    delivered once as `sink.run(typ, body, count)`, the run found by one C-level regex match. The
+    work per byte must be small for the smallest messages too, or a flood of 5-byte Syncs keeps
+    the forwarding loop busy for seconds, however bounded in bytes.
     """
 
-    __slots__ = ("_handlers", "_table", "_runs", "_run_patterns", "_decode_limit", "_skip", "_head",
+    __slots__ = ("_sink", "_actions", "_run_patterns", "_decode_limit", "_skip", "_head",
                  "_type", "_body", "_want", "_after", "data_rows")
 
-    def __init__(self, handlers: Mapping[int, Handler], max_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH,
-                 runs: Mapping[int, RunHandler] | None = None):
-        self._handlers = dict(handlers)
-        self._table: list[Handler | None] = [self._handlers.get(typ) for typ in range(256)]
-        given = dict(runs or {})
-        self._runs: list[RunHandler | None] = [given.get(typ) for typ in range(256)]
+    def __init__(self, sink: MessageSink, decoded: Iterable[int],
+                 max_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH, runs: Iterable[int] = ()):
+        self._sink = sink
+        actions = bytearray(256)
+        for typ in decoded:
+            actions[typ] = _DELIVER
+        for typ in runs:
+            actions[typ] = _DELIVER_RUNS
+        self._actions = bytes(actions)
         self._run_patterns: dict[bytes, re.Pattern[bytes]] = {}
         self._decode_limit = max(0, min(DECODE_LIMIT, max_length - 4))
         self._skip = 0  # bytes of a skipped message still to come
@@ -97,8 +129,9 @@ class Framer:
         self.data_rows = 0
 
     def feed(self, data: bytes) -> None:
-        end = len(data)
-        pos = 0
+        # Positions are i64, native C integers when compiled (int is tagged, checked at each step).
+        end: i64 = len(data)
+        pos: i64 = 0
         if self._skip:
             if self._skip >= end:
                 self._skip -= end
@@ -120,23 +153,26 @@ class Framer:
             if pos >= end:
                 return
 
-        table = self._table
-        unpack = _HEADER.unpack_from
+        actions = self._actions
+        sink = self._sink
         whole_up_to = self._decode_limit + 4
-        rows = 0
-        # Declared because struct returns Any: compiled, int arithmetic on them is then native.
-        typ: int
-        length: int
+        rows: i64 = 0
+        typ: i64
+        length: i64
+        msg_end: i64
         while end - pos >= 5:
-            typ, length = unpack(data, pos)
+            typ = data[pos]
+            # The Int32 read unsigned, inline (this runs for every message): a negative length
+            # is over _POSTGRES_MAX_LENGTH too.
+            length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
             if length < 4 or length > _POSTGRES_MAX_LENGTH:
                 self.data_rows += rows
-                raise FramingError(_bad_length(typ, length))
+                raise FramingError(_bad_length(typ, int32(data, pos + 1)))
             msg_end = pos + 1 + length
-            handler = table[typ]
-            if handler is None:
+            action = actions[typ]
+            if action == _SKIP:
                 # The common case by far in a large result: count a DataRow, skip its body.
-                if typ == _DATA_ROW:
+                if typ == wire.B_DATA_ROW:
                     rows += 1
                 if msg_end > end:
                     self._skip = msg_end - end
@@ -145,16 +181,16 @@ class Framer:
                 pos = msg_end
             elif msg_end <= end and length <= whole_up_to:
                 if rows:
-                    self.data_rows += rows  # the handler may read the count
+                    self.data_rows += rows  # the sink may read the count
                     rows = 0
-                run = self._runs[typ]
-                if run is not None and msg_end < end and data[msg_end] == typ and length <= _MAX_RUN_LENGTH:
+                if (action == _DELIVER_RUNS and msg_end < end and data[msg_end] == typ
+                        and length <= _MAX_RUN_LENGTH):
                     count = self._run_count(data, pos, msg_end)
                     if count > 1:
-                        run(data[pos + 5:msg_end], count)
+                        sink.run(typ, data[pos + 5:msg_end], count)
                         pos += count * (msg_end - pos)
                         continue
-                handler(data[pos + 5:msg_end], True)
+                sink.message(typ, data[pos + 5:msg_end], True)
                 pos = msg_end
             else:
                 self.data_rows += rows
@@ -178,15 +214,13 @@ class Framer:
 
     def _begin(self, header: bytes, hpos: int, data: bytes, pos: int) -> int:
         """Start on the message whose header is at header[hpos:hpos+5]; its body starts at data[pos]."""
-        typ: int
-        length: int
-        typ, length = _HEADER.unpack_from(header, hpos)
+        typ = header[hpos]
+        length = int32(header, hpos + 1)
         if length < 4 or length > _POSTGRES_MAX_LENGTH:
             raise FramingError(_bad_length(typ, length))
         body_len = length - 4
-        handler = self._handlers.get(typ)
-        if handler is None:
-            if typ == _DATA_ROW:
+        if self._actions[typ] == _SKIP:
+            if typ == wire.B_DATA_ROW:
                 self.data_rows += 1
             available = len(data) - pos
             if body_len > available:
@@ -211,7 +245,7 @@ class Framer:
             return pos
         self._body = None
         complete = self._after == 0
-        self._handlers[self._type](bytes(body), complete)
+        self._sink.message(self._type, bytes(body), complete)
         if self._after:
             available = len(data) - pos
             if self._after > available:
@@ -259,13 +293,13 @@ def parse_startup_packet(buf: bytes | bytearray, *, ssl_done: bool = False,
     """
     if len(buf) < 4:
         return None, 0
-    length = _INT32.unpack_from(buf, 0)[0]
+    length = int32(bytes(buf[:4]), 0)
     if length < 8 or length > MAX_STARTUP_PACKET:
         raise StartupRefused(f"invalid length of startup packet ({length})")
     if len(buf) < length:
         return None, 0
     raw = bytes(buf[:length])
-    code = _INT32.unpack_from(raw, 4)[0] & 0xFFFFFFFF
+    code = int32(raw, 4) & 0xFFFFFFFF
     if code == wire.SSL_REQUEST_CODE and not ssl_done:
         return StartupPacket("ssl", raw, code), length
     if code == wire.GSSENC_REQUEST_CODE and not gss_done:
@@ -273,7 +307,7 @@ def parse_startup_packet(buf: bytes | bytearray, *, ssl_done: bool = False,
     if code == wire.CANCEL_REQUEST_CODE:
         if not 16 <= length <= 12 + MAX_CANCEL_KEY:
             raise StartupRefused(f"invalid length of startup packet (CancelRequest of {length} bytes)")
-        pid = _INT32.unpack_from(raw, 8)[0]
+        pid = int32(raw, 8)
         return StartupPacket("cancel", raw, code, cancel_pid=pid, cancel_key=raw[12:]), length
     major, minor = code >> 16, code & 0xFFFF
     if major != wire.PROTOCOL_MAJOR:

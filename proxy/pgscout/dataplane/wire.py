@@ -9,75 +9,76 @@ Reference: PostgreSQL docs, "Frontend/Backend Protocol", sections Message Format
 from __future__ import annotations
 
 import struct
+from typing import Final
 
-PROTOCOL_MAJOR = 3
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
+PROTOCOL_MAJOR: Final = 3
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
 # PostgreSQL refuses any message longer than 1 GiB (PQ_LARGE_MESSAGE_LIMIT's neighbour MaxAllocSize).
-DEFAULT_MAX_MESSAGE_LENGTH = 1 << 30
+DEFAULT_MAX_MESSAGE_LENGTH: Final = 1 << 30
 # First byte of a TLS ClientHello: PostgreSQL 17's sslnegotiation=direct skips SSLRequest.
-TLS_HANDSHAKE_RECORD = 0x16
+TLS_HANDSHAKE_RECORD: Final = 0x16
 
 # Frontend (client -> server) message types.
-F_BIND = ord("B")
-F_CLOSE = ord("C")
-F_COPY_DATA = ord("d")
-F_COPY_DONE = ord("c")
-F_COPY_FAIL = ord("f")
-F_DESCRIBE = ord("D")
-F_EXECUTE = ord("E")
-F_FLUSH = ord("H")
-F_FUNCTION_CALL = ord("F")
-F_PARSE = ord("P")
-F_PASSWORD = ord("p")  # also SASLInitialResponse, SASLResponse, GSSResponse: never decoded
-F_QUERY = ord("Q")
-F_SYNC = ord("S")
-F_TERMINATE = ord("X")
+F_BIND: Final = ord("B")
+F_CLOSE: Final = ord("C")
+F_COPY_DATA: Final = ord("d")
+F_COPY_DONE: Final = ord("c")
+F_COPY_FAIL: Final = ord("f")
+F_DESCRIBE: Final = ord("D")
+F_EXECUTE: Final = ord("E")
+F_FLUSH: Final = ord("H")
+F_FUNCTION_CALL: Final = ord("F")
+F_PARSE: Final = ord("P")
+F_PASSWORD: Final = ord("p")  # also SASLInitialResponse, SASLResponse, GSSResponse: never decoded
+F_QUERY: Final = ord("Q")
+F_SYNC: Final = ord("S")
+F_TERMINATE: Final = ord("X")
 
 # Backend (server -> client) message types.
-B_AUTHENTICATION = ord("R")
-B_BACKEND_KEY_DATA = ord("K")
-B_BIND_COMPLETE = ord("2")
-B_CLOSE_COMPLETE = ord("3")
-B_COMMAND_COMPLETE = ord("C")
-B_COPY_BOTH_RESPONSE = ord("W")
-B_COPY_DATA = ord("d")
-B_COPY_DONE = ord("c")
-B_COPY_IN_RESPONSE = ord("G")
-B_COPY_OUT_RESPONSE = ord("H")
-B_DATA_ROW = ord("D")
-B_EMPTY_QUERY_RESPONSE = ord("I")
-B_ERROR_RESPONSE = ord("E")
-B_FUNCTION_CALL_RESPONSE = ord("V")
-B_NEGOTIATE_PROTOCOL_VERSION = ord("v")
-B_NO_DATA = ord("n")
-B_NOTICE_RESPONSE = ord("N")
-B_NOTIFICATION_RESPONSE = ord("A")
-B_PARAMETER_DESCRIPTION = ord("t")
-B_PARAMETER_STATUS = ord("S")
-B_PARSE_COMPLETE = ord("1")
-B_PORTAL_SUSPENDED = ord("s")
-B_READY_FOR_QUERY = ord("Z")
-B_ROW_DESCRIPTION = ord("T")
+B_AUTHENTICATION: Final = ord("R")
+B_BACKEND_KEY_DATA: Final = ord("K")
+B_BIND_COMPLETE: Final = ord("2")
+B_CLOSE_COMPLETE: Final = ord("3")
+B_COMMAND_COMPLETE: Final = ord("C")
+B_COPY_BOTH_RESPONSE: Final = ord("W")
+B_COPY_DATA: Final = ord("d")
+B_COPY_DONE: Final = ord("c")
+B_COPY_IN_RESPONSE: Final = ord("G")
+B_COPY_OUT_RESPONSE: Final = ord("H")
+B_DATA_ROW: Final = ord("D")
+B_EMPTY_QUERY_RESPONSE: Final = ord("I")
+B_ERROR_RESPONSE: Final = ord("E")
+B_FUNCTION_CALL_RESPONSE: Final = ord("V")
+B_NEGOTIATE_PROTOCOL_VERSION: Final = ord("v")
+B_NO_DATA: Final = ord("n")
+B_NOTICE_RESPONSE: Final = ord("N")
+B_NOTIFICATION_RESPONSE: Final = ord("A")
+B_PARAMETER_DESCRIPTION: Final = ord("t")
+B_PARAMETER_STATUS: Final = ord("S")
+B_PARSE_COMPLETE: Final = ord("1")
+B_PORTAL_SUSPENDED: Final = ord("s")
+B_READY_FOR_QUERY: Final = ord("Z")
+B_ROW_DESCRIPTION: Final = ord("T")
 
 # Authentication request codes (the Int32 after 'R').
-AUTH_OK = 0
-AUTH_SASL = 10
+AUTH_OK: Final = 0
+AUTH_SASL: Final = 10
 
 # Single-byte answers to SSLRequest / GSSENCRequest.
-ACCEPT_TLS = b"S"
-REFUSE_ENCRYPTION = b"N"
+ACCEPT_TLS: Final = b"S"
+REFUSE_ENCRYPTION: Final = b"N"
 
 _INT32 = struct.Struct("!i")
 
 # SQLSTATEs pgscout itself sends.
-CONNECTION_FAILURE = "08006"
-PROTOCOL_VIOLATION = "08P01"
-TOO_MANY_CONNECTIONS = "53300"
-CANNOT_CONNECT_NOW = "57P03"
-FEATURE_NOT_SUPPORTED = "0A000"
-INVALID_AUTHORIZATION = "28000"
+CONNECTION_FAILURE: Final = "08006"
+PROTOCOL_VIOLATION: Final = "08P01"
+TOO_MANY_CONNECTIONS: Final = "53300"
+CANNOT_CONNECT_NOW: Final = "57P03"
+FEATURE_NOT_SUPPORTED: Final = "0A000"
+INVALID_AUTHORIZATION: Final = "28000"
 
 
 def error_response(sqlstate: str, message: str, severity: str = "FATAL", detail: str = "") -> bytes:
