@@ -2,7 +2,7 @@
 
 Owns: a minimal raw-socket PostgreSQL client (StartupMessage, trust auth, simple Query, walking
 message headers without parsing rows), opening many idle sessions (each has run one query), reading a
-result at a fixed rate, and sampling a process's VmRSS from /proc while it happens.
+result at a fixed rate, and sampling the proxy's VmRSS (with its children's) while it happens.
 Must not: use a driver for the slow reader (a driver reads as fast as it can and buffers; the
 point is a client slower than the server) or keep row bytes (they are counted and dropped).
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+
+from pgharness import rss_bytes
 
 PROTOCOL_3_0 = 196608
 AUTHENTICATION_OK = 0
@@ -29,11 +31,8 @@ class WireError(RuntimeError):
 
 
 def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise WireError(f"no VmRSS for pid {pid}")
+    """The proxy's VmRSS with its children's: pgscout's analysis process counts too."""
+    return rss_bytes(pid) // 1024
 
 
 def _message(type_byte: bytes, body: bytes) -> bytes:
