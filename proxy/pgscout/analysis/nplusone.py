@@ -686,7 +686,10 @@ class NPlusOneDetector:
             scope.streams[trace] = self._streams[stream] = stream
             self._stream_bytes += stream.bytes
         else:
-            scope.streams.move_to_end(trace)
+            # Most scopes hold one stream (no trace ids): moving it would be a no-op, and a
+            # method call on an OrderedDict is a generic call from compiled code.
+            if len(scope.streams) > 1:
+                scope.streams.move_to_end(trace)
             self._streams.move_to_end(stream)
         return stream
 
@@ -738,7 +741,7 @@ class NPlusOneDetector:
 
     def _observe_owner(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
         owners = stream.owners
-        owner = owners.get(ev.fingerprint)
+        owner = owners.get(ev.fingerprint) if owners else None
         if owner is None:
             if ev.rows < self._owner_min_rows:
                 return
@@ -748,7 +751,7 @@ class NPlusOneDetector:
                 stream.bytes += OWNER_BYTES
                 self._stream_bytes += OWNER_BYTES
             owner = owners[ev.fingerprint] = _Owner(ev.fingerprint, shape)
-        else:
+        elif len(owners) > 1:
             owners.move_to_end(ev.fingerprint)
         owner.exec_id = stream.seq
         owner.rows = ev.rows
@@ -780,7 +783,7 @@ class NPlusOneDetector:
                 stream.bytes += TRACK_BYTES
                 self._stream_bytes += TRACK_BYTES
             track = tracks[fingerprint] = _Track(fingerprint, shape)
-        else:
+        elif len(tracks) > 1:  # one track (a loop's only child): already the newest
             tracks.move_to_end(fingerprint)
 
         if track.owner is None and stream.owner_seq > track.last_seq:
