@@ -412,13 +412,16 @@ class _Track:
 class _Scope:
     """A client connection, or an application's connections taken together (`shared`)."""
 
-    __slots__ = ("key", "shared", "streams", "last_fingerprint", "last_done", "application",
-                 "application_session", "application_name")
+    __slots__ = ("key", "shared", "streams", "newest", "last_fingerprint", "last_done",
+                 "application", "application_session", "application_name")
 
     def __init__(self, key: int | tuple, shared: bool) -> None:
         self.key = key
         self.shared = shared
         self.streams: OrderedDict[str | None, _Stream] = OrderedDict()
+        # The last of `streams` (None when it is gone): the stream of the scope's previous
+        # statement, almost always that of the next one, found without a generic call.
+        self.newest: _Stream | None = None
         # A connection's last statement (soft boundaries and catalog reads aside).
         self.last_fingerprint = ""
         self.last_done = 0.0
@@ -669,7 +672,9 @@ class NPlusOneDetector:
 
     def _stream_for(self, scope: _Scope, ev: StatementDone, trace: str | None,
                     max_streams: int) -> _Stream:
-        stream = scope.streams.get(trace)
+        stream = scope.newest
+        if stream is None or stream.trace != trace:
+            stream = scope.streams.get(trace)
         if stream is not None and (
             ev.sent_at - stream.last_done > self._idle_gap
             or stream.seq >= self._segment_max_events
@@ -683,19 +688,20 @@ class NPlusOneDetector:
             stream = _Stream(scope, trace, ev.session, ev.sent_at)
             if not scope.streams and scope.shared:
                 self._applications[scope.key] = scope
-            scope.streams[trace] = self._streams[stream] = stream
+            scope.streams[trace] = self._streams[stream] = scope.newest = stream
             self._stream_bytes += stream.bytes
         else:
-            # Most scopes hold one stream (no trace ids): moving it would be a no-op, and a
-            # method call on an OrderedDict is a generic call from compiled code.
-            if len(scope.streams) > 1:
+            if stream is not scope.newest:  # moving the newest would be a no-op
                 scope.streams.move_to_end(trace)
+                scope.newest = stream
             self._streams.move_to_end(stream)
         return stream
 
     def _end_stream(self, stream: _Stream, now: float) -> None:
         scope = stream.scope
         del scope.streams[stream.trace]
+        if scope.newest is stream:
+            scope.newest = None
         del self._streams[stream]
         self._stream_bytes -= stream.bytes
         if scope.shared and not scope.streams:
