@@ -17,8 +17,8 @@ literal-stripping lexer instead; its fingerprints are blake2b-derived with their
 personalization, so they do not share pglast's hash inputs. The lexer reads at most
 LEXED_PREFIX_CHARS of any text (about 0.5 us a character, pglast about 0.3).
 The cache is keyed by the comment-stripped text, so the comment scan runs per execution (a few
-microseconds when there is a comment, skipped when none can be) and the parse once per distinct
-statement text.
+microseconds when there is a comment, skipped when none can be or the text is the last
+comment-free one again) and the parse once per distinct statement text.
 This runs in the analysis process, never on the forwarding loop: a slow parse delays analysis
 (which sheds load when it falls behind), not traffic. libpg_query's normalize costs about 0.7 ms
 per level of nested subquery (1.5 s for 2,000 levels), so a text with many parentheses is parsed
@@ -158,6 +158,14 @@ class Fingerprinter:
         self._cached_chars = 0
         self._hits = self._misses = 0
         self.lexed_statements = 0
+        # The cache's most recently used entry: a statement run again and again (a prepared
+        # one, a loop) is answered without the OrderedDict's generic method calls.
+        self._newest_key: str | None = None
+        self._newest_shape: StatementShape | None = None
+        # The last text seen to hold no comment, and its strip(): the same text repeats (each
+        # batch's records carry one copy of it), and comparing is cheaper than scanning it.
+        self._plain_sql = ""
+        self._plain_text = ""
 
     def _describe_cached(self, key: str, text: str, backslashes: bool) -> StatementShape:
         """describe() through an LRU bounded in entries and in characters kept (keys plus
@@ -165,10 +173,15 @@ class Fingerprinter:
         cache = self._cache
         if backslashes:
             key = "\x00" + key  # the same text lexes differently: a key of its own
+        newest = self._newest_shape
+        if newest is not None and key == self._newest_key:
+            self._hits += 1
+            return newest
         shape = cache.get(key)
         if shape is not None:
             self._hits += 1
             cache.move_to_end(key)
+            self._newest_key, self._newest_shape = key, shape
             return shape
         self._misses += 1
         shape = self._displayed(describe(text, backslashes))
@@ -180,6 +193,10 @@ class Fingerprinter:
         while len(cache) > self._cache_size or self._cached_chars > self._cache_chars:
             old_text, old = cache.popitem(last=False)
             self._cached_chars -= len(old_text) + len(old.normalized)
+        if cache:  # evictions take the oldest first: the new entry is the last to go
+            self._newest_key, self._newest_shape = key, shape
+        else:
+            self._newest_key = self._newest_shape = None
         return shape
 
     def _displayed(self, shape: StatementShape) -> StatementShape:
@@ -196,10 +213,13 @@ class Fingerprinter:
             tags, derived = derive(sql, backslashes)
             shape = self._displayed(derived)
         else:
-            if may_hold_comments(sql):
+            if sql == self._plain_sql:
+                tags, text = None, self._plain_text
+            elif may_hold_comments(sql):
                 tags, text = parse_comments(sql)
             else:  # building parse_comments' answer (a NamedTuple) costs more than this test
                 tags, text = None, sql.strip()
+                self._plain_sql, self._plain_text = sql, text
             key = constant_free_key(text) if ev.param_sig is None and not backslashes else None
             if key is None:
                 shape = self._describe_cached(text, text, backslashes)

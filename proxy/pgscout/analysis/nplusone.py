@@ -412,13 +412,16 @@ class _Track:
 class _Scope:
     """A client connection, or an application's connections taken together (`shared`)."""
 
-    __slots__ = ("key", "shared", "streams", "last_fingerprint", "last_done", "application",
-                 "application_session", "application_name")
+    __slots__ = ("key", "shared", "streams", "newest", "last_fingerprint", "last_done",
+                 "application", "application_session", "application_name")
 
     def __init__(self, key: int | tuple, shared: bool) -> None:
         self.key = key
         self.shared = shared
         self.streams: OrderedDict[str | None, _Stream] = OrderedDict()
+        # The last of `streams` (None when it is gone): the stream of the scope's previous
+        # statement, almost always that of the next one, found without a generic call.
+        self.newest: _Stream | None = None
         # A connection's last statement (soft boundaries and catalog reads aside).
         self.last_fingerprint = ""
         self.last_done = 0.0
@@ -669,7 +672,9 @@ class NPlusOneDetector:
 
     def _stream_for(self, scope: _Scope, ev: StatementDone, trace: str | None,
                     max_streams: int) -> _Stream:
-        stream = scope.streams.get(trace)
+        stream = scope.newest
+        if stream is None or stream.trace != trace:
+            stream = scope.streams.get(trace)
         if stream is not None and (
             ev.sent_at - stream.last_done > self._idle_gap
             or stream.seq >= self._segment_max_events
@@ -683,16 +688,20 @@ class NPlusOneDetector:
             stream = _Stream(scope, trace, ev.session, ev.sent_at)
             if not scope.streams and scope.shared:
                 self._applications[scope.key] = scope
-            scope.streams[trace] = self._streams[stream] = stream
+            scope.streams[trace] = self._streams[stream] = scope.newest = stream
             self._stream_bytes += stream.bytes
         else:
-            scope.streams.move_to_end(trace)
+            if stream is not scope.newest:  # moving the newest would be a no-op
+                scope.streams.move_to_end(trace)
+                scope.newest = stream
             self._streams.move_to_end(stream)
         return stream
 
     def _end_stream(self, stream: _Stream, now: float) -> None:
         scope = stream.scope
         del scope.streams[stream.trace]
+        if scope.newest is stream:
+            scope.newest = None
         del self._streams[stream]
         self._stream_bytes -= stream.bytes
         if scope.shared and not scope.streams:
@@ -738,7 +747,7 @@ class NPlusOneDetector:
 
     def _observe_owner(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
         owners = stream.owners
-        owner = owners.get(ev.fingerprint)
+        owner = owners.get(ev.fingerprint) if owners else None
         if owner is None:
             if ev.rows < self._owner_min_rows:
                 return
@@ -748,7 +757,7 @@ class NPlusOneDetector:
                 stream.bytes += OWNER_BYTES
                 self._stream_bytes += OWNER_BYTES
             owner = owners[ev.fingerprint] = _Owner(ev.fingerprint, shape)
-        else:
+        elif len(owners) > 1:
             owners.move_to_end(ev.fingerprint)
         owner.exec_id = stream.seq
         owner.rows = ev.rows
@@ -780,7 +789,7 @@ class NPlusOneDetector:
                 stream.bytes += TRACK_BYTES
                 self._stream_bytes += TRACK_BYTES
             track = tracks[fingerprint] = _Track(fingerprint, shape)
-        else:
+        elif len(tracks) > 1:  # one track (a loop's only child): already the newest
             tracks.move_to_end(fingerprint)
 
         if track.owner is None and stream.owner_seq > track.last_seq:

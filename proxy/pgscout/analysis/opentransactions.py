@@ -81,7 +81,8 @@ class OpenTransactions:
     def on_statement(self, ev: StatementDone) -> None:
         conn_id = ev.session.conn_id
         if ev.txn_status not in ("T", "E"):
-            self._blocks.pop(conn_id, None)
+            if conn_id in self._blocks:  # `in` is a native operation, dict.pop a generic call
+                del self._blocks[conn_id]
             return
         block = self._blocks.get(conn_id)
         if block is None:

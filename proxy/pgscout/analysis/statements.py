@@ -167,6 +167,9 @@ class StatementStats:
     def __init__(self, max_fingerprints: int) -> None:
         self.max_fingerprints = max_fingerprints
         self._entries: OrderedDict[str, FingerprintStats] = OrderedDict()  # least recent first
+        # The last entry of _entries: a fingerprint seen again at once (a loop, a prepared
+        # statement) needs no look-up and no move, both generic calls from compiled code.
+        self._newest: FingerprintStats | None = None
         self._other = FingerprintStats(OTHER, "", "other", time.time())
         self._totals = Totals()
         self.evicted_total = 0
@@ -174,6 +177,7 @@ class StatementStats:
 
     def reset(self) -> None:
         self._entries.clear()
+        self._newest = None
         self.stats_reset = time.time()
         self._other = FingerprintStats(OTHER, "", "other", self.stats_reset)
 
@@ -190,9 +194,13 @@ class StatementStats:
         fingerprint = ev.fingerprint
         if not fingerprint:
             return self._other
+        newest = self._newest
+        if newest is not None and newest.fingerprint == fingerprint:
+            return newest
         entry = self._entries.get(fingerprint)
         if entry is not None:
             self._entries.move_to_end(fingerprint)
+            self._newest = entry
             return entry
         if len(self._entries) >= self.max_fingerprints:
             if not self._entries:
@@ -200,7 +208,7 @@ class StatementStats:
             _, evicted = self._entries.popitem(last=False)
             self._other.absorb(evicted)
             self.evicted_total += 1
-        entry = self._entries[fingerprint] = FingerprintStats(
+        entry = self._entries[fingerprint] = self._newest = FingerprintStats(
             fingerprint, ev.normalized, ev.kind, now
         )
         return entry
