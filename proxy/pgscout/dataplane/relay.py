@@ -260,7 +260,16 @@ class Relay:
                 pos = len(buffer)
                 break
         del buffer[:pos]
+        if not self.starting_up and not self.closed:
+            self._relay_from_now_on()
         return b"".join(out)
+
+    def _relay_from_now_on(self) -> None:
+        """Startup is over (authentication too, so no binding check is pending): both legs take
+        their relaying path from the next chunk on."""
+        for leg, relaying in ((self.client, RelayingClientLeg), (self.upstream, RelayingServerLeg)):
+            leg.__class__ = relaying
+            leg.transport.set_protocol(leg)
 
     def _authenticated(self) -> None:
         """Authentication is over (the startup goes on until ReadyForQuery)."""
@@ -467,9 +476,7 @@ class ClientLeg(asyncio.Protocol):
                     return
             relay.upstream.transport.write(data)
             relay.session.bytes_from_client += len(data)
-            # Terminate is a client's last message: the hang-up policy must never cancel what
-            # a client ended cleanly, and a TLS upstream leg can wait for the server's close.
-            relay.said_goodbye = data.endswith(_TERMINATE)
+            relay.said_goodbye = data[-5:] == _TERMINATE
             if relay.decoder is not None:
                 relay.decode_client(data)
         elif not relay.closed:
@@ -547,3 +554,45 @@ class ServerLeg(UpstreamProtocol):
     def resume_writing(self) -> None:
         self.relay.client_paused = False
         self.relay.client.transport.resume_reading()
+
+
+# Once startup is over, each leg's class becomes its relaying one and the transport is told again
+# (set_protocol: uvloop caches data_received when it is given a protocol), so that every later
+# chunk takes a path with none of the startup phase's checks and one Python frame. The object
+# stays the same one: the relay, the other leg and the transport keep referring to it.
+class RelayingClientLeg(ClientLeg):
+    """ClientLeg after startup: forward, count, note a Terminate, decode."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        relay.upstream.transport.write(data)
+        relay.session.bytes_from_client += len(data)
+        # Terminate is a client's last message: the hang-up policy must never cancel what a
+        # client ended cleanly, and a TLS upstream leg can wait for the server's close.
+        relay.said_goodbye = data[-5:] == _TERMINATE
+        decoder = relay.decoder
+        if decoder is not None:
+            # A FramingError desyncs like any decoder failure (see Relay.decode_client).
+            try:
+                decoder.client_data(data, monotonic())
+            except Exception as exc:
+                relay.desync(exc)
+
+
+class RelayingServerLeg(ServerLeg):
+    """ServerLeg after startup: forward, count, decode."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        relay.client.transport.write(data)
+        relay.session.bytes_from_server += len(data)
+        decoder = relay.decoder
+        if decoder is not None:
+            try:
+                decoder.server_data(data, monotonic())
+            except Exception as exc:
+                relay.desync(exc)
