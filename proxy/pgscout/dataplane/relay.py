@@ -2,8 +2,10 @@
 
 Owns: the two asyncio Protocols of a session, the startup phase (SSLRequest, GSSENCRequest,
 CancelRequest, StartupMessage) answered the way the postmaster answers it, the startup timeout,
-forwarding each received chunk to the other leg *before* decoding it, flow control between the
-legs, a client's half-close passed on to the server, and closing both legs together.
+forwarding each received chunk to the other leg *before* decoding it (after startup through
+each leg's relaying class, whose per-chunk path has no startup checks), the bytes each leg
+forwarded, flow control between the legs, a client's half-close passed on to the server, and
+closing both legs together.
 Must not: parse messages itself (framer/decoder do), let a decoder failure touch the byte stream
 (the session is marked desynced and keeps forwarding), or log per message.
 Reference: PostgreSQL's postmaster.c (ProcessStartupPacket, processCancelRequest) for what a
