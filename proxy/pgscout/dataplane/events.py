@@ -32,7 +32,7 @@ class Session:
     txn_status: str = ""  # "" before the first ReadyForQuery, then "I", "T" or "E"
     active: bool = False
     standard_strings: bool = True  # standard_conforming_strings, from ParameterStatus
-    bytes_from_client: int = 0
+    bytes_from_client: int = 0  # set when the session closes (Relay.bytes_relayed counts them)
     bytes_from_server: int = 0
     # StartupMessage parameters the analysis judges by (records.STARTUP_PARAMETERS), as sent.
     startup: dict[str, str] = field(default_factory=dict)

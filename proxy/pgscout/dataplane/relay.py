@@ -2,8 +2,10 @@
 
 Owns: the two asyncio Protocols of a session, the startup phase (SSLRequest, GSSENCRequest,
 CancelRequest, StartupMessage) answered the way the postmaster answers it, the startup timeout,
-forwarding each received chunk to the other leg *before* decoding it, flow control between the
-legs, a client's half-close passed on to the server, and closing both legs together.
+forwarding each received chunk to the other leg *before* decoding it (after startup through
+each leg's relaying class, whose per-chunk path has no startup checks), the bytes each leg
+forwarded, flow control between the legs, a client's half-close passed on to the server, and
+closing both legs together.
 Must not: parse messages itself (framer/decoder do), let a decoder failure touch the byte stream
 (the session is marked desynced and keeps forwarding), or log per message.
 Reference: PostgreSQL's postmaster.c (ProcessStartupPacket, processCancelRequest) for what a
@@ -213,7 +215,7 @@ class Relay:
                 return
         transport.write(startup_packet + pending)
         if pending:
-            self.session.bytes_from_client += len(pending)
+            self.client.relayed += len(pending)
             self.decode_client(pending)
         self.client.transport.resume_reading()
 
@@ -260,7 +262,16 @@ class Relay:
                 pos = len(buffer)
                 break
         del buffer[:pos]
+        if not self.starting_up and not self.closed:
+            self._relay_from_now_on()
         return b"".join(out)
+
+    def _relay_from_now_on(self) -> None:
+        """Startup is over (authentication too, so no binding check is pending): both legs take
+        their relaying path from the next chunk on."""
+        for leg, relaying in ((self.client, RelayingClientLeg), (self.upstream, RelayingServerLeg)):
+            leg.__class__ = relaying
+            leg.transport.set_protocol(leg)
 
     def _authenticated(self) -> None:
         """Authentication is over (the startup goes on until ReadyForQuery)."""
@@ -387,6 +398,14 @@ class Relay:
             self.client.transport.write(reply)
         self.close(f"error: {message}")
 
+    def bytes_relayed(self) -> tuple[int, int]:
+        """Bytes forwarded so far (from the client, from the server). The legs count them, not
+        the Session: a compiled class's attribute costs interpreted code ~1000 instructions per
+        `+=` (no specialization for its descriptors), a slot a tenth of that. The Session's
+        counts are set from these when it closes."""
+        client = 0 if self.client is None else self.client.relayed
+        return client, 0 if self.upstream is None else self.upstream.relayed
+
     def close(self, reason: str) -> None:
         if self.closed:
             return
@@ -413,6 +432,7 @@ class Relay:
         if self.decoder is not None:
             self.decoder.close()
         if self.session.opened_at:
+            self.session.bytes_from_client, self.session.bytes_from_server = self.bytes_relayed()
             self.server.session_closed(self, monotonic())
         elif reason.startswith("error"):
             self.server.startup_failed(self)
@@ -442,11 +462,12 @@ def _without_channel_binding(message: bytes) -> bytes:
 class ClientLeg(asyncio.Protocol):
     """The application's side of a session."""
 
-    __slots__ = ("relay", "transport")
+    __slots__ = ("relay", "transport", "relayed")
 
     def __init__(self, relay: Relay):
         self.relay = relay
         self.transport: asyncio.Transport | None = None
+        self.relayed = 0  # bytes forwarded to the server (see Relay.bytes_relayed)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -466,10 +487,8 @@ class ClientLeg(asyncio.Protocol):
                 if not data:
                     return
             relay.upstream.transport.write(data)
-            relay.session.bytes_from_client += len(data)
-            # Terminate is a client's last message: the hang-up policy must never cancel what
-            # a client ended cleanly, and a TLS upstream leg can wait for the server's close.
-            relay.said_goodbye = data.endswith(_TERMINATE)
+            self.relayed += len(data)
+            relay.said_goodbye = data[-5:] == _TERMINATE
             if relay.decoder is not None:
                 relay.decode_client(data)
         elif not relay.closed:
@@ -496,12 +515,13 @@ class ClientLeg(asyncio.Protocol):
 class ServerLeg(UpstreamProtocol):
     """pgscout's connection to the real database for one session."""
 
-    __slots__ = ("relay", "transport")
+    __slots__ = ("relay", "transport", "relayed")
 
     def __init__(self, relay: Relay):
         super().__init__()
         self.relay = relay
         self.transport: asyncio.Transport | None = None
+        self.relayed = 0  # bytes forwarded to the client
         relay.upstream = self
 
     def data_received(self, data: bytes) -> None:
@@ -515,7 +535,7 @@ class ServerLeg(UpstreamProtocol):
             if not data:
                 return
         relay.client.transport.write(data)
-        relay.session.bytes_from_server += len(data)
+        self.relayed += len(data)
         if relay.decoder is not None:
             relay.decode_server(data)
 
@@ -547,3 +567,45 @@ class ServerLeg(UpstreamProtocol):
     def resume_writing(self) -> None:
         self.relay.client_paused = False
         self.relay.client.transport.resume_reading()
+
+
+# Once startup is over, each leg's class becomes its relaying one and the transport is told again
+# (set_protocol: uvloop caches data_received when it is given a protocol), so that every later
+# chunk takes a path with none of the startup phase's checks and one Python frame. The object
+# stays the same one: the relay, the other leg and the transport keep referring to it.
+class RelayingClientLeg(ClientLeg):
+    """ClientLeg after startup: forward, count, note a Terminate, decode."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        relay.upstream.transport.write(data)
+        self.relayed += len(data)
+        # Terminate is a client's last message: the hang-up policy must never cancel what a
+        # client ended cleanly, and a TLS upstream leg can wait for the server's close.
+        relay.said_goodbye = data[-5:] == _TERMINATE
+        decoder = relay.decoder
+        if decoder is not None:
+            # A FramingError desyncs like any decoder failure (see Relay.decode_client).
+            try:
+                decoder.client_data(data, monotonic())
+            except Exception as exc:
+                relay.desync(exc)
+
+
+class RelayingServerLeg(ServerLeg):
+    """ServerLeg after startup: forward, count, decode."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        relay.client.transport.write(data)
+        self.relayed += len(data)
+        decoder = relay.decoder
+        if decoder is not None:
+            try:
+                decoder.server_data(data, monotonic())
+            except Exception as exc:
+                relay.desync(exc)

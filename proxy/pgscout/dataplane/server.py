@@ -256,8 +256,9 @@ class Server:
     def bytes_relayed(self) -> tuple[int, int]:
         from_client, from_server = self._closed_bytes
         for relay in self.relays.values():
-            from_client += relay.session.bytes_from_client
-            from_server += relay.session.bytes_from_server
+            client, server = relay.bytes_relayed()
+            from_client += client
+            from_server += server
         return from_client, from_server
 
     def admit(self, session) -> tuple[str, str] | None:
