@@ -13,10 +13,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from pgharness import LOOPBACK, accepts_tcp, free_port
+from pgharness import LOOPBACK, free_port, wait_listening
 
 START_TIMEOUT_SECONDS = 10.0
 
@@ -60,12 +59,9 @@ class PgBouncer:
             argv = ["pgbouncer", "-u", "postgres", str(self.ini_file)]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT, cwd=self.workdir)
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while not accepts_tcp(self.host, self.port, timeout=0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"PgBouncer did not start listening on {self.host}:{self.port}\n{self.log_tail()}")
-            time.sleep(0.05)
+        if not wait_listening(self.process, self.host, self.port, START_TIMEOUT_SECONDS):
+            self.stop()
+            raise RuntimeError(f"PgBouncer did not start listening on {self.host}:{self.port}\n{self.log_tail()}")
         return self
 
     @property

@@ -15,13 +15,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgharness import LOOPBACK, PgCluster, Pgscout, accepts_tcp, free_port, make_dsn, run_client
+from pgharness import (LOOPBACK, PgCluster, Pgscout, free_port, make_dsn, run_client,
+                       wait_listening)
 
 import orm_nplusone
 import pgbouncer
@@ -78,13 +78,9 @@ class BareForwarder:
         with open(self.output_file, "wb") as output:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
                                             stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + BARE_START_TIMEOUT_SECONDS
-        # Each probe opens (and at once closes) one upstream connection; the server shrugs it off.
-        while not accepts_tcp(self.host, self.port, timeout=0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the bare forwarder did not listen on {self.host}:{self.port}\n{self.output()}")
-            time.sleep(0.05)
+        if not wait_listening(self.process, self.host, self.port, BARE_START_TIMEOUT_SECONDS):
+            self.stop()
+            raise RuntimeError(f"the bare forwarder did not listen on {self.host}:{self.port}\n{self.output()}")
         return self
 
     @property

@@ -89,6 +89,29 @@ def accepts_tcp(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def wait_listening(process: subprocess.Popen, host: str, port: int, timeout: float) -> bool:
+    """Wait until `process` accepts TCP on host:port; False if it exited or `timeout` passed.
+    Each probe opens (and at once closes) a connection, which a proxy or server shrugs off."""
+    deadline = time.monotonic() + timeout
+    while not accepts_tcp(host, port, timeout=0.2):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def write_serving_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """A new CA and a certificate it issued for 127.0.0.1 and localhost, written to `directory`:
+    (certificate, key, CA file), for a pgscout that terminates client TLS."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca_file = directory / "pgscout.crt", directory / "pgscout.key", directory / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cert, key, ca_file
+
+
 def make_dsn(host: str, port: int, user: str, db: str, password: str | None, **params: object) -> str:
     credentials = urllib.parse.quote(user, safe="")
     if password is not None:

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import trustme
 
-from pgharness import APP_DATABASE, LOOPBACK, UNCERTIFIED_LOOPBACK
+from pgharness import APP_DATABASE, LOOPBACK, UNCERTIFIED_LOOPBACK, write_serving_certificate
 
 USERS = ["trust_user", "md5_user", "scram_user"]
 # A wrong password must come back as the server's answer, well before any client or proxy timeout.
@@ -169,12 +169,7 @@ async def test_scram_over_a_tls_upstream_leg_asyncpg(pg, start_pgscout):
 
 def test_client_tls_termination_with_a_configured_certificate(tmp_path, start_pgscout):
     """proxy.client_tls_cert/key: pgscout answers SSLRequest with S and clients verify it."""
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
-    cert, key, ca_file = tmp_path / "pgscout.crt", tmp_path / "pgscout.key", tmp_path / "ca.pem"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
+    cert, key, ca_file = write_serving_certificate(tmp_path)
     proxy = start_pgscout(env={"PGSCOUT_PROXY_CLIENT_TLS_CERT": str(cert),
                                "PGSCOUT_PROXY_CLIENT_TLS_KEY": str(key)})
     dsn = proxy.dsn("scram_user", "app", sslmode="verify-full", sslrootcert=str(ca_file))

@@ -28,7 +28,7 @@ import trustme
 
 import wirebuild as w
 from pgharness import (APP_DATABASE, LOOPBACK, SUPERUSER, PgCluster, Pgscout, PgscoutFactory,
-                       free_port, wait_until)
+                       free_port, wait_until, write_serving_certificate)
 
 TERMINATE = b"X\0\0\0\x04"
 CLOSED = "<closed>"
@@ -461,12 +461,7 @@ def test_running_out_of_descriptors_is_logged_counted_and_survived(pg, tmp_path)
 @pytest.fixture
 def tls_pgscout(pg, start_pgscout, tmp_path):
     """pgscout terminating client TLS (its own CA) with a verify-full TLS leg to the server."""
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
-    cert, key, ca_file = tmp_path / "pgscout.crt", tmp_path / "pgscout.key", tmp_path / "ca.pem"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
+    cert, key, ca_file = write_serving_certificate(tmp_path)
     proxy = start_pgscout(upstream=pg.upstream_url(sslmode="verify-full", sslrootcert=pg.ca_cert),
                           env={"PGSCOUT_PROXY_CLIENT_TLS_CERT": str(cert),
                                "PGSCOUT_PROXY_CLIENT_TLS_KEY": str(key)})
