@@ -74,6 +74,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Callable, Final
 
+
 from pglast import parser as pg
 
 from pgscout.dataplane.events import Session, SessionClosed, StatementDone
@@ -285,6 +286,19 @@ class _Owner:
         self.done_at = 0.0
 
 
+class _Executions:
+    """A group's executions with one parameter signature: one allocation with unboxed fields
+    (where a list of four would be five), made for almost every child statement."""
+
+    __slots__ = ("count", "seconds", "first_sent", "last_done")
+
+    def __init__(self, seconds: float, first_sent: float, last_done: float) -> None:
+        self.count = 1
+        self.seconds = seconds
+        self.first_sent = first_sent
+        self.last_done = last_done
+
+
 class _Group:
     """The executions of one child fingerprint under one owner iteration (or one no-owner run)."""
 
@@ -315,7 +329,7 @@ class _Group:
             self.owner_done = 0.0
         self.n = 0
         self.pipelined = 0
-        self.by_params: dict[int, list] = {}  # signature -> [count, seconds, first sent, last done]
+        self.by_params: dict[int, _Executions] = {}
         self.max_repeat = 0
         self.gaps: list[float] = []
         self.rows: list[int] = []
@@ -362,12 +376,12 @@ class _Group:
         signature = ev.param_sig if ev.param_sig is not None else hash(ev.sql)
         same = self.by_params.get(signature)
         if same is None:
-            self.by_params[signature] = [1, duration, ev.sent_at, ev.done_at]
+            self.by_params[signature] = _Executions(duration, ev.sent_at, ev.done_at)
             repeat = 1
         else:
-            repeat = same[0] = same[0] + 1
-            same[1] += duration
-            same[3] = ev.done_at
+            repeat = same.count = same.count + 1
+            same.seconds += duration
+            same.last_done = ev.done_at
         if repeat > self.max_repeat:
             self.max_repeat = repeat
         self.rows.append(ev.rows)
@@ -436,7 +450,8 @@ class _Stream:
     """One segment of one stream: owner ring and child tracks, reset when the segment ends."""
 
     __slots__ = ("scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
-                 "started_at", "last_done", "boundaries", "statements", "busy", "bytes")
+                 "started_at", "last_done", "queued_done", "boundaries", "statements", "busy",
+                 "bytes")
 
     def __init__(self, scope: _Scope, trace: str | None, session: Session,
                  started_at: float) -> None:
@@ -449,6 +464,7 @@ class _Stream:
         self.owner_seq = 0  # seq of the latest owner execution
         self.started_at = started_at
         self.last_done = started_at
+        self.queued_done = started_at  # last_done when last put at the end of the activity order
         self.boundaries = 0  # soft boundaries seen
         self.statements = 0  # statements observed (soft boundaries and catalog reads aside)
         self.busy = 0.0  # seconds the server spent on this stream's statements, boundaries too
@@ -470,6 +486,40 @@ class _Report:
 class NPlusOneDetector:
     """Bus observer: feed it StatementDone and SessionClosed; it calls `emit` with findings."""
 
+    # The thresholds, declared: taken from an untyped settings object they would be Any, and
+    # every comparison with them a generic, boxing call in the compiled module.
+    _enabled: bool
+    _include_writes: bool
+    _include_catalog: bool
+    _correlate: bool
+    _idle_gap: float
+    _segment_max_events: int
+    _segment_max_seconds: float
+    _owner_ring: int
+    _owner_min_rows: int
+    _child_max_params: int
+    _min_distinct: int
+    _min_distinct_ratio: float
+    _max_pipelined_ratio: float
+    _max_think: float
+    _boundary_max_think: float
+    _max_median_rows: int
+    _duplicate_min: int
+    _no_owner_min_run: int
+    _max_tracks: int
+    _warning_loop: float
+    _warning_n: int
+    _critical_loop: float
+    _critical_n: int
+    _report_interval: float
+    _poll_min_interval: float
+    _poll_max_jitter: float
+    _text_max_chars: int
+    _shape_budget: int
+    _stream_budget: int
+    _max_reports: int
+    _smallest_reportable: int
+
     def __init__(self, settings_like, emit: Callable[[Finding], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._recent: deque[Finding] = deque(maxlen=settings_like.keep)
@@ -478,8 +528,10 @@ class NPlusOneDetector:
         self._clock = clock
         self._connections: dict[int, _Scope] = {}
         self._applications: dict[int | tuple, _Scope] = {}
-        # By activity. Keyed by the stream itself: an identity hashes for free, where a
-        # (scope key, trace id) tuple would be hashed anew at every look-up.
+        # Oldest activity first, kept lazily: a stream is moved to the end when a flush or the
+        # budget finds it active since it was queued (`queued_done`), not at every statement.
+        # Keyed by the stream itself: an identity hashes for free, where a (scope key, trace
+        # id) tuple would be hashed anew at every look-up.
         self._streams: OrderedDict[_Stream, _Stream] = OrderedDict()
         self._shapes: OrderedDict[tuple[str, int], _Shape] = OrderedDict()  # LRU
         # The latest _shape() answer and the event fields it was found for.
@@ -587,9 +639,10 @@ class NPlusOneDetector:
         streams = self._streams
         while streams:
             stream = next(iter(streams.values()))
-            if now - stream.last_done <= self._idle_gap:
+            if now - stream.last_done > self._idle_gap:
+                self._end_stream(stream, now)
+            elif not self._requeued(stream):
                 break
-            self._end_stream(stream, now)
         reports = self._reports
         while reports:
             key, report = next(iter(reports.items()))
@@ -694,8 +747,15 @@ class NPlusOneDetector:
             if stream is not scope.newest:  # moving the newest would be a no-op
                 scope.streams.move_to_end(trace)
                 scope.newest = stream
-            self._streams.move_to_end(stream)
         return stream
+
+    def _requeued(self, stream: _Stream) -> bool:
+        """Move `stream` to the end of the activity order if it was active since it was queued."""
+        if stream.last_done <= stream.queued_done:
+            return False
+        stream.queued_done = stream.last_done
+        self._streams.move_to_end(stream)
+        return True
 
     def _end_stream(self, stream: _Stream, now: float) -> None:
         scope = stream.scope
@@ -713,7 +773,9 @@ class NPlusOneDetector:
     def _shed_streams(self, now: float) -> None:
         """Over the byte budget: judge the least recently active segments now and forget them."""
         while self._stream_bytes > self._stream_budget and self._streams:
-            self._end_stream(next(iter(self._streams.values())), now)
+            stream = next(iter(self._streams.values()))
+            if not self._requeued(stream):
+                self._end_stream(stream, now)
 
     @staticmethod
     def _soft_boundary(conn: _Scope, ev: StatementDone) -> None:
@@ -963,13 +1025,14 @@ class NPlusOneDetector:
         n = 0
         child_time = waste = 0.0
         first_sent, last_done = group.last_done, group.first_sent
-        for count, seconds, sent, done in group.by_params.values():
+        for same in group.by_params.values():
+            count = same.count
             if count >= self._duplicate_min:
                 n += count
-                child_time += seconds
-                waste += seconds * (count - 1) / count
-                first_sent = min(first_sent, sent)
-                last_done = max(last_done, done)
+                child_time += same.seconds
+                waste += same.seconds * (count - 1) / count
+                first_sent = min(first_sent, same.first_sent)
+                last_done = max(last_done, same.last_done)
         if group.owner is None and 2 * n < group.n:
             # Without an owner the group is the whole segment: a few chance repeats among many
             # distinct keys (a busy connection serving independent lookups) are not a duplicate.
