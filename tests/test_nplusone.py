@@ -271,6 +271,30 @@ def test_pooled_requests_after_another_page_are_still_counted_per_request(parent
     assert (rollup.n, rollup.iterations, rollup.n_max) == (10, 3, 10)
 
 
+def test_lazy_pages_after_a_segment_ended_during_a_slow_report_are_counted_per_request():
+    """The once-a-second flush ends a segment whose last statement completed over the idle gap
+    ago, although the connection may be running a slow statement (the demo's report sleeps
+    0.6 s; a CPU-starved app adds to the gap before it): the next segment then opens with the
+    report, the lazy page's parent query binds as its child, and the lazy pages that follow
+    must still be loops of their own."""
+    h = Harness()
+    client = h.connection()
+    lazy_load(client, parents=10, child_rows=4)
+    last = h.now
+    report = client.event(SALES_REPORT, sent=last + 0.45, done=last + 1.05, rows=10)
+    h.now = last + 1.02
+    h.detector.flush(h.now)  # the tick, while the report runs
+    client.deliver(report)
+    for _ in range(4):
+        h.now += 0.2
+        lazy_load(client, parents=10, child_rows=4)
+    h.idle(1.5)
+    h.idle(60)
+    assert h.of_kind("duplicate") == []
+    assert sum(f.iterations for f in h.findings) == 5
+    assert {f.n for f in h.findings} == {10}
+
+
 def test_requests_interleaved_on_one_connection_are_separated_by_traceparent():
     h = Harness()
     client = h.connection()
