@@ -461,8 +461,19 @@ def test_compose_stack_prometheus_scrapes_pgscout_and_loads_the_rules(image, bui
             status, body = http_get(f"{prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expression}))
             return status == 200 and bool(json.loads(body)["data"]["result"])
 
+        # First in pgscout's own API (the detector's verdict: the first occurrence is emitted as
+        # soon as the second lazy page closes the first one's group), then in Prometheus, whose
+        # next scrapes (every 15 s) carry the counter: a failure says which of the two it was.
+        def demo_app_loops() -> list[dict]:
+            status, body = http_get(f"http://127.0.0.1:{published[admin_port]}/api/nplusone")
+            assert status == 200, body
+            return [finding for finding in json.loads(body)["findings"]
+                    if finding["application_name"] == "demo-app" and finding["kind"] == "n_plus_one"]
+
+        assert wait_until(demo_app_loops, timeout=60, interval=1), \
+            podman("logs", containers["pgscout"], check=False).stdout[-3000:]
         assert wait_until(lambda: scraped('sum(pgscout_nplusone_findings_total{application="demo-app", finding="n_plus_one"}) > 0'),
-                          timeout=90, interval=2), podman("logs", containers["pgscout"], check=False).stdout[-3000:]
+                          timeout=45, interval=1), prometheus("targets")
         assert scraped('sum(pgscout_statements_total{application="demo-app"}) > 0')
 
         # The demo containers stop on SIGTERM (Python as PID 1 used to ignore it until SIGKILL).

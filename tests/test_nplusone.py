@@ -235,6 +235,66 @@ def test_same_pattern_on_a_pooled_connection_counts_iterations_without_merging(i
     assert h.detector.recent()[0]["iterations"] == 4
 
 
+SHOP_AUTHORS = "SELECT authors.id, authors.name FROM authors WHERE authors.shop_id = $1"
+SALES_REPORT = ("SELECT authors.name, count(books.id) AS books FROM authors JOIN books "
+                "ON books.author_id = authors.id GROUP BY authors.name")
+
+
+@pytest.mark.parametrize("parent", [AUTHORS, SHOP_AUTHORS])
+@pytest.mark.parametrize("earlier_page", ["eager", "report"])
+def test_pooled_requests_after_another_page_are_still_counted_per_request(parent, earlier_page):
+    """The demo app's traffic on its one pooled connection: an eager page (the same parent
+    query, then one IN loader returning 40 rows) or a report (a multi-row select) first, then
+    lazy pages. The lazy page's parent query binds as a child of that earlier owner; it is not a
+    loop over it (no parameters, or the same ones each request), so each of its executions still
+    opens a new group for the books: 4 loops of 10, not one group of 40 with 10 distinct keys
+    (no N+1 at all, and a false duplicate)."""
+    h = Harness()
+    client = h.connection()
+    params = () if parent == AUTHORS else (7,)
+    if earlier_page == "eager":
+        client.run(parent, *params, rows=10)
+        client.run(in_list(10), *range(10), rows=40)
+    else:
+        client.run(SALES_REPORT, rows=10)
+    for _ in range(4):
+        h.now += 0.2  # the traffic's pause between requests: no idle gap
+        client.run(parent, *params, rows=10)
+        for author_id in range(10):
+            client.run(BOOKS, author_id, rows=4)  # 4 books each: an owner candidate too
+    h.idle(1.5)
+    h.idle(60)
+    assert h.of_kind("duplicate") == []
+    first, rollup = h.findings
+    assert (first.owner_sql, first.child_sql) == (parent, BOOKS)
+    assert (first.n, first.iterations) == (10, 1)
+    assert (rollup.n, rollup.iterations, rollup.n_max) == (10, 3, 10)
+
+
+def test_lazy_pages_after_a_segment_ended_during_a_slow_report_are_counted_per_request():
+    """The once-a-second flush ends a segment whose last statement completed over the idle gap
+    ago, although the connection may be running a slow statement (the demo's report sleeps
+    0.6 s; a CPU-starved app adds to the gap before it): the next segment then opens with the
+    report, the lazy page's parent query binds as its child, and the lazy pages that follow
+    must still be loops of their own."""
+    h = Harness()
+    client = h.connection()
+    lazy_load(client, parents=10, child_rows=4)
+    last = h.now
+    report = client.event(SALES_REPORT, sent=last + 0.45, done=last + 1.05, rows=10)
+    h.now = last + 1.02
+    h.detector.flush(h.now)  # the tick, while the report runs
+    client.deliver(report)
+    for _ in range(4):
+        h.now += 0.2
+        lazy_load(client, parents=10, child_rows=4)
+    h.idle(1.5)
+    h.idle(60)
+    assert h.of_kind("duplicate") == []
+    assert sum(f.iterations for f in h.findings) == 5
+    assert {f.n for f in h.findings} == {10}
+
+
 def test_requests_interleaved_on_one_connection_are_separated_by_traceparent():
     h = Harness()
     client = h.connection()

@@ -241,6 +241,52 @@ def test_same_pattern_across_pooled_requests_is_counted_per_request(start_pgscou
     assert rollup["child_fingerprint"] == first["child_fingerprint"] == fingerprint(BOOKS_OF_AUTHOR_SQL)
 
 
+@pytest.mark.parametrize("first_page", ["eager", "report"])
+def test_lazy_pages_after_other_pages_on_one_pooled_connection_are_each_flagged(
+        start_pgscout, bookshop, app_name, first_page):
+    """deploy/demo-app's traffic, back to back on one pooled connection (pool_pre_ping, a
+    Session per request closed without commit): the page that opens the segment is not the lazy
+    one. The lazy page's parent query then binds as a child of that page's multi-row select; it
+    used to make the books loops of all later lazy pages one group (no N+1, a false duplicate)
+    until the segment ended, which in the demo stack is up to a minute away."""
+    proxy = start_pgscout(env={"PGSCOUT_NPLUSONE_REPORT_INTERVAL_SECONDS": "1"})
+    engine = orm_engine(proxy, app_name, pool_size=1, max_overflow=0, pool_pre_ping=True)
+    backends = set()
+
+    def lazy() -> None:
+        with orm.Session(engine) as session:
+            backends.add(session.connection().connection.dbapi_connection.info.backend_pid)
+            assert sum(len(author.books) for author in session.scalars(
+                sa.select(Author).order_by(Author.id))) == BOOKS
+
+    def eager() -> None:
+        with orm.Session(engine) as session:
+            authors = session.scalars(sa.select(Author).order_by(Author.id).options(
+                orm.selectinload(Author.books))).all()
+            assert sum(len(author.books) for author in authors) == BOOKS
+
+    def report() -> None:
+        with engine.connect() as connection:
+            assert len(connection.execute(sa.text(
+                "SELECT author_id, count(*) FROM np_books GROUP BY author_id ORDER BY author_id"
+            )).all()) == AUTHORS
+
+    pages = [eager if first_page == "eager" else report,
+             lazy, lazy, eager, lazy, report, lazy]
+    for page in pages:
+        page()
+        time.sleep(0.1)  # the demo's traffic pauses 0.1-0.5 s: less than the idle gap
+    assert len(backends) == 1, "the pool was meant to reuse one connection"
+    engine.dispose()
+
+    lazy_pages = pages.count(lazy)
+    assert counted_findings(proxy, app_name) == {"n_plus_one": lazy_pages}
+    assert wait_until(lambda: len(findings(proxy, app_name)) == 2, timeout=5)
+    rollup, first = findings(proxy, app_name)
+    assert_loop(first, AUTHORS_SQL, BOOKS_OF_AUTHOR_SQL, n=AUTHORS)
+    assert (rollup["iterations"], rollup["n"], rollup["n_max"]) == (lazy_pages - 1, AUTHORS, AUTHORS)
+
+
 def test_interleaved_requests_are_separated_by_traceparent(pgscout, bookshop, app_name):
     engine = orm_engine(pgscout, app_name, pool_size=1, max_overflow=0)
     traces = {"a": uuid.uuid4().hex, "b": uuid.uuid4().hex}

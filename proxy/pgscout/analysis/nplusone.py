@@ -30,7 +30,12 @@ Readings of the spec that the code relies on:
   by its owner's group, that is per iteration of the outermost loop, so a grandchild loop is
   seen even when each child returned only a few rows. When such a child ran no more often than
   its owner did, it was looping over the owner's owner (two relationships per parent), and is
-  reported against that one.
+  reported against that one. Only a loop step is such a child: one whose statement takes
+  parameters and whose latest execution had parameters new to its group. A statement without
+  parameters cannot vary with its owner's rows, and a repeat is a new request running the same
+  lookup (a pooled connection: the top-level query of each request, bound as a child of some
+  other page's multi-row query earlier in the segment); each of their executions opens a new
+  group for their children, or one connection's requests would merge into one group.
 - A child that found no owner on its first execution binds to the first owner that runs later.
 - A parameter of `= ANY(...)` is counted as a set of values: the query is a batch loader; so is
   an IN list of parameters when no equality on a parameter sits beside it.
@@ -307,7 +312,7 @@ class _Group:
                  "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
                  "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
                  "owner_done", "statement_mark", "interleaved", "between",
-                 "dedicated", "deferred", "verdict", "busy_mark")
+                 "dedicated", "deferred", "verdict", "busy_mark", "last_new")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
                  ev: StatementDone, boundaries: int) -> None:
@@ -353,6 +358,9 @@ class _Group:
         self.deferred: list[tuple[_Stream, _Track, _Group]] = []
         self.verdict: bool | None = None
         self.busy_mark = 0.0  # the stream's busy time when the previous child completed
+        # The latest child ran with parameters not seen before in the group: a step of a loop
+        # over the owner's rows (a repeat is the same lookup again, a request's or a duplicate).
+        self.last_new = True
 
     def add(self, ev: StatementDone, boundaries: int, statements: int, busy: float) -> None:
         """`busy`: the stream's server time before `ev`; the think time between two children
@@ -382,6 +390,7 @@ class _Group:
             repeat = same.count = same.count + 1
             same.seconds += duration
             same.last_done = ev.done_at
+        self.last_new = repeat == 1
         if repeat > self.max_repeat:
             self.max_repeat = repeat
         self.rows.append(ev.rows)
@@ -869,7 +878,11 @@ class NPlusOneDetector:
             owner_track = tracks.get(owner.fingerprint)
             if (owner_track is not None and owner_track.owner is not None
                     and owner_track.owner.fingerprint != fingerprint
-                    and owner_track.group is not None):
+                    and owner_track.group is not None
+                    # A loop step of its own owner (see the module docstring), not a request's
+                    # top-level query that happened to bind to an earlier page's owner.
+                    and owner_track.shape.placeholders
+                    and owner_track.group.last_new):
                 outer = owner_track.group
                 key = outer.key
             else:
