@@ -328,6 +328,9 @@ def test_inline_literal_variants_share_one_cache_entry_but_keep_their_own_signat
     # A quote inside a comment opens no string: the code after it is compared, not skipped.
     ("SELECT x -- don't\nFROM t WHERE y = 'a'", "SELECT x -- don't\nFROM u WHERE y = 'a'"),
     ("SELECT x /* it's */ FROM t WHERE y = 'a'", "SELECT x /* it's */ FROM u WHERE y = 'a'"),
+    # A string after a name is a typed constant (`date '2026-12-01'`); a number there is a
+    # syntax error: a string and a number are different constants (found by the property below).
+    ("SELECT a 'y'", "SELECT a 7"),
 ])
 def test_shared_cache_entries_never_merge_different_statements(first, second):
     fingerprinter = Fingerprinter(cache_size=100)

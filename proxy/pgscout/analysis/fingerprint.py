@@ -52,7 +52,11 @@ PARSE_BUDGET_SECONDS: Final = 0.25
 # Texts with fewer parentheses than this cannot nest deeply enough to be slow: parsed inline.
 _GUARDED_PARENTHESES: Final = 64
 DEFAULT_DISPLAY_CHARS: Final = 2048
-_NUL: Final = b"\x00"  # what constant_free_key puts for a constant: never in query text
+# What constant_free_key puts for a constant: a NUL (never in query text) and its kind. A string
+# and a number in the same place are not the same statement: `a 'y'` is a constant of type a,
+# `a 7` a syntax error.
+_STRING_CONSTANT: Final = b"\x00s"
+_NUMERIC_CONSTANT: Final = b"\x00n"
 # Characters the fingerprint cache may hold (texts and their normalized forms): ~4 bytes each
 # at worst, so at most ~16 MB whatever the statements.
 CACHE_CHARS: Final = 4_000_000
@@ -249,7 +253,7 @@ def constant_free_key(text: str) -> str | None:
 
     libpg_query's fingerprint ignores constant values, so such texts share every derived field
     but the parameter signature. Constants (standard strings, numbers) become a NUL, which
-    never occurs in query text; quoted identifiers are kept whole. None for what this lexing
+    never occurs in query text, and their kind; quoted identifiers are kept whole. None for what this lexing
     cannot read safely: backslash escapes (E'' strings), dollar quotes, comments, unterminated
     quotes, several statements.
     A loop over the UTF-8 bytes, not a regular expression: every byte of a multi-byte character
@@ -273,14 +277,14 @@ def constant_free_key(text: str) -> str | None:
                 return None
             if c == 39:
                 parts.append(data[start:i])
-                parts.append(_NUL)
+                parts.append(_STRING_CONSTANT)
                 start = end
             i = end
             previous = c
         elif 48 <= c <= 57 and not _continues_a_name(previous):
             end = _number_end(data, i)
             parts.append(data[start:i])
-            parts.append(_NUL)
+            parts.append(_NUMERIC_CONSTANT)
             previous = data[end - 1]
             i = start = end
         elif (c == 45 or c == 47) and i + 1 < n and data[i + 1] == (45 if c == 45 else 42):
