@@ -311,7 +311,7 @@ class _Group:
                  "owner_rows_seen", "n", "pipelined", "by_params", "max_repeat", "gaps", "rows",
                  "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
                  "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
-                 "owner_done", "statement_mark", "interleaved", "between",
+                 "owner_done", "statement_mark", "interleaved", "adjacent", "between", "last_conn",
                  "dedicated", "deferred", "verdict", "busy_mark", "last_new")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
@@ -334,7 +334,7 @@ class _Group:
             self.owner_done = 0.0
         self.n = 0
         self.pipelined = 0
-        self.by_params: dict[int, _Executions] = {}
+        self.by_params: dict[object, _Executions] = {}  # by parameter signature
         self.max_repeat = 0
         self.gaps: list[float] = []
         self.rows: list[int] = []
@@ -346,11 +346,15 @@ class _Group:
         self.boundary_mark = boundaries  # soft boundaries seen in the stream at the last child
         self.crossed = 0  # children separated from the previous one by a soft boundary
         self.conns: set[int] = set()
+        self.last_conn = -1  # the connection of the latest child: `conns` has it
         self.foreign = 0  # children on another connection than the owner's, with no owner there
         self.app_group: _Group | None = None  # the application stream's group of the same child
         self.statement_mark = 0  # statements seen in the stream at the last child
         self.interleaved = 0  # children with other statements between them and the previous one
-        self.between: dict[int, int] = {}  # statements between consecutive children -> times
+        # Statements between consecutive children -> times: none between them (`adjacent`, the
+        # common case, counted apart from the dict), or a number of them.
+        self.adjacent = 0
+        self.between: dict[int, int] = {}
         # Children whose connection ran nothing else since the owner or its previous child.
         self.dedicated = 0
         # An application group: the per-connection groups waiting for its verdict, and that
@@ -374,14 +378,19 @@ class _Group:
             between = statements - self.statement_mark - 1
             if between:
                 self.interleaved += 1
-            self.between[between] = self.between.get(between, 0) + 1
+                self.between[between] = self.between.get(between, 0) + 1
+            else:
+                self.adjacent += 1
         self.boundary_mark = boundaries
         self.statement_mark = statements
         self.busy_mark = busy + duration
         self.n += 1
         if ev.pipelined:
             self.pipelined += 1
-        signature = ev.param_sig if ev.param_sig is not None else hash(ev.sql)
+        # Kept as the event holds it (a boxed int): unboxed, it would be boxed again for the dict.
+        signature: object = ev.param_sig
+        if signature is None:
+            signature = hash(ev.sql)
         same = self.by_params.get(signature)
         if same is None:
             self.by_params[signature] = _Executions(duration, ev.sent_at, ev.done_at)
@@ -399,8 +408,10 @@ class _Group:
             self.slowest = duration
         if ev.done_at > self.last_done:
             self.last_done = ev.done_at
-        if len(self.conns) < MAX_GROUP_CONNECTIONS:
-            self.conns.add(ev.session.conn_id)
+        conn_id = ev.session.conn_id
+        if conn_id != self.last_conn and len(self.conns) < MAX_GROUP_CONNECTIONS:
+            self.conns.add(conn_id)
+            self.last_conn = conn_id
 
     def count_owner_executions(self, owner: _Owner) -> None:
         if owner is not self.owner:
@@ -960,7 +971,7 @@ class NPlusOneDetector:
                 return False  # a loop doing real work between queries
             if group.crossed > len(gaps) // 2 and (
                     think > self._boundary_max_think
-                    or sum(sorted(group.between.values())[-2:])
+                    or sum(sorted([group.adjacent, *group.between.values()])[-2:])
                     < BOUNDARY_MIN_REGULAR_RATIO * len(gaps)
                     or not self._covers_owner_rows(group)):
                 # Requests that each check out a pooled connection, not one loop: a loop checks
