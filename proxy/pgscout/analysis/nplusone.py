@@ -550,6 +550,7 @@ class NPlusOneDetector:
         self._applications: dict[int | tuple, _Scope] = {}
         # Oldest activity first, kept lazily: a stream is moved to the end when a flush or the
         # budget finds it active since it was queued (`queued_done`), not at every statement.
+        # An idle segment behind a busy one may so end up to one idle gap late, never early.
         # Keyed by the stream itself: an identity hashes for free, where a (scope key, trace
         # id) tuple would be hashed anew at every look-up.
         self._streams: OrderedDict[_Stream, _Stream] = OrderedDict()
