@@ -178,6 +178,23 @@ def test_verify_full_rejects_an_unknown_ca(pg, start_pgscout, tmp_path):
     assert seconds < TLS_FAILURE_SECONDS
 
 
+def test_sslrootcert_is_the_only_trusted_ca(pg, start_pgscout, tmp_path):
+    """libpq: with sslrootcert=FILE only that file's CAs are trusted, not the system store. Here
+    the system store (OpenSSL's SSL_CERT_FILE) holds the server's CA and sslrootcert another:
+    libpq refuses the server, and so must pgscout, else a public CA's certificate for the host
+    would pass verify-full."""
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    direct_message, _ = connection_error(
+        pg.dsn("trust_user", APP_DATABASE, sslmode="verify-full", sslrootcert=other_ca))
+    assert re.search(r"certificate|verif", direct_message, re.IGNORECASE), direct_message
+    proxy = start_pgscout(upstream=pg.upstream_url(sslmode="verify-full", sslrootcert=other_ca),
+                          env={"SSL_CERT_FILE": str(pg.ca_cert)})
+    message, seconds = connection_error(proxy.dsn("trust_user", APP_DATABASE))
+    assert re.search(r"certificate|verif", message, re.IGNORECASE), message
+    assert seconds < TLS_FAILURE_SECONDS
+
+
 @pytest.mark.parametrize("user", ["scram_user", "md5_user"])
 def test_password_auth_over_a_tls_upstream_leg(pg, start_pgscout, user):
     proxy = start_pgscout(upstream=pg.upstream_url(sslmode="verify-full", sslrootcert=pg.ca_cert))

@@ -141,10 +141,14 @@ def _new_tls_context(upstream: Upstream, client_cert: bool) -> ssl.SSLContext:
     mode = upstream.sslmode
     if mode == "require" and upstream.sslrootcert:
         mode = "verify-ca"  # libpq: a root certificate makes require verify the chain
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    # Not create_default_context(): it trusts the system store as well as sslrootcert, where
+    # libpq trusts only the file (the system store only for sslrootcert=system, or none given).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if mode in ("verify-ca", "verify-full"):
         if upstream.sslrootcert and upstream.sslrootcert != "system":
             context.load_verify_locations(cafile=upstream.sslrootcert)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         context.check_hostname = mode == "verify-full"
         context.verify_mode = ssl.CERT_REQUIRED
     else:
