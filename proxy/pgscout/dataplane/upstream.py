@@ -123,7 +123,7 @@ def _files_signature(upstream: Upstream, client_cert: bool) -> tuple:
     paths = [upstream.sslrootcert]
     if client_cert:
         paths += [upstream.sslcert, upstream.sslkey]
-    signature = []
+    signature: list[tuple[int, int, int] | None] = []
     for path in paths:
         if not path or path == "system":
             signature.append(None)
