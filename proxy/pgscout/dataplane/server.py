@@ -31,7 +31,8 @@ from pgscout.dataplane.events import SessionClosed, SessionOpened, SessionReady
 from pgscout.dataplane.readiness import Readiness, error_fields, is_server_fault
 from pgscout.dataplane.relay import ClientLeg, Relay
 from pgscout.settings import ConfigError, Settings
-from pgscout.dataplane.upstream import UpstreamError, UpstreamProtocol, connect, own_leg, plain_ip
+from pgscout.dataplane.upstream import (UpstreamError, UpstreamProtocol, connect, own_leg, plain_ip,
+                                        tls_context)
 
 log = structlog.get_logger("pgscout.server")
 
@@ -88,10 +89,22 @@ class Server:
         listen = self.settings.proxy.listen
         loop = asyncio.get_running_loop()
         await self._refuse_self_as_upstream(loop)
+        self._prepare_upstream_tls()
         self._sockets = _listening_sockets(listen.host, listen.port)
         for sock in self._sockets:
             loop.add_reader(sock.fileno(), self._accept, sock)
         log.info("listening", listen=str(listen), upstream=self.settings.proxy.upstream.display())
+
+    def _prepare_upstream_tls(self) -> None:
+        """Build the sessions' upstream TLS context now (tens of ms: the CA store), not on the
+        first client's connect. A file that cannot be read fails that connect, as before."""
+        upstream = self.settings.proxy.upstream
+        if upstream is None or upstream.is_unix_socket or upstream.sslmode in ("disable", "allow"):
+            return
+        try:
+            tls_context(upstream, self.settings.proxy.upstream_cert_for_sessions)
+        except (OSError, ssl.SSLError):
+            pass
 
     async def drain(self) -> None:
         """Stop accepting; let open sessions finish up to the drain timeout; then close them."""
