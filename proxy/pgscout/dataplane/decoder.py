@@ -70,10 +70,12 @@ class TextBudget:
         self.used = 0
 
 
-# Requests and portals are made for every statement and refer only to strs, numbers, bytes and
-# each other one way (a request to its portal): acyclic, they are allocated and freed without
-# the cyclic garbage collector tracking them, and the last one freed is reused.
-@mypyc_attr(acyclic=True, free_list_len=1)
+# Requests and portals are made for every statement: the last one freed is reused. They are not
+# declared acyclic (untracked by the cyclic GC), though they are: mypyc's deallocator of such a
+# class still takes CPython's trashcan path, which, when the object is freed under 50 nested
+# deallocations, links it into a list through a GC header it does not have and corrupts the heap
+# (a group of the N+1 detector declared so crashed the interpreter in a test run).
+@mypyc_attr(free_list_len=1)
 class _Request:
     __slots__ = ("kind", "sent_at", "portal", "pipelined", "count")
 
@@ -85,7 +87,6 @@ class _Request:
         self.count = 1  # a run of consecutive Syncs is one entry
 
 
-@mypyc_attr(acyclic=True)
 class _Query(_Request):
     """A simple Query. PostgreSQL sends the results of all its statements in one flush, so the
     time of each cannot be seen on the wire: the Query is reported whole, with how many
@@ -107,7 +108,7 @@ class _Query(_Request):
         self.deallocated = False  # a named DEALLOCATE ran: its names are read once, at the end
 
 
-@mypyc_attr(acyclic=True, free_list_len=1)
+@mypyc_attr(free_list_len=1)
 class _Portal:
     """A Bind's portal: the statement text and the parameter signature it runs with."""
 
