@@ -253,9 +253,9 @@ def constant_free_key(text: str) -> str | None:
 
     libpg_query's fingerprint ignores constant values, so such texts share every derived field
     but the parameter signature. Constants (standard strings, numbers) become a NUL, which
-    never occurs in query text, and their kind; quoted identifiers are kept whole. None for what this lexing
-    cannot read safely: backslash escapes (E'' strings), dollar quotes, comments, unterminated
-    quotes, several statements.
+    never occurs in query text, and their kind; quoted identifiers are kept whole. None for what
+    this lexing cannot read safely: backslash escapes (E'' strings), dollar quotes, comments,
+    unterminated quotes, several statements.
     A loop over the UTF-8 bytes, not a regular expression: every byte of a multi-byte character
     is >= 0x80, so quotes, digits and operators are found exactly as in the text, and compiled
     (native byte indexing) it reads a pgbench statement in under a microsecond where `re`, with
