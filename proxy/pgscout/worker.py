@@ -43,7 +43,7 @@ from pgscout.analysis.statements import StatementStats
 from pgscout.analysis.timeouts import StatementTimeouts
 from pgscout.analysis.transactions import TransactionStats
 from pgscout.control.catalog import Catalog
-from pgscout.dataplane.events import SessionClosed, StatementDone, TransactionEnded
+from pgscout.dataplane.events import SessionClosed, TransactionEnded
 from pgscout.dataplane.records import (LOG, RECORDS, REPLY, REQUEST, REQUEST_CATCH_UP_SECONDS,
                                        SETTINGS, STARTED, FrameReader, decode_payload,
                                        pickled_frame)
@@ -110,15 +110,10 @@ class Analysis:
 
         nplusone = NPlusOneDetector(settings.nplusone, emit=on_nplusone)
         transactions = TransactionStats()
+        for observer in (fingerprinter, statements, slowlog, nplusone, self.migrations,
+                         self.timeouts, self.open_transactions, self.indexes):
+            self.bus.subscribe_statements(observer)
         for event_type, handler in (
-                (StatementDone, fingerprinter.on_statement),
-                (StatementDone, statements.on_statement),
-                (StatementDone, slowlog.on_statement),
-                (StatementDone, nplusone.on_statement),
-                (StatementDone, self.migrations.on_statement),
-                (StatementDone, self.timeouts.on_statement),
-                (StatementDone, self.open_transactions.on_statement),
-                (StatementDone, self.indexes.on_statement),
                 (TransactionEnded, transactions.on_transaction),
                 (TransactionEnded, self.migrations.on_transaction),
                 (TransactionEnded, self.open_transactions.on_transaction),

@@ -44,6 +44,7 @@ from typing import Final, NamedTuple
 from mypy_extensions import i64
 from pglast import parser as pg
 
+from pgscout.analysis.bus import StatementObserver
 from pgscout.analysis.comments import may_hold_comments, parse_comments
 from pgscout.dataplane.events import StatementDone
 
@@ -149,7 +150,7 @@ class DerivedText(NamedTuple):
     shape: StatementShape
 
 
-class Fingerprinter:
+class Fingerprinter(StatementObserver):
     """Bus observer that fills the enrichment fields of each StatementDone; runs first."""
 
     def __init__(self, cache_size: int, cache_chars: int = CACHE_CHARS,

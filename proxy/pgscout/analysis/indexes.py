@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from pgscout.analysis import sqlshape
+from pgscout.analysis.bus import StatementObserver
 from pgscout.analysis.findings import Findings, application_of, cut
 from pgscout.dataplane.events import StatementDone
 
@@ -43,7 +44,7 @@ class _Context:
         self.severity = severity
 
 
-class MissingIndexes:
+class MissingIndexes(StatementObserver):
     def __init__(self, findings: Findings, min_statement_ms: float, min_table_rows: int) -> None:
         self._findings = findings
         self.reconfigure(min_statement_ms, min_table_rows)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 
 from pgscout.analysis import sqlshape
+from pgscout.analysis.bus import StatementObserver
 from pgscout.analysis.findings import Findings, application_of, cut, wall_time
 from pgscout.dataplane.events import SessionClosed, StatementDone, TransactionEnded
 
@@ -88,7 +89,7 @@ class _Window:
         self.released_after = ev.done_at - REPLY_ORDER_SLACK_SECONDS if self.end else ev.done_at
 
 
-class BlockingMigrations:
+class BlockingMigrations(StatementObserver):
     def __init__(self, findings: Findings, min_wait_ms: float) -> None:
         self._findings = findings
         self.reconfigure(min_wait_ms)

@@ -82,6 +82,7 @@ from typing import Callable, Final
 
 from pglast import parser as pg
 
+from pgscout.analysis.bus import StatementObserver
 from pgscout.dataplane.events import Session, SessionClosed, StatementDone
 from pgscout.analysis.comments import trace_id
 
@@ -503,7 +504,7 @@ class _Report:
         self.pending: Finding | None = None
 
 
-class NPlusOneDetector:
+class NPlusOneDetector(StatementObserver):
     """Bus observer: feed it StatementDone and SessionClosed; it calls `emit` with findings."""
 
     # The thresholds, declared: taken from an untyped settings object they would be Any, and

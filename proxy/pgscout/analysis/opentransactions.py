@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections import deque
 
+from pgscout.analysis.bus import StatementObserver
 from pgscout.analysis.findings import Findings, application_of, cut
 from pgscout.dataplane.events import Session, SessionClosed, StatementDone, TransactionEnded
 
@@ -68,7 +69,7 @@ class _Block:
             self.locked_rows = True
 
 
-class OpenTransactions:
+class OpenTransactions(StatementObserver):
     def __init__(self, findings: Findings, long_seconds: float, idle_seconds: float) -> None:
         self._findings = findings
         self.reconfigure(long_seconds, idle_seconds)

@@ -20,15 +20,25 @@ class Replay:
     def __init__(self, publish: Callable[[object], None]) -> None:
         self._publish = publish
         self.sessions: dict[int, Session] = {}
-        self._handlers: dict[int, Callable[[list], None]] = {
-            r.OPENED: self._opened, r.READY: self._ready, r.PARAMETER: self._parameter,
-            r.STATEMENT: self._statement, r.TRANSACTION: self._transaction, r.CLOSED: self._closed,
-        }
 
     def feed(self, batch: list) -> None:
-        handlers = self._handlers
+        # Compiled, each branch is a native call, where a table of bound methods is a Python-level call.
         for record in batch:
-            handlers[record[0]](record)
+            kind: int = record[0]
+            if kind == r.STATEMENT:
+                self._statement(record)
+            elif kind == r.TRANSACTION:
+                self._transaction(record)
+            elif kind == r.OPENED:
+                self._opened(record)
+            elif kind == r.READY:
+                self._ready(record)
+            elif kind == r.PARAMETER:
+                self._parameter(record)
+            elif kind == r.CLOSED:
+                self._closed(record)
+            else:
+                raise KeyError(kind)
 
     def _session(self, conn_id: int) -> Session:
         session = self.sessions.get(conn_id)

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from pgscout.analysis.bus import StatementObserver
 from pgscout.dataplane.events import StatementDone
 from pgscout.labels import MAX_APPLICATIONS
 
@@ -31,7 +32,7 @@ MAX_LOGGED_PARAMETERS = 64
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-class SlowLog:
+class SlowLog(StatementObserver):
     def __init__(
         self,
         threshold_ms: float,

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from typing import Final
 
+from pgscout.analysis.bus import StatementObserver
 from pgscout.dataplane.events import StatementDone
 from pgscout.histogram import Histogram
 from pgscout.labels import MAX_APPLICATIONS, OTHER
@@ -161,7 +162,7 @@ SORT_KEYS = {
 }
 
 
-class StatementStats:
+class StatementStats(StatementObserver):
     """Bus observer: aggregates StatementDone events (already enriched by the fingerprinter)."""
 
     def __init__(self, max_fingerprints: int) -> None:

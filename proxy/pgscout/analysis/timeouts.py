@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 
+from pgscout.analysis.bus import StatementObserver
 from pgscout.analysis.findings import Findings, application_of, cut, wall_time
 from pgscout.labels import MAX_APPLICATIONS
 from pgscout.dataplane.events import SessionClosed, StatementDone
@@ -57,7 +58,7 @@ class _SessionTimeout:
         self.local_value: str | None = None  # SET LOCAL: to the end of the transaction
 
 
-class StatementTimeouts:
+class StatementTimeouts(StatementObserver):
     def __init__(self, findings: Findings, min_statement_ms: float) -> None:
         self._findings = findings
         self.reconfigure(min_statement_ms)
