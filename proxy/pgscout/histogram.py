@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from mypy_extensions import i64
+
 
 class Histogram:
     """Fixed-bucket histogram; `counts` are per bucket, `cumulative()` is what Prometheus wants."""
@@ -19,7 +21,7 @@ class Histogram:
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.counts: list[int] = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
         self.count = 0
 
@@ -29,12 +31,13 @@ class Histogram:
     def observe(self, value: float) -> None:
         # bisect_left's index, by a scan from the smallest bound: most observations land in the
         # first buckets, and compiled, the scan costs a fraction of the call into bisect.
-        index = 0
+        index: i64 = 0
         for bound in self.bounds:
             if not bound < value:
                 break
             index += 1
-        self.counts[index] += 1
+        counts = self.counts
+        counts[index] = counts[index] + 1  # typed: a native add, where `+=` on an item is generic
         self.sum += value
         self.count += 1
 
