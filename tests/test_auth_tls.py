@@ -195,6 +195,19 @@ def test_sslrootcert_is_the_only_trusted_ca(pg, start_pgscout, tmp_path):
     assert seconds < TLS_FAILURE_SECONDS
 
 
+def test_an_unreadable_sslrootcert_is_logged_at_start_and_fails_connects(pg, start_pgscout, tmp_path):
+    """The upstream TLS context is built at start: a missing CA file is said then, in the log,
+    not only to the first client, and connects fail as they would directly (libpq: "could not
+    read root certificate file")."""
+    missing = tmp_path / "missing-ca.pem"
+    proxy = start_pgscout(upstream=pg.upstream_url(sslmode="verify-full", sslrootcert=missing))
+    errors = [line for line in proxy.logs() if line.get("event") == "upstream_tls_unusable"]
+    assert errors and f'could not read root certificate file "{missing}"' in errors[0]["error"], \
+        proxy.output()
+    message, _ = connection_error(proxy.dsn("trust_user", APP_DATABASE))
+    assert f'could not read root certificate file "{missing}": No such file' in message, message
+
+
 @pytest.mark.parametrize("user", ["scram_user", "md5_user"])
 def test_password_auth_over_a_tls_upstream_leg(pg, start_pgscout, user):
     proxy = start_pgscout(upstream=pg.upstream_url(sslmode="verify-full", sslrootcert=pg.ca_cert))

@@ -97,14 +97,15 @@ class Server:
 
     def _prepare_upstream_tls(self) -> None:
         """Build the sessions' upstream TLS context now (tens of ms: the CA store), not on the
-        first client's connect. A file that cannot be read fails that connect, as before."""
+        first client's connect. A file that cannot be read is logged now and fails each
+        connect until it can (a certificate may be mounted after pgscout starts)."""
         upstream = self.settings.proxy.upstream
         if upstream is None or upstream.is_unix_socket or upstream.sslmode in ("disable", "allow"):
             return
         try:
             tls_context(upstream, self.settings.proxy.upstream_cert_for_sessions)
-        except (OSError, ssl.SSLError):
-            pass
+        except UpstreamError as exc:
+            log.error("upstream_tls_unusable", error=str(exc))
 
     async def drain(self) -> None:
         """Stop accepting; let open sessions finish up to the drain timeout; then close them."""

@@ -11,9 +11,10 @@ Reference: PostgreSQL docs, "SSL Session Encryption" (protocol) and libpq "SSL S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pgscout.dataplane import wire
 from pgscout.settings import Upstream
@@ -146,7 +147,8 @@ def _new_tls_context(upstream: Upstream, client_cert: bool) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if mode in ("verify-ca", "verify-full"):
         if upstream.sslrootcert and upstream.sslrootcert != "system":
-            context.load_verify_locations(cafile=upstream.sslrootcert)
+            with _reading(upstream, "root certificate file", upstream.sslrootcert):
+                context.load_verify_locations(cafile=upstream.sslrootcert)
         else:
             context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         context.check_hostname = mode == "verify-full"
@@ -155,8 +157,21 @@ def _new_tls_context(upstream: Upstream, client_cert: bool) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if client_cert and upstream.sslcert:
-        context.load_cert_chain(upstream.sslcert, upstream.sslkey or None)
+        with _reading(upstream, "certificate or key file", upstream.sslcert):
+            context.load_cert_chain(upstream.sslcert, upstream.sslkey or None)
     return context
+
+
+@contextlib.contextmanager
+def _reading(upstream: Upstream, what: str, path: str) -> Iterator[None]:
+    """A file the context cannot load, named as libpq names it ("could not read root
+    certificate file ..."): OpenSSL's own error leaves the file out."""
+    try:
+        yield
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UpstreamError(f"could not connect to upstream {upstream.display()}: could not "
+                            f"read {what} \"{path}\": {reason}") from None
 
 
 async def connect(upstream: Upstream, protocol_factory: Callable[[], UpstreamProtocol],
