@@ -18,6 +18,7 @@ COMPILED_MODULES = [
     "proxy/pgscout/dataplane/framer.py",
     "proxy/pgscout/dataplane/decoder.py",
     "proxy/pgscout/dataplane/events.py",
+    "proxy/pgscout/dataplane/relaying.py",
     "proxy/pgscout/analysis/bus.py",
     "proxy/pgscout/analysis/comments.py",
     "proxy/pgscout/analysis/fingerprint.py",

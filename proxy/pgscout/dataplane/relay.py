@@ -2,10 +2,10 @@
 
 Owns: the two asyncio Protocols of a session, the startup phase (SSLRequest, GSSENCRequest,
 CancelRequest, StartupMessage) answered the way the postmaster answers it, the startup timeout,
-forwarding each received chunk to the other leg *before* decoding it (after startup through
-each leg's relaying class, whose per-chunk path has no startup checks), the bytes each leg
-forwarded, flow control between the legs, a client's half-close passed on to the server, and
-closing both legs together.
+forwarding each received chunk to the other leg *before* decoding it (after startup, the
+compiled legs of relaying.py take the chunks and call back here for everything else), the bytes
+each leg forwarded, flow control between the legs, a client's half-close passed on to the
+server, and closing both legs together.
 Must not: parse messages itself (framer/decoder do), let a decoder failure touch the byte stream
 (the session is marked desynced and keeps forwarding), or log per message.
 Reference: PostgreSQL's postmaster.c (ProcessStartupPacket, processCancelRequest) for what a
@@ -23,6 +23,7 @@ from pgscout.dataplane import records, wire
 from pgscout.dataplane.decoder import Decoder
 from pgscout.dataplane.events import Session
 from pgscout.dataplane.framer import StartupPacket, StartupRefused, parse_startup_packet
+from pgscout.dataplane.relaying import RelayingClientLeg, RelayingServerLeg
 from pgscout.dataplane.upstream import UpstreamError, UpstreamProtocol, connect
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class Relay:
         self.upstream: ServerLeg | None = None
         self.decoder: Decoder | None = None
         self.relaying = False
+        # The transports' protocols once startup is over (the legs below stay for the rest).
+        self.relaying_legs: tuple[RelayingClientLeg, RelayingServerLeg] | None = None
         self.starting_up = False  # until the first ReadyForQuery: server bytes pass through filter_auth
         self._auth = bytearray()
         self.closed = False
@@ -267,11 +270,15 @@ class Relay:
         return b"".join(out)
 
     def _relay_from_now_on(self) -> None:
-        """Startup is over (authentication too, so no binding check is pending): both legs take
-        their relaying path from the next chunk on."""
-        for leg, relaying in ((self.client, RelayingClientLeg), (self.upstream, RelayingServerLeg)):
-            leg.__class__ = relaying
-            leg.transport.set_protocol(leg)
+        """Startup is over (authentication too, so no binding check is pending): the compiled
+        relaying legs take both transports' chunks from the next one on (the transports are
+        final by now: any TLS was started during startup)."""
+        client, upstream = self.client.transport, self.upstream.transport
+        legs = (RelayingClientLeg(self.client, upstream, self.decoder, self),
+                RelayingServerLeg(self.upstream, client, self.decoder, self))
+        self.relaying_legs = legs
+        client.set_protocol(legs[0])
+        upstream.set_protocol(legs[1])
 
     def _authenticated(self) -> None:
         """Authentication is over (the startup goes on until ReadyForQuery)."""
@@ -334,6 +341,9 @@ class Relay:
         """Stop observing this session; its bytes keep flowing untouched."""
         self.decoder.close()  # gives back what it held (its share of the prepared-text budget)
         self.decoder = None
+        if self.relaying_legs is not None:
+            for leg in self.relaying_legs:
+                leg.decoder = None
         self.server.desynced(self, f"{type(exc).__name__}: {exc}")
 
     def client_ended(self) -> bool:
@@ -399,12 +409,15 @@ class Relay:
         self.close(f"error: {message}")
 
     def bytes_relayed(self) -> tuple[int, int]:
-        """Bytes forwarded so far (from the client, from the server). The legs count them, not
-        the Session: a compiled class's attribute costs interpreted code ~1000 instructions per
-        `+=` (no specialization for its descriptors), a slot a tenth of that. The Session's
-        counts are set from these when it closes."""
+        """Bytes forwarded so far (from the client, from the server): the legs count them,
+        during startup and then the relaying legs, not the Session (the per-chunk path touches
+        no object but its own). The Session's counts are set from these when it closes."""
         client = 0 if self.client is None else self.client.relayed
-        return client, 0 if self.upstream is None else self.upstream.relayed
+        server = 0 if self.upstream is None else self.upstream.relayed
+        if self.relaying_legs is not None:
+            client += self.relaying_legs[0].relayed
+            server += self.relaying_legs[1].relayed
+        return client, server
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -567,45 +580,3 @@ class ServerLeg(UpstreamProtocol):
     def resume_writing(self) -> None:
         self.relay.client_paused = False
         self.relay.client.transport.resume_reading()
-
-
-# Once startup is over, each leg's class becomes its relaying one and the transport is told again
-# (set_protocol: uvloop caches data_received when it is given a protocol), so that every later
-# chunk takes a path with none of the startup phase's checks and one Python frame. The object
-# stays the same one: the relay, the other leg and the transport keep referring to it.
-class RelayingClientLeg(ClientLeg):
-    """ClientLeg after startup: forward, count, note a Terminate, decode."""
-
-    __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        relay = self.relay
-        relay.upstream.transport.write(data)
-        self.relayed += len(data)
-        # Terminate is a client's last message: the hang-up policy must never cancel what a
-        # client ended cleanly, and a TLS upstream leg can wait for the server's close.
-        relay.said_goodbye = data[-5:] == _TERMINATE
-        decoder = relay.decoder
-        if decoder is not None:
-            # A FramingError desyncs like any decoder failure (see Relay.decode_client).
-            try:
-                decoder.client_data(data, monotonic())
-            except Exception as exc:
-                relay.desync(exc)
-
-
-class RelayingServerLeg(ServerLeg):
-    """ServerLeg after startup: forward, count, decode."""
-
-    __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        relay = self.relay
-        relay.client.transport.write(data)
-        self.relayed += len(data)
-        decoder = relay.decoder
-        if decoder is not None:
-            try:
-                decoder.server_data(data, monotonic())
-            except Exception as exc:
-                relay.desync(exc)
