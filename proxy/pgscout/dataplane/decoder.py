@@ -481,10 +481,11 @@ class Decoder:
             for name in [n for n, p in self._portals.items() if p.suspended_at]:
                 self._finish_suspended(self._portals.pop(name))
         held = self._held
-        self._held = []
-        for record in held:
-            record[records.S_TXN_STATUS] = status
-            self._emit(record)
+        if held:
+            self._held = []
+            for record in held:
+                record[records.S_TXN_STATUS] = status
+                self._emit(record)
         if not self._ready:
             self._ready = True
             self._emit([records.READY, session.conn_id, self._now, session.backend_pid])
@@ -594,7 +595,9 @@ class Decoder:
 
     def _track_pool_statements(self, sql: str, tag: str, sqlstate: str | None) -> None:
         """SQL-level DEALLOCATE and DISCARD ALL drop protocol-level prepared statements too."""
-        if sqlstate is not None or not (tag.startswith("DEALLOCATE") or tag.startswith("DISCARD")):
+        # Most tags do not start with "D": one compiled comparison, where startswith is a call.
+        if (sqlstate is not None or not tag or tag[0] != "D"
+                or not (tag.startswith("DEALLOCATE") or tag.startswith("DISCARD"))):
             return
         if tag in ("DEALLOCATE ALL", "DISCARD ALL"):
             self._statements.clear()
