@@ -30,9 +30,9 @@ class Recorder(MessageSink):
         self.calls: list[tuple[str, bytes, bool]] = []
         self.framer = (Framer(self, decoded) if max_length is None else Framer(self, decoded, max_length))
 
-    def message(self, typ: int, body: bytes, complete: bool) -> None:
-        assert isinstance(body, bytes)
-        self.calls.append((chr(typ), body, complete))
+    def message(self, typ: int, data: bytes, start: int, end: int, complete: bool) -> None:
+        assert isinstance(data, bytes) and 0 <= start <= end <= len(data)
+        self.calls.append((chr(typ), data[start:end], complete))
 
     def feed_chunks(self, chunks) -> Recorder:
         for chunk in chunks:

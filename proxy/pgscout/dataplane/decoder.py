@@ -291,35 +291,39 @@ class Decoder:
         self._statement_chars += size
         texts.used += size
 
-    def _bind(self, body: bytes, complete: bool) -> None:
+    def _bind(self, data: bytes, start: i64, end: i64, complete: bool) -> None:
         """Bind: String portal, String statement, Int16 nfmt, Int16[nfmt], Int16 nparams,
         (Int32 len, Byte[len])[nparams], Int16 nresfmt, Int16[nresfmt]."""
         if self._discarding:
             return
-        portal_end = _string_end(body, 0)
-        statement_end = _string_end(body, portal_end + 1)
+        portal_end = _string_end(data, start, end)
+        statement_end = _string_end(data, portal_end + 1, end)
         pos = statement_end + 1
-        n_formats = int16(body, pos)
+        n_formats = _int16_before(data, pos, end)
+        if n_formats < 0:
+            raise DecoderError(f"Bind with {n_formats} parameter format codes")
         pos += 2 + 2 * n_formats
-        n_params = int16(body, pos)
+        n_params = _int16_before(data, pos, end)
         # Keyed hash (Python's per-process salted hash): equal values give equal signatures,
         # the values themselves are never kept.
-        signature = hash(body[pos:]) if complete else hash((body[pos:], "incomplete"))
-        params = _bind_values(body, pos, n_params) if self._keep_parameters and complete else None
-        text = self._statements.get(body[portal_end + 1:statement_end])
+        values = data[pos:end]
+        signature = hash(values) if complete else hash((values, "incomplete"))
+        params = (_bind_values(data[start:end], pos - start, n_params)
+                  if self._keep_parameters and complete else None)
+        text = self._statements.get(data[portal_end + 1:statement_end])
         sql, truncated = text if text is not None else _UNKNOWN
-        name = body[:portal_end]
+        name = data[start:portal_end]
         if self._suspended:  # rebinding a suspended portal ends what ran of it
             old = self._portals.get(name)
             if old is not None and old.suspended_at:
                 self._finish_suspended(old)
         self._portals[name] = _Portal(sql, truncated, signature, n_params, params)
 
-    def _execute(self, body: bytes) -> None:
+    def _execute(self, data: bytes, start: i64, end: i64) -> None:
         """Execute: String portal, Int32 maximum rows (0 = no limit)."""
         if self._discarding:
             return
-        portal = self._portals.get(body[:_string_end(body, 0)])
+        portal = self._portals.get(data[start:_string_end(data, start, end)])
         if portal is None:  # pgscout did not see the Bind (e.g. evicted): time it anyway
             portal = _Portal("", False, 0, 0, None)
         request = _Request(EXECUTE, self._now, portal)
@@ -387,10 +391,11 @@ class Decoder:
                                f"{_KIND_NAMES[request.kind]} was first in line")
         return request
 
-    def _command_complete(self, body: bytes) -> None:
+    def _command_complete(self, data: bytes, start: i64, end: i64) -> None:
         """CommandComplete: String tag ("SELECT 5", "INSERT 0 1", "UPDATE 3", "BEGIN"...)."""
         # Sessions mostly repeat one tag (pgbench: "SELECT 1"): it is decoded when it changes.
-        if body != self._tag_body:
+        if not _equal_at(data, start, end, self._tag_body):
+            body = data[start:end]
             self._tag_body = body
             self._tag = body[:-1].decode("ascii", "replace")
             self._tag_row_count = _tag_rows(body[:-1])
@@ -450,9 +455,11 @@ class Decoder:
             self._discarding = True  # the client has not sent its Sync yet
         self.server.data_rows = 0
 
-    def _ready_for_query(self, body: bytes) -> None:
+    def _ready_for_query(self, data: bytes, start: i64, end: i64) -> None:
         """ReadyForQuery: Byte1 status: 'I' idle, 'T' in a transaction block, 'E' failed block."""
-        status = _CHARS[body[0]]
+        if end <= start:
+            raise DecoderError("ReadyForQuery without a status")
+        status = _CHARS[data[start]]
         idle = status == "I"
         # The startup's ReadyForQuery answers no request: a client may have sent its first
         # statements before it arrived, and they are still owed.
@@ -500,10 +507,10 @@ class Decoder:
             self._idle_since = self._now
         self._work_started_at = 0.0
 
-    def _ready_run(self, body: bytes, count: int) -> None:
+    def _ready_run(self, data: bytes, start: i64, end: i64, count: int) -> None:
         """`count` identical ReadyForQuery in a row: past the first, those that answer a run of
         Syncs change nothing but the run's count (same status, nothing completed between)."""
-        self._ready_for_query(body)
+        self._ready_for_query(data, start, end)
         remaining = count - 1
         pending = self._pending
         if remaining and self._ready and pending and pending[0].kind == SYNC and not self._held:
@@ -511,7 +518,7 @@ class Decoder:
             pending[0].count -= taken
             remaining -= taken
         for _ in range(remaining):
-            self._ready_for_query(body)
+            self._ready_for_query(data, start, end)
 
     def _backend_key_data(self, body: bytes) -> None:
         """BackendKeyData: Int32 pid, then the secret key (4 bytes before protocol 3.2, up to 256)."""
@@ -646,27 +653,28 @@ class _ClientMessages(MessageSink):
     def __init__(self, decoder: Decoder) -> None:
         self._decoder = decoder
 
-    # Compiled, each branch is a direct call of the decoder's method.
-    def message(self, typ: int, body: bytes, complete: bool) -> None:
+    # Compiled, each branch is a direct call of the decoder's method. The messages of every
+    # statement are read in place; the others get their body as bytes of its own.
+    def message(self, typ: int, data: bytes, start: i64, end: i64, complete: bool) -> None:
         decoder = self._decoder
         if typ == wire.F_BIND:
-            decoder._bind(body, complete)
+            decoder._bind(data, start, end, complete)
         elif typ == wire.F_EXECUTE:
-            decoder._execute(body)
+            decoder._execute(data, start, end)
         elif typ == wire.F_SYNC:
             decoder._sync()
         elif typ == wire.F_PARSE:
-            decoder._parse(body)
+            decoder._parse(data[start:end])
         elif typ == wire.F_QUERY:
-            decoder._query(body)
+            decoder._query(data[start:end])
         elif typ == wire.F_CLOSE:
-            decoder._close(body)
+            decoder._close(data[start:end])
         elif typ == wire.F_FUNCTION_CALL:
             decoder._function_call()
         elif typ == wire.F_COPY_DONE or typ == wire.F_COPY_FAIL:
             decoder._copy_done()
 
-    def run(self, typ: int, body: bytes, count: int) -> None:
+    def run(self, typ: int, data: bytes, start: i64, end: i64, count: int) -> None:
         self._decoder._sync_run(count)
 
 
@@ -681,14 +689,14 @@ class _ServerMessages(MessageSink):
     def __init__(self, decoder: Decoder) -> None:
         self._decoder = decoder
 
-    def message(self, typ: int, body: bytes, complete: bool) -> None:
+    def message(self, typ: int, data: bytes, start: i64, end: i64, complete: bool) -> None:
         decoder = self._decoder
         if typ == wire.B_COMMAND_COMPLETE:
-            decoder._command_complete(body)
+            decoder._command_complete(data, start, end)
         elif typ == wire.B_READY_FOR_QUERY:
-            decoder._ready_for_query(body)
+            decoder._ready_for_query(data, start, end)
         elif typ == wire.B_ERROR_RESPONSE:
-            decoder._error_response(body)
+            decoder._error_response(data[start:end])
         elif typ == wire.B_EMPTY_QUERY_RESPONSE:
             decoder._empty_query_response()
         elif typ == wire.B_PORTAL_SUSPENDED:
@@ -696,12 +704,12 @@ class _ServerMessages(MessageSink):
         elif typ == wire.B_COPY_IN_RESPONSE:
             decoder._copy_in_response()
         elif typ == wire.B_PARAMETER_STATUS:
-            decoder._parameter_status(body)
+            decoder._parameter_status(data[start:end])
         elif typ == wire.B_BACKEND_KEY_DATA:
-            decoder._backend_key_data(body)
+            decoder._backend_key_data(data[start:end])
 
-    def run(self, typ: int, body: bytes, count: int) -> None:
-        self._decoder._ready_run(body, count)
+    def run(self, typ: int, data: bytes, start: i64, end: i64, count: int) -> None:
+        self._decoder._ready_run(data, start, end, count)
 
 
 _UNKNOWN: Final = ("", False)
@@ -717,14 +725,36 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _string_end(body: bytes, start: i64) -> i64:
-    """Where the String at body[start] ends (its zero byte). Names are short: a compiled loop
-    (over native integers) costs less than a call of bytes.index; an unterminated one raises
-    IndexError."""
-    end = start
-    while body[end]:
-        end += 1
-    return end
+def _string_end(data: bytes, start: i64, end: i64) -> i64:
+    """Where the String at data[start] ends (its zero byte), before the body's end. Names are
+    short: a compiled loop (over native integers) costs less than a call of bytes.index; an
+    unterminated one raises IndexError."""
+    pos = start
+    while pos < end and data[pos]:
+        pos += 1
+    if pos >= end:
+        raise IndexError("unterminated String")
+    return pos
+
+
+def _int16_before(data: bytes, pos: i64, end: i64) -> i64:
+    """The Int16 at data[pos], which must lie before the body's end."""
+    if pos + 2 > end:
+        raise IndexError("message ends inside an Int16")
+    return int16(data, pos)
+
+
+def _equal_at(data: bytes, start: i64, end: i64, other: bytes) -> bool:
+    """data[start:end] == other, compared in place (compiled: no slice, no call)."""
+    size = end - start
+    if size != len(other):
+        return False
+    i: i64 = 0
+    while i < size:
+        if data[start + i] != other[i]:
+            return False
+        i += 1
+    return True
 
 
 def _tag_rows(tag: bytes) -> int:

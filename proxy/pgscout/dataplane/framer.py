@@ -4,9 +4,10 @@ Owns: splitting a byte stream into messages (the untyped startup packets, then t
 one type byte, an int32 length that counts itself, the body), carrying partial headers and bodies
 across reads, capping how much of one body is handed to the decoder, and telling apart the
 startup packets PostgreSQL refuses, with what it answers them.
-Must not: interpret message bodies (decoder.py does), copy the bodies of messages nobody decodes
-(DataRow, CopyData: their bytes are skipped by count), touch sockets, or let a size limit of
-pgscout's own decide anything about the stream: the framer only observes what is forwarded.
+Must not: interpret message bodies (decoder.py does), copy a body that arrived whole (the sink
+gets the chunk and the body's offsets in it) or the bodies of messages nobody decodes (DataRow,
+CopyData: their bytes are skipped by count), touch sockets, or let a size limit of pgscout's own
+decide anything about the stream: the framer only observes what is forwarded.
 """
 
 from __future__ import annotations
@@ -79,13 +80,16 @@ def int16(data: bytes, pos: i64) -> i64:
 # Subclassed by the decoder (compiled: its calls are native) and by tests (interpreted).
 @mypyc_attr(allow_interpreted_subclasses=True)
 class MessageSink:
-    """Where a Framer delivers the messages it was told to decode."""
+    """Where a Framer delivers the messages it was told to decode: each body is
+    `data[start:end]`, left in the chunk it came in (a slice per message was an allocation and a
+    copy for every Bind, Execute and CommandComplete), or in a bytes of its own when it spanned
+    reads."""
 
-    def message(self, typ: int, body: bytes, complete: bool) -> None:
+    def message(self, typ: int, data: bytes, start: i64, end: i64, complete: bool) -> None:
         """One message of type `typ`; `complete` is false when only the front of its body is given."""
         raise NotImplementedError
 
-    def run(self, typ: int, body: bytes, count: int) -> None:
+    def run(self, typ: int, data: bytes, start: i64, end: i64, count: int) -> None:
         """`count` identical copies of one short message in a row (only for the `runs` types)."""
         raise NotImplementedError
 
@@ -93,17 +97,18 @@ class MessageSink:
 class Framer:
     """Walks typed messages and hands those of the `decoded` types to `sink.message`.
 
-    The sink is called as `sink.message(typ, body, complete)`; `complete` is false when the
-    message was longer than `max_length` (the proxy.max_message_bytes setting) or its body longer
-    than DECODE_LIMIT, and only the front of the body is given. Messages of other types are
-    skipped without copying; `data_rows` counts skipped DataRow messages so the decoder can count
-    rows of suspended portals without ever seeing a row.
+    The sink is called as `sink.message(typ, data, start, end, complete)`, the body being
+    data[start:end]; `complete` is false when the message was longer than `max_length` (the
+    proxy.max_message_bytes setting) or its body longer than DECODE_LIMIT, and only the front of
+    the body is given. Messages of other types are skipped without copying; `data_rows` counts
+    skipped DataRow messages so the decoder can count rows of suspended portals without ever
+    seeing a row.
 
     For the `runs` types (also decoded), a run of identical copies of one short message (a client
     pipelining thousands of Syncs, the server answering each with the same ReadyForQuery) is
-    delivered once as `sink.run(typ, body, count)`, the run found by one C-level regex match. The
-    work per byte must be small for the smallest messages too, or a flood of 5-byte Syncs keeps
-    the forwarding loop busy for seconds, however bounded in bytes.
+    delivered once as `sink.run(typ, data, start, end, count)`, the run found by one C-level
+    regex match. The work per byte must be small for the smallest messages too, or a flood of
+    5-byte Syncs keeps the forwarding loop busy for seconds, however bounded in bytes.
     """
 
     __slots__ = ("_sink", "_actions", "_run_patterns", "_decode_limit", "_skip", "_head",
@@ -187,10 +192,10 @@ class Framer:
                         and length <= _MAX_RUN_LENGTH):
                     count = self._run_count(data, pos, msg_end)
                     if count > 1:
-                        sink.run(typ, data[pos + 5:msg_end], count)
+                        sink.run(typ, data, pos + 5, msg_end, count)
                         pos += count * (msg_end - pos)
                         continue
-                sink.message(typ, data[pos + 5:msg_end], True)
+                sink.message(typ, data, pos + 5, msg_end, True)
                 pos = msg_end
             else:
                 self.data_rows += rows
@@ -245,7 +250,8 @@ class Framer:
             return pos
         self._body = None
         complete = self._after == 0
-        self._sink.message(self._type, bytes(body), complete)
+        whole = bytes(body)
+        self._sink.message(self._type, whole, 0, len(whole), complete)
         if self._after:
             available = len(data) - pos
             if self._after > available:
