@@ -10,7 +10,8 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 # The tests of every module setup.py compiles that need no server.
 SANS_IO_TESTS = ["test_framer.py", "test_decoder.py", "test_fuzz.py", "test_nplusone.py",
-                 "test_fingerprint.py", "test_comments.py", "test_slowlog.py", "test_statements.py"]
+                 "test_fingerprint.py", "test_comments.py", "test_slowlog.py", "test_statements.py",
+                 "test_bus.py"]
 
 
 def test_pure_python_modules_pass_the_sans_io_tests():
