@@ -302,6 +302,25 @@ def test_statements_sent_before_a_close_run_to_completion(pg, pgscout, start_pgs
     assert counts == {"direct": 20, "proxy": 20}
 
 
+def test_a_client_that_ends_with_terminate_is_not_cancelled_by_the_hang_up_policy(pg, start_pgscout,
+                                                                                  inserts):
+    """proxy.cancel_on_client_hangup cancels a statement whose client vanished; a client whose
+    last message was Terminate ended cleanly, and its statement runs to completion as directly."""
+    proxy = start_pgscout(env={"PGSCOUT_PROXY_CANCEL_ON_CLIENT_HANGUP": "true"})
+    counts = {}
+    for route, (host, port) in routes(pg, proxy).items():
+        sessions = [open_session(host, port)[0] for _ in range(5)]
+        for n, sock in enumerate(sessions):
+            sock.sendall(query(f"insert into edge_inserts select '{route}-goodbye', {n} "
+                               f"from pg_sleep(0.3)") + TERMINATE)
+            sock.close()
+        wait_until(lambda: inserts(f"{route}-goodbye") == 5, 10, interval=0.2)
+        time.sleep(0.5)  # a cancel would have landed by now
+        counts[route] = inserts(f"{route}-goodbye")
+    assert counts == {"direct": 5, "proxy": 5}
+    assert metric(proxy, "pgscout_cancel_requests_total") == 0
+
+
 def test_a_half_closed_client_receives_its_results_until_the_server_closes(pg, pgscout):
     seen = {}
     for route, (host, port) in routes(pg, pgscout).items():
