@@ -104,7 +104,7 @@ class Server:
             return
         try:
             tls_context(upstream, self.settings.proxy.upstream_cert_for_sessions)
-        except UpstreamError as exc:
+        except (UpstreamError, OSError) as exc:  # a file named by the URL, or OpenSSL's own store
             log.error("upstream_tls_unusable", error=str(exc))
 
     async def drain(self) -> None:
