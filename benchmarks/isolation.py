@@ -2,8 +2,9 @@
 
     python benchmarks/isolation.py [--out FILE]
 
-Starts PostgreSQL, pgscout observing and pgscout --forward-only, and for each attack of
-tests/attacks.py measures, on each target in turn (direct, pgscout, forward-only), the bystander's
+Starts PostgreSQL, pgscout observing, pgscout --forward-only and the bare uvloop forwarder (the
+floor for any asyncio proxy), and for each attack of tests/attacks.py measures, on each target in
+turn (direct, pgscout, forward-only, bare), the bystander's
 `select 1` p99 idle and during the attack, its longest round trip, and the proxy's peak RSS (both
 pgscout processes). Prints a Markdown table.
 
@@ -24,8 +25,8 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from attacks import (DISTINCT_LARGE_STATEMENTS, LATENCY_ATTACKS, PIPELINED_SYNCS,  # noqa: E402
                      Bystander, p99, run_client)
-from pgharness import APP_DATABASE, PgCluster, Pgscout, rss_bytes  # noqa: E402
-from targets import ForwardOnlyPgscout  # noqa: E402
+from pgharness import APP_DATABASE, PgCluster, Pgscout, make_dsn, rss_bytes  # noqa: E402
+from targets import BareForwarder, ForwardOnlyPgscout  # noqa: E402
 
 ATTACKS = {**LATENCY_ATTACKS, "3,000 distinct ~100 KB statements": DISTINCT_LARGE_STATEMENTS,
            "4 sessions pipelining 36 MB of Sync behind pg_sleep": PIPELINED_SYNCS}
@@ -71,10 +72,13 @@ def main() -> int:
     cluster = PgCluster().create()
     observed = Pgscout(cluster.upstream_url()).start()
     forward_only = ForwardOnlyPgscout(cluster.upstream_url()).start()
+    bare = BareForwarder(cluster.host, cluster.port).start()
     targets = {"direct": (cluster.dsn("trust_user", APP_DATABASE), None),
                "pgscout": (observed.dsn("trust_user", APP_DATABASE), observed.process.pid),
                "pgscout forward-only": (forward_only.dsn("trust_user", APP_DATABASE),
-                                        forward_only.process.pid)}
+                                        forward_only.process.pid),
+               "bare forwarder": (make_dsn(bare.host, bare.port, "trust_user", APP_DATABASE, None),
+                                  bare.pid)}
     lines = ["| attack | target | attack s | bystander p99 idle ms | p99 during ms | max ms | "
              "RSS MiB before | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     try:
@@ -89,6 +93,7 @@ def main() -> int:
     finally:
         observed.cleanup()
         forward_only.cleanup()
+        bare.stop()
         cluster.destroy()
     table = "\n".join(lines) + "\n"
     print(table)
