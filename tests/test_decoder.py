@@ -513,6 +513,40 @@ def asynchronous_messages(conv: Conversation) -> None:
     assert conv.take() == [] and not conv.session.active
 
 
+def interleaved_portals_and_a_statement_prepared_again(conv: Conversation) -> None:
+    """Two open cursors fetched in turn (JDBC with two result sets open), then one statement
+    closed and prepared again under its name with another text, as a statement cache does."""
+    conv.client(w.query("BEGIN"))
+    conv.server(w.command_complete("BEGIN"), w.ready_for_query("T"))
+    conv.client(w.parse("s_x", "select x from a"), w.parse("s_y", "select y from b"),
+                w.bind("c_x", "s_x", []), w.bind("c_y", "s_y", []), w.sync())
+    conv.server(w.parse_complete(), w.parse_complete(), w.bind_complete(), w.bind_complete(),
+                w.ready_for_query("T"))
+    x_sent = conv.client(w.execute("c_x", 2), w.sync())
+    conv.server(*select_rows(2), w.portal_suspended(), w.ready_for_query("T"))
+    y_sent = conv.client(w.execute("c_y", 2), w.sync())
+    y_done = conv.server(*select_rows(1), w.command_complete("SELECT 1"), w.ready_for_query("T"))
+    conv.client(w.execute("c_x", 2), w.sync())
+    x_done = conv.server(*select_rows(1), w.command_complete("SELECT 1"), w.ready_for_query("T"))
+    assert conv.take()[1:] == [
+        done("select y from b", y_sent, y_done, "SELECT 1", 1, extended=True, txn_status="T"),
+        done("select x from a", x_sent, x_done, "SELECT 1", 3, extended=True, txn_status="T"),
+    ]
+    conv.client(w.close("S", "s_x"), w.parse("s_x", "select x2 from a"), w.sync())
+    conv.server(w.close_complete(), w.parse_complete(), w.ready_for_query("T"))
+    sent = conv.client(w.bind("", "s_y", []), w.execute(""), w.bind("", "s_x", []), w.execute(""),
+                       w.sync())
+    at = conv.server(w.bind_complete(), *select_rows(1), w.command_complete("SELECT 1"),
+                     w.bind_complete(), *select_rows(1), w.command_complete("SELECT 1"),
+                     w.ready_for_query("T"))
+    assert [(event[1]["sql"], event[1]["done_at"]) for event in conv.take()] == [
+        ("select y from b", at), ("select x2 from a", at)]
+    assert sent < at
+    conv.client(w.query("COMMIT"))
+    conv.server(w.command_complete("COMMIT"), w.ready_for_query("I"))
+    conv.take()
+
+
 SCENARIOS = [
     simple_query, empty_query, multi_statement_query, error_in_multi_statement_query,
     extended_unnamed, extended_named_with_describe_statement, describe_portal_no_data,
@@ -520,6 +554,7 @@ SCENARIOS = [
     separate_syncs_sent_together, error_in_pipeline, error_before_sync, error_before_sync_without_execute,
     duplicate_parse_is_rejected,
     portal_suspended_in_transaction, portal_suspended_then_closed, close_statement_and_portal,
+    interleaved_portals_and_a_statement_prepared_again,
     deallocate_and_discard_all, copy_simple, copy_extended, copy_extended_libpq_style, transaction_commit,
     transaction_rollback, transaction_aborted, application_name_changes, asynchronous_messages,
 ]
@@ -646,7 +681,7 @@ def replay(steps: list[tuple[str, float, bytes]], chunk) -> list[tuple]:
 def test_whole_conversation_in_one_session_gives_every_event():
     kinds = [record[0] for record in whole_events()]
     assert kinds.count("SessionReady") == 1
-    assert kinds.count("TransactionEnded") == 5
+    assert kinds.count("TransactionEnded") == 6
     assert kinds.count("StatementDone") == len(whole_conversation().statements()) > 50
 
 

@@ -195,8 +195,18 @@ class Decoder:
         self._now = 0.0
         self._pending = _Pending()
         self._statements: dict[bytes, tuple[str, bool]] = {}  # name -> (text, truncated)
+        # The statement the last Bind named (or the last Parse made), and its text: a client
+        # binds one statement again and again, and comparing its name in place costs less than
+        # a slice and a dict look-up. None when _statements changed since.
+        self._bound_name: bytes | None = None
+        self._bound_text = _UNKNOWN
         self._statement_chars = 0
         self._texts = TextBudget() if texts is None else texts
+        # The portal bound last (mostly the unnamed one, every statement) is kept apart from the
+        # others, which wait in _portals: Bind and Execute then find it by comparing its name in
+        # place, where a dict costs a slice, a hash and a look-up each.
+        self._portal: _Portal | None = None
+        self._portal_name = b""
         self._portals: dict[bytes, _Portal] = {}
         self._held: list[list] = []  # completed statement records, waiting for ReadyForQuery
         self._discarding = False  # an extended-protocol error: the server ignores all until Sync
@@ -279,7 +289,7 @@ class Decoder:
             return  # the server refuses to redefine a named statement (42P05) until it is Closed
         text = self._cut(body, name_end + 1, query_end if query_end >= 0 else len(body))
         size = len(text[0])
-        self._forget_statement(name)
+        self._forget_statement(name)  # also forgets the bound statement
         texts = self._texts
         while statements and (len(statements) >= _MAX_STATEMENTS
                               or self._statement_chars + size > _MAX_STATEMENT_CHARS
@@ -290,6 +300,8 @@ class Decoder:
         statements[name] = text
         self._statement_chars += size
         texts.used += size
+        self._bound_name = name  # what the Bind that follows a Parse names
+        self._bound_text = text
 
     def _bind(self, data: bytes, start: i64, end: i64, complete: bool) -> None:
         """Bind: String portal, String statement, Int16 nfmt, Int16[nfmt], Int16 nparams,
@@ -310,20 +322,31 @@ class Decoder:
         signature = hash(values) if complete else hash((values, "incomplete"))
         params = (_bind_values(data[start:end], pos - start, n_params)
                   if self._keep_parameters and complete else None)
-        text = self._statements.get(data[portal_end + 1:statement_end])
-        sql, truncated = text if text is not None else _UNKNOWN
-        name = data[start:portal_end]
-        if self._suspended:  # rebinding a suspended portal ends what ran of it
-            old = self._portals.get(name)
-            if old is not None and old.suspended_at:
-                self._finish_suspended(old)
-        self._portals[name] = _Portal(sql, truncated, signature, n_params, params)
+        bound = self._bound_name
+        if bound is None or not _equal_at(data, portal_end + 1, statement_end, bound):
+            bound = data[portal_end + 1:statement_end]
+            self._bound_name = bound
+            self._bound_text = self._statements.get(bound, _UNKNOWN)
+        sql, truncated = self._bound_text
+        old = self._portal
+        if old is None or not _equal_at(data, start, portal_end, self._portal_name):
+            if old is not None:
+                self._portals[self._portal_name] = old
+            name = data[start:portal_end]
+            old = self._portals.pop(name, None)
+            self._portal_name = name
+        if old is not None and old.suspended_at:  # rebinding a suspended portal ends what ran of it
+            self._finish_suspended(old)
+        self._portal = _Portal(sql, truncated, signature, n_params, params)
 
     def _execute(self, data: bytes, start: i64, end: i64) -> None:
         """Execute: String portal, Int32 maximum rows (0 = no limit)."""
         if self._discarding:
             return
-        portal = self._portals.get(data[start:_string_end(data, start, end)])
+        name_end = _string_end(data, start, end)
+        portal = self._portal
+        if portal is None or not _equal_at(data, start, name_end, self._portal_name):
+            portal = self._portals.get(data[start:name_end])
         if portal is None:  # pgscout did not see the Bind (e.g. evicted): time it anyway
             portal = _Portal("", False, 0, 0, None)
         request = _Request(EXECUTE, self._now, portal)
@@ -344,7 +367,7 @@ class Decoder:
         if body[0] == 0x53:  # 'S'
             self._forget_statement(name)
         else:
-            portal = self._portals.pop(name, None)
+            portal = self._take_portal(name)
             if portal is not None and portal.suspended_at:
                 self._finish_suspended(portal)
 
@@ -487,6 +510,10 @@ class Decoder:
             # Leaving the transaction destroys its portals, suspended ones included.
             for name in [n for n, p in self._portals.items() if p.suspended_at]:
                 self._finish_suspended(self._portals.pop(name))
+            current = self._portal
+            if current is not None and current.suspended_at:
+                self._portal = None
+                self._finish_suspended(current)
         held = self._held
         if held:
             self._held = []
@@ -608,9 +635,11 @@ class Decoder:
             return
         if tag in ("DEALLOCATE ALL", "DISCARD ALL"):
             self._statements.clear()
+            self._bound_name = None
             self._release(self._statement_chars)
             if tag == "DISCARD ALL":
                 self._portals.clear()
+                self._portal = None
                 self._suspended = 0
             return
         if tag == "DEALLOCATE":
@@ -623,9 +652,18 @@ class Decoder:
                 self._forget_statement(name.encode())
 
     def _forget_statement(self, name: bytes) -> None:
+        self._bound_name = None
         text = self._statements.pop(name, None)
         if text is not None:
             self._release(len(text[0]))
+
+    def _take_portal(self, name: bytes) -> _Portal | None:
+        """Remove the portal `name` (Close), wherever it is kept."""
+        if self._portal is not None and name == self._portal_name:
+            portal = self._portal
+            self._portal = None
+            return portal
+        return self._portals.pop(name, None)
 
     def _release(self, size: int) -> None:
         self._statement_chars -= size
