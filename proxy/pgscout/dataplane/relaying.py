@@ -12,10 +12,15 @@ failure touch the byte stream (the session is desynced and keeps forwarding).
 
 from __future__ import annotations
 
-from time import monotonic
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, Final
 
 from pgscout.dataplane.decoder import Decoder
+
+# Compiled, a Final is a C static: calling time.monotonic by its imported name was a look-up in
+# the module's dict at every chunk.
+_monotonic: Final = time.monotonic
 
 
 class RelayingLeg:
@@ -24,7 +29,9 @@ class RelayingLeg:
 
     def __init__(self, leg: Any, peer: Any, decoder: Decoder | None, relay: Any) -> None:
         self.leg = leg
-        self.peer = peer
+        # The peer transport's bound write: calling it is one vectorcall, where `peer.write(...)`
+        # looks the method up on the transport's type at every chunk.
+        self.write: Callable[[bytes], object] = peer.write
         self.decoder = decoder
         self.relay = relay
         self.relayed = 0  # bytes forwarded since startup ended (see Relay.bytes_relayed)
@@ -55,7 +62,7 @@ class RelayingClientLeg(RelayingLeg):
         self.said_goodbye: bool = relay.said_goodbye
 
     def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
+        self.write(data)
         end = len(data)
         self.relayed += end
         # Terminate ('X', Int32 4) is a client's last message: the hang-up policy must never
@@ -69,7 +76,7 @@ class RelayingClientLeg(RelayingLeg):
         decoder = self.decoder
         if decoder is not None:
             try:
-                decoder.client_data(data, monotonic())
+                decoder.client_data(data, _monotonic())
             except Exception as exc:
                 self._desync(exc)
 
@@ -78,11 +85,11 @@ class RelayingServerLeg(RelayingLeg):
     """From the server: forward, count, decode."""
 
     def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
+        self.write(data)
         self.relayed += len(data)
         decoder = self.decoder
         if decoder is not None:
             try:
-                decoder.server_data(data, monotonic())
+                decoder.server_data(data, _monotonic())
             except Exception as exc:
                 self._desync(exc)
