@@ -515,11 +515,11 @@ class Decoder:
                 self._portal = None
                 self._finish_suspended(current)
         held = self._held
-        if held:
-            self._held = []
+        if held:  # emptied in place: a new list at every ReadyForQuery was an allocation more
             for record in held:
                 record[records.S_TXN_STATUS] = status
                 self._emit(record)
+            held.clear()
         if not self._ready:
             self._ready = True
             self._emit([records.READY, session.conn_id, self._now, session.backend_pid])
