@@ -32,6 +32,8 @@ from pgscout.labels import MAX_APPLICATIONS, OTHER
 
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 MAX_APPLICATIONS_PER_FINGERPRINT: Final = 16
+# Compiled, a Final is a C static: `time.time()` looked the function up on the module each call.
+_wall_clock: Final = time.time
 
 
 class FingerprintStats:
@@ -186,7 +188,7 @@ class StatementStats(StatementObserver):
         duration = ev.duration
         application = ev.session.application_name
         self._totals.record(duration, ev.sqlstate, application)
-        now = time.time()
+        now = _wall_clock()
         entry = self._entry_for(ev, now)
         entry.record(duration, ev.rows, ev.sqlstate, application)
         entry.last_seen = now
