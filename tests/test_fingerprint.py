@@ -14,7 +14,8 @@ from pgscout.analysis.fingerprint import (MAX_PARSE_CHARS, Fingerprinter, abando
 HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
-def statement(sql, statement_count=1, param_sig=None, standard_strings=True, truncated=False):
+def statement(sql, statement_count=1, param_sig=None, standard_strings=True, truncated=False,
+              n_params=0):
     return StatementDone(
         session=Session(conn_id=1, client_addr="127.0.0.1:5000", standard_strings=standard_strings),
         sql=sql,
@@ -27,7 +28,7 @@ def statement(sql, statement_count=1, param_sig=None, standard_strings=True, tru
         rows=1,
         sqlstate=None,
         param_sig=param_sig,
-        n_params=0,
+        n_params=n_params,
         params=None,
         pipelined=False,
     )
@@ -86,7 +87,18 @@ def test_simple_query_param_sig_depends_on_text_not_on_comments():
 
 
 def test_extended_protocol_param_sig_is_left_alone():
-    assert enriched("select * from t where id = $1", param_sig=1234).param_sig == 1234
+    assert enriched("select * from t where id = $1", param_sig=1234, n_params=1).param_sig == 1234
+
+
+def test_extended_statement_with_nothing_bound_is_told_apart_by_its_text():
+    # asyncpg prepares a text with its values formatted in: the Bind (of no values) is the same
+    # for every lookup, the text is not.
+    fingerprinter = Fingerprinter(cache_size=100)
+    first, second, again = (enriched(f"select * from t where id = {i}", fingerprinter,
+                                     param_sig=1234, n_params=0) for i in (1, 2, 1))
+    assert first.param_sig != second.param_sig
+    assert first.param_sig == again.param_sig
+    assert first.fingerprint == second.fingerprint
 
 
 def test_multi_statement_query_is_described_whole_in_one_pass():

@@ -364,6 +364,24 @@ async def test_asyncpg_loop_is_flagged(pgscout, bookshop, app_name):
                 fix="author_id = ANY($1)")
 
 
+async def test_asyncpg_loop_with_literals_in_the_text_is_flagged(pgscout, bookshop, app_name):
+    """asyncpg prepares every statement, so an id formatted into the text is an extended-protocol
+    statement with nothing bound: each lookup is told apart by its text, not by its (empty) Bind."""
+    connection = await asyncpg.connect(proxy_dsn(pgscout, app_name, connect_timeout=None))
+    try:
+        for author in await connection.fetch(RAW_AUTHORS_SQL):
+            await connection.fetch(
+                f"SELECT id, title FROM np_books WHERE author_id = {author['id']} ORDER BY id")
+    finally:
+        await connection.close()
+
+    finding = only(findings(pgscout, app_name))
+    assert finding["kind"] == "n_plus_one", finding
+    assert finding["n"] == AUTHORS
+    assert finding["child_fingerprint"] == fingerprint(
+        "SELECT id, title FROM np_books WHERE author_id = 1 ORDER BY id")
+
+
 @pytest.mark.parametrize("binding", ["server", "client"])
 def test_psycopg_loop_is_flagged(pgscout, bookshop, app_name, binding):
     cursor_factory = psycopg.ClientCursor if binding == "client" else psycopg.Cursor

@@ -6,8 +6,10 @@ forms of a query, and IN lists of any length, share one), `normalized` (pglast's
 comment-stripped text: literals become `$n`, cut to `display_chars`, the only SQL text any other
 observer keeps), `kind`, `may_change_settings` (not a query or a write, or one calling
 set_config: observers that follow settings read the raw text only then), `tags`
-(pgscout.analysis.comments) and, for the simple protocol, `param_sig` (Python's salted hash of
-the comment-stripped text, so the text itself is never kept for it). A multi-statement simple Query arrives as one event and is described whole, in one
+(pgscout.analysis.comments) and, for a statement with nothing bound (the simple protocol, or an
+extended one without parameters: asyncpg prepares even a text with its values formatted in),
+`param_sig` (Python's salted hash of the comment-stripped text, so the text itself is never kept
+for it: the values are in the text, and a Bind of no values would make every lookup look alike). A multi-statement simple Query arrives as one event and is described whole, in one
 pass: libpg_query fingerprints and normalizes every statement of a text together.
 
 Text pglast cannot take (a ParseError, cut by the data plane, over MAX_PARSE_CHARS, holding NUL
@@ -226,12 +228,15 @@ class Fingerprinter(StatementObserver):
             else:  # building parse_comments' answer (a NamedTuple) costs more than this test
                 tags, text = None, sql.strip()
                 self._plain_sql, self._plain_text = sql, text
-            key = constant_free_key(text) if ev.param_sig is None and not backslashes else None
+            unbound = ev.param_sig is None or not ev.n_params
+            key = constant_free_key(text) if unbound and not backslashes else None
             if key is None:
                 shape = self._describe_cached(text, text, backslashes)
+                if unbound:
+                    ev.param_sig = shape.param_sig
             else:
-                # Literals inline (simple protocol): every execution is a new text, but all its
-                # variants share one cache entry; the parameter signature is this text's own.
+                # Literals inline: every execution is a new text, but all its variants share one
+                # cache entry; the parameter signature is this text's own.
                 shape = self._describe_cached(key, text, False)
                 ev.param_sig = hash(text)
         ev.fingerprint = shape.fingerprint
