@@ -136,3 +136,23 @@ def test_connection_log_lines(start_pgscout):
     assert closed["bytes_from_server"] > result_bytes
     assert 0 < closed["bytes_from_client"] < 10_000
     assert 0 < closed["duration_seconds"] < 30
+    # psycopg's close says Terminate: the client ended the session, though the server hangs up first.
+    assert closed["reason"] == "client"
+
+
+def test_connection_closed_by_the_server_says_so(pg, start_pgscout):
+    proxy = start_pgscout()
+    conn = psycopg.connect(proxy.dsn("trust_user", APP_DATABASE, application_name="terminated-probe"))
+    pid = conn.info.backend_pid
+    with psycopg.connect(pg.dsn()) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    conn.close()
+
+    def closed_lines():
+        return [line for line in proxy.logs() if line.get("event") == "connection_closed"
+                and line.get("application_name") == "terminated-probe"]
+
+    assert wait_until(closed_lines, timeout=5), f"no connection_closed line:\n{proxy.stdout()}"
+    assert [line["reason"] for line in closed_lines()] == ["server"]

@@ -567,7 +567,8 @@ class ServerLeg(UpstreamProtocol):
                 relay.server.upstream_session_failed(
                     f"upstream {relay.server.settings.proxy.upstream.display()} closed the "
                     f"connection during startup")
-            relay.close("server")
+            # A client that said Terminate ended the session, though the server closes first.
+            relay.close("client" if relay.said_goodbye else "server")
 
     def pause_writing(self) -> None:
         relay = self.relay
