@@ -3,7 +3,7 @@ client must see the same bytes, the same close, the same order and the same comm
 
 Owns: cancel ordering, startup-phase refusals, clients that send and then close or half-close,
 the startup timeout, proxy.max_message_bytes never changing the stream, pgscout as its own
-upstream, running out of file descriptors, SCRAM channel binding across two TLS legs, and which
+upstream, running out of file descriptors, SCRAM channel binding across pgscout, and which
 connections present the upstream URL's client certificate.
 Must not: mock the database or read the proxy's internals, except where a test says why (the
 self-loop on accepted connections, which no outside arrangement can provoke once the start-up
@@ -533,6 +533,45 @@ def test_channel_binding_expected_is_refused_with_the_servers_sqlstate(pg, tls_p
     assert (direct[1]["S"], direct[1]["C"], direct[2]) == (through[1]["S"], through[1]["C"], through[2]) \
         == ("FATAL", "28000", CLOSED)
     assert "channel_binding=disable" in through[1]["M"], through
+
+
+def _sasl_first_message(sock: socket.socket, gs2_flag: bytes) -> tuple[list[bytes], bytes, bytes, str]:
+    """On a plaintext connection, start SCRAM for scram_user with gs2 flag `gs2_flag`; returns the
+    mechanisms offered, the answer's type and body, and how the connection stood after it."""
+    sock.sendall(startup_packet("scram_user", APP_DATABASE))
+    [(kind, body)] = read_until(sock, b"R")
+    mechanisms = [name for name in body[4:].split(b"\0") if name]
+    first = gs2_flag + b",,n=,r=pgscoutedgetestnonce"
+    body = b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first
+    sock.sendall(b"p" + struct.pack("!i", len(body) + 4) + body)
+    data, how = read_to_close(sock, quiet=1.0)
+    [(kind, body)] = messages(data)
+    return mechanisms, kind, body, how
+
+
+def test_binding_expected_on_a_plaintext_leg_to_a_tls_upstream_says_what_to_set(pg, start_pgscout):
+    """node-postgres with enableChannelBinding: true sends gs2 flag 'y' on a plaintext socket too.
+    Directly over plaintext the server goes on (AuthenticationSASLContinue); behind pgscout the
+    server is on TLS, offered -PLUS (pgscout hid it) and would refuse 'y' as a downgrade with a
+    bare "channel binding negotiation error". That cannot succeed (the proof covers the flag), so
+    pgscout answers itself, with the server's FATAL 28000 and what to set. A client sending 'n'
+    (libpq on plaintext) is untouched."""
+    proxy = start_pgscout(upstream=pg.upstream_url(sslmode="verify-full", sslrootcert=pg.ca_cert))
+    with socket.create_connection((pg.host, pg.port), timeout=10) as sock:
+        mechanisms, kind, body, _ = _sasl_first_message(sock, b"y")
+    assert mechanisms == [b"SCRAM-SHA-256"] and kind == b"R" and struct.unpack("!i", body[:4]) == (11,)
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        mechanisms, kind, body, how = _sasl_first_message(sock, b"y")
+    assert mechanisms == [b"SCRAM-SHA-256"] and kind == b"E" and how == CLOSED, body
+    fields = error_fields(body)
+    assert (fields["S"], fields["C"]) == ("FATAL", "28000"), fields
+    assert "cannot cross pgscout" in fields["M"] and "enableChannelBinding: false" in fields["M"], fields
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        _, kind, body, _ = _sasl_first_message(sock, b"n")
+    assert kind == b"R" and struct.unpack("!i", body[:4]) == (11,)
+    with psycopg.connect(proxy.dsn("scram_user", APP_DATABASE)) as conn:  # channel_binding=prefer
+        assert conn.execute("select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()"
+                            ).fetchone() == ("scram_user", True)
 
 
 def test_md5_and_trust_over_two_tls_legs_are_untouched(tls_pgscout):

@@ -40,6 +40,15 @@ CHANNEL_BINDING_REFUSED = (
     "opens its own to the server, so the client's binding can never match the server's; set "
     "channel_binding=disable for the connection to pgscout (the pgscout-to-server leg stays "
     "encrypted per the upstream sslmode)")
+# The same refusal for a client on a plaintext leg that still sends gs2 flag 'y' (node-postgres
+# with enableChannelBinding: true does, on any socket): directly, a server on a plaintext
+# connection accepts 'y'; behind pgscout the server is on TLS, offered -PLUS, and takes 'y' for
+# a downgrade, answering only "SCRAM channel binding negotiation error".
+CHANNEL_BINDING_REFUSED_PLAINTEXT = (
+    "SCRAM channel binding cannot cross pgscout: the client announced channel binding support "
+    "(SCRAM gs2 flag 'y') on its plaintext connection to pgscout, and the server, which pgscout "
+    "reaches over TLS, refuses that as a downgrade; disable channel binding for the connection "
+    "to pgscout (node-postgres: enableChannelBinding: false; libpq: channel_binding=disable)")
 
 
 class Relay:
@@ -63,8 +72,10 @@ class Relay:
         self._ssl_done = False  # an SSLRequest was answered: a second one is a protocol error
         self._gss_done = False
         self.startup_timer: asyncio.TimerHandle | None = None  # until authentication is done
-        self.checking_binding = False  # both legs TLS: SASLInitialResponse must not expect binding
+        # Upstream leg TLS: a SASLInitialResponse must not expect binding the server would demand.
+        self.checking_binding = False
         self._sasl_offered = False
+        self._binding_offered = False  # the server offered SCRAM-SHA-256-PLUS (filter_auth hid it)
         self._client_auth = bytearray()
         self.said_goodbye = False  # the client's last message was Terminate
         self.client_reset = False  # the client's connection ended in a reset or an error
@@ -211,7 +222,8 @@ class Relay:
         self._startup = bytearray()
         self.starting_up = True
         self.relaying = True
-        self.checking_binding = self._tls and transport.get_extra_info("sslcontext") is not None
+        # Only a server on TLS offers -PLUS and then refuses gs2 flag 'y', whatever the client's leg.
+        self.checking_binding = transport.get_extra_info("sslcontext") is not None
         if self.checking_binding:
             pending = self.filter_client_auth(pending)
             if self.closed:
@@ -246,6 +258,7 @@ class Relay:
             if message[0] == wire.B_AUTHENTICATION and length >= 8:
                 code = int.from_bytes(message[5:9], "big")
                 if code == wire.AUTH_SASL:
+                    self._binding_offered = _offers_channel_binding(message)
                     message = _without_channel_binding(message)
                     self._sasl_offered = True
                 elif code == wire.AUTH_OK:
@@ -288,10 +301,12 @@ class Relay:
             self.startup_timer = None
 
     def filter_client_auth(self, data: bytes) -> bytes:
-        """With TLS on both legs, refuse a SASLInitialResponse that expects channel binding.
+        """With TLS on the upstream leg, refuse a SASLInitialResponse that expects channel binding
+        when the server offered it.
 
-        A client on TLS that sees no SCRAM-SHA-256-PLUS offer (filter_auth removes it) sends gs2
-        flag 'y'; the server, itself on TLS, would call that a downgrade attack and answer a
+        A client that sees no SCRAM-SHA-256-PLUS offer (filter_auth removes it) may send gs2 flag
+        'y': libpq on TLS, node-postgres with enableChannelBinding even on plaintext. The server,
+        itself on TLS and having offered -PLUS, would call that a downgrade attack and answer a
         bare "SCRAM channel binding negotiation error". pgscout answers instead, saying what to
         set. Messages are held only until that one message (or the end of authentication).
         SASLInitialResponse: Byte1 'p', Int32 len, String mechanism, Int32 length, gs2 header...
@@ -308,9 +323,11 @@ class Relay:
                 return bytes(out)
             if buffer[0] == wire.F_PASSWORD and self._sasl_offered:
                 mechanism_end = buffer.find(b"\0", 5, end)
-                if 0 < mechanism_end and end >= mechanism_end + 6 \
+                # A server that offered no -PLUS (say, a pooler on TLS) accepts 'y' as it would directly.
+                if self._binding_offered and 0 < mechanism_end and end >= mechanism_end + 6 \
                         and buffer[mechanism_end + 5] == _GS2_BINDING_EXPECTED:
-                    self.fail(CHANNEL_BINDING_REFUSED, wire.INVALID_AUTHORIZATION)
+                    self.fail(CHANNEL_BINDING_REFUSED if self._tls else CHANNEL_BINDING_REFUSED_PLAINTEXT,
+                              wire.INVALID_AUTHORIZATION)
                     return b""
                 break  # checked: everything after it passes untouched
             out += buffer[:end]
@@ -463,6 +480,11 @@ def _tcp_state(transport: asyncio.Transport) -> int | None:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
     except OSError:
         return _TCP_CLOSE
+
+
+def _offers_channel_binding(message: bytes) -> bool:
+    """Whether an AuthenticationSASL message lists SCRAM-SHA-256-PLUS."""
+    return b"SCRAM-SHA-256-PLUS" in message[9:].split(b"\0")
 
 
 def _without_channel_binding(message: bytes) -> bytes:
