@@ -747,6 +747,24 @@ def test_a_flood_of_syncs_costs_no_memory_and_each_is_answered(conv):
     simple_query(conv)
 
 
+def test_runs_of_syncs_in_one_session_leave_another_sessions_lone_sync_as_it_was():
+    lone, runs = Conversation(), Conversation()
+    startup(lone)
+    startup(runs)
+    lone.client(w.sync())
+    runs.client(w.sync())
+    runs.client(w.sync())  # joins the first one's entry, from another chunk
+    runs.client(w.sync() * 3)  # a run the framer hands over at once
+    lone.server(w.ready_for_query("I"))  # one Sync, one answer
+    assert not lone.session.active
+    runs.server(w.ready_for_query("I") * 4)
+    assert runs.session.active
+    runs.server(w.ready_for_query("I"))
+    assert not runs.session.active
+    simple_query(lone)
+    simple_query(runs)
+
+
 def test_past_max_pending_requests_the_session_is_no_longer_observed(conv):
     with pytest.raises(DecoderError):
         conv.client((w.query("select 1")) * (MAX_PENDING + 1))

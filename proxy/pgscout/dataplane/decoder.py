@@ -125,6 +125,12 @@ class _Portal:
         self.suspended_rows = 0
 
 
+# A lone Sync, the last request of almost every statement, is this one entry in every FIFO:
+# it carries nothing of its own (only a run of Syncs counts, in an entry made for the run), and
+# an object per statement freed with the Execute's would miss the one-object free list.
+_ONE_SYNC: Final = _Request(SYNC, 0.0)
+
+
 class _Pending:
     """The FIFO of requests the server still owes an answer to, oldest first, as a list and the
     position of its first entry: compiled, each operation is C, where each of a deque's is a
@@ -155,6 +161,11 @@ class _Pending:
 
     def append(self, request: _Request) -> None:
         self._items.append(request)
+
+    def replace_last(self, request: _Request) -> None:
+        if len(self._items) <= self._first:
+            raise IndexError("no request outstanding")
+        self._items[-1] = request
 
     def appendleft(self, request: _Request) -> None:
         if self._first:
@@ -385,16 +396,26 @@ class Decoder:
         pending = self._pending
         if pending and pending[-1].kind == SYNC:
             # Sync after Sync: one entry counts them, so a flood of Syncs costs no memory.
-            pending[-1].count += 1
+            self._add_syncs(1)
             self.session.active = True
             return
-        self._push(_Request(SYNC, self._now))
+        self._push(_ONE_SYNC)
 
     def _sync_run(self, count: int) -> None:
         """`count` Syncs in a row: the first as any Sync, the rest join its FIFO entry."""
         self._sync()
         if count > 1 and not self._copy_in:
-            self._pending[-1].count += count - 1
+            self._add_syncs(count - 1)
+
+    def _add_syncs(self, count: int) -> None:
+        """`count` more Syncs join the run last in the FIFO; a lone Sync's shared entry is
+        replaced by one of the run's own first."""
+        pending = self._pending
+        run = pending[-1]
+        if run is _ONE_SYNC:
+            run = _Request(SYNC, self._now)
+            pending.replace_last(run)
+        run.count += count
 
     def _function_call(self) -> None:
         """FunctionCall: Int32 function OID, then its arguments: only its answer is waited for."""
@@ -542,8 +563,9 @@ class Decoder:
         pending = self._pending
         if remaining and self._ready and pending and pending[0].kind == SYNC and not self._held:
             taken = min(remaining, pending[0].count - 1)
-            pending[0].count -= taken
-            remaining -= taken
+            if taken > 0:  # a lone Sync's entry is shared: never written
+                pending[0].count -= taken
+                remaining -= taken
         for _ in range(remaining):
             self._ready_for_query(data, start, end)
 
