@@ -112,7 +112,7 @@ def profile(stream, count: int) -> list[tuple[str, float]]:
                  best_of(lambda _: [marshal.loads(marshal.dumps(batch)) for batch in batches])))
 
     settings = load_settings(None, {})
-    opened = [[records.OPENED, conn_id, "bench", "bench", "bench", "pgbench", False, 0.0, 0.0, {}]
+    opened = [(records.OPENED, conn_id, "bench", "bench", "bench", "pgbench", False, 0.0, 0.0, {})
               for conn_id in range(SESSIONS)]
 
     def fresh_analysis() -> worker.Analysis:

@@ -765,6 +765,27 @@ def test_runs_of_syncs_in_one_session_leave_another_sessions_lone_sync_as_it_was
     simple_query(runs)
 
 
+def test_statements_reported_before_their_ready_for_query_have_no_status_and_later_ones_do(conv):
+    """A pipeline longer than the decoder holds is reported as it completes: those statements
+    know no ReadyForQuery yet; the ones after it stand under the status it brought."""
+    conv.client(w.query("BEGIN"))
+    conv.server(w.command_complete("BEGIN"), w.ready_for_query("T"))
+    sql = "insert into t values ($1)"
+    conv.client(w.parse("s_ins", sql),
+                *[m for v in range(300) for m in (w.bind("", "s_ins", [b"%d" % v]), w.execute(""))],
+                w.sync())
+    conv.server(w.parse_complete(), *[m for _ in range(300)
+                                      for m in (w.bind_complete(), w.command_complete("INSERT 0 1"))],
+                w.ready_for_query("T"))
+    conv.client(w.query("COMMIT"))
+    conv.server(w.command_complete("COMMIT"), w.ready_for_query("I"))
+    conv.client(w.query("select 1"))
+    conv.server(*select_rows(1), w.command_complete("SELECT 1"), w.ready_for_query("I"))
+    statuses = [(event.sql, event.txn_status) for event in conv.statements()]
+    assert statuses == ([("BEGIN", "T")] + [(sql, "")] * 256 + [(sql, "T")] * 44
+                        + [("COMMIT", "I"), ("select 1", "I")])
+
+
 def test_past_max_pending_requests_the_session_is_no_longer_observed(conv):
     with pytest.raises(DecoderError):
         conv.client((w.query("select 1")) * (MAX_PENDING + 1))

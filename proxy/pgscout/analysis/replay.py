@@ -1,7 +1,7 @@
 """Turns the data plane's records back into sessions and events for the analysis observers.
 
 Owns: the analysis side's table of live sessions (its own copies, kept current from OPENED,
-READY, PARAMETER and CLOSED records) and building one event per record, published on the bus in
+READY, PARAMETER, STATUS and CLOSED records) and building one event per record, published on the bus in
 the order the records were made.
 Must not: drop or reorder records, or do any work of its own beyond rebuilding the event (the
 observers on the bus do the analysis).
@@ -21,7 +21,7 @@ class Replay:
         self._publish = publish
         self.sessions: dict[int, Session] = {}
 
-    def feed(self, batch: list) -> None:
+    def feed(self, batch: list[tuple]) -> None:
         # Compiled, each branch is a native call, where a table of bound methods is a Python-level call.
         for record in batch:
             kind: int = record[0]
@@ -29,6 +29,8 @@ class Replay:
                 self._statement(record)
             elif kind == r.TRANSACTION:
                 self._transaction(record)
+            elif kind == r.STATUS:
+                self._session(record[1]).txn_status = record[2]
             elif kind == r.OPENED:
                 self._opened(record)
             elif kind == r.READY:
@@ -46,7 +48,7 @@ class Replay:
             session = self.sessions[conn_id] = Session(conn_id=conn_id, client_addr="")
         return session
 
-    def _opened(self, record: list) -> None:
+    def _opened(self, record: tuple) -> None:
         _, conn_id, client_addr, user, database, application_name, replication, opened_at, \
             opened_wall, startup = record
         session = Session(conn_id=conn_id, client_addr=client_addr, user=user, database=database,
@@ -55,12 +57,12 @@ class Replay:
         self.sessions[conn_id] = session
         self._publish(SessionOpened(session))
 
-    def _ready(self, record: list) -> None:
+    def _ready(self, record: tuple) -> None:
         session = self._session(record[1])
         session.backend_pid = record[3]
         self._publish(SessionReady(session, record[2]))
 
-    def _parameter(self, record: list) -> None:
+    def _parameter(self, record: tuple) -> None:
         session = self._session(record[1])
         name, value = record[2], record[3]
         if name == "application_name":
@@ -68,20 +70,21 @@ class Replay:
         elif name == "standard_conforming_strings":
             session.standard_strings = value == "on"
 
-    def _statement(self, record: list) -> None:
+    def _statement(self, record: tuple) -> None:
+        session = self._session(record[r.S_CONN])
         self._publish(StatementDone(
-            self._session(record[r.S_CONN]), record[r.S_SQL], record[r.S_COUNT],
+            session, record[r.S_SQL], record[r.S_COUNT],
             record[r.S_EXTENDED], record[r.S_SENT_AT], record[r.S_DONE_AT], record[r.S_TAG],
             record[r.S_ROWS], record[r.S_SQLSTATE], record[r.S_PARAM_SIG], record[r.S_N_PARAMS],
-            record[r.S_PARAMS], record[r.S_PIPELINED], record[r.S_TXN_STATUS],
+            record[r.S_PARAMS], record[r.S_PIPELINED], session.txn_status,
             record[r.S_TRUNCATED]))
 
-    def _transaction(self, record: list) -> None:
+    def _transaction(self, record: tuple) -> None:
         _, conn_id, started_at, ended_at, outcome, idle_seconds = record
         self._publish(TransactionEnded(self._session(conn_id), started_at, ended_at, outcome,
                                        idle_seconds))
 
-    def _closed(self, record: list) -> None:
+    def _closed(self, record: tuple) -> None:
         session = self.sessions.pop(record[1], None)
         if session is not None:
             self._publish(SessionClosed(session, record[2], record[3]))

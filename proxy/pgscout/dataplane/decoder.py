@@ -192,7 +192,7 @@ class _Pending:
 class Decoder:
     """Feed it what each side sent (`client_data`, `server_data`); it calls `emit(event)`."""
 
-    def __init__(self, session: Session, emit: Callable[[list], None], *,
+    def __init__(self, session: Session, emit: Callable[[tuple], None], *,
                  ready: Callable[[float], None] | None = None,
                  max_message_length: int = wire.DEFAULT_MAX_MESSAGE_LENGTH,
                  keep_parameters: bool = False, max_sql_chars: int = DEFAULT_MAX_SQL_CHARS,
@@ -219,7 +219,8 @@ class Decoder:
         self._portal: _Portal | None = None
         self._portal_name = b""
         self._portals: dict[bytes, _Portal] = {}
-        self._held: list[list] = []  # completed statement records, waiting for ReadyForQuery
+        self._held: list[tuple] = []  # completed statement records, waiting for ReadyForQuery
+        self._reported_status = ""  # the records.STATUS the records emitted so far stand under
         self._discarding = False  # an extended-protocol error: the server ignores all until Sync
         self._open_executes = 0
         self._last_execute: _Request | None = None
@@ -258,10 +259,8 @@ class Decoder:
     def close(self) -> None:
         """The connection ended: report statements that completed without a ReadyForQuery after."""
         self._release(self._statement_chars)
-        held = self._held
-        self._held = []
-        for record in held:
-            self._emit(record)
+        if self._held:
+            self._emit_held("")
 
     # -- client messages (Frontend) --------------------------------------------------------
     def _push(self, request: _Request) -> None:
@@ -535,15 +534,11 @@ class Decoder:
             if current is not None and current.suspended_at:
                 self._portal = None
                 self._finish_suspended(current)
-        held = self._held
-        if held:  # emptied in place: a new list at every ReadyForQuery was an allocation more
-            for record in held:
-                record[records.S_TXN_STATUS] = status
-                self._emit(record)
-            held.clear()
+        if self._held:
+            self._emit_held(status)
         if not self._ready:
             self._ready = True
-            self._emit([records.READY, session.conn_id, self._now, session.backend_pid])
+            self._emit((records.READY, session.conn_id, self._now, session.backend_pid))
             if self._on_ready is not None:
                 self._on_ready(self._now)
         elif not idle and previous in ("I", ""):
@@ -582,7 +577,7 @@ class Decoder:
             value = _text(body[name_end + 1:])
             if name == b"application_name":
                 self.session.application_name = value
-            self._emit([records.PARAMETER, self.session.conn_id, name.decode(), value])
+            self._emit((records.PARAMETER, self.session.conn_id, name.decode(), value))
 
     # -- statement completion --------------------------------------------------------------
     def _statement_done(self, tag: str, rows: int, sqlstate: str | None) -> None:
@@ -618,9 +613,9 @@ class Decoder:
             self._track_pool_statements(query.sql, "DEALLOCATE", None)
         if not query.statements:
             return  # answered by an error before any statement (e.g. a FATAL): nothing ran
-        self._hold([records.STATEMENT, self.session.conn_id, query.sql, query.statements, False,
+        self._hold((records.STATEMENT, self.session.conn_id, query.sql, query.statements, False,
                     query.sent_at, query.done_at, query.tag, query.rows, query.sqlstate,
-                    query.param_sig, 0, None, query.statements > 1, "", query.truncated])
+                    query.param_sig, 0, None, query.statements > 1, query.truncated))
 
     def _finish(self, portal: _Portal, sent_at: float, extended: bool, pipelined: bool, tag: str,
                 rows: int, sqlstate: str | None, data_rows: int = 0) -> None:
@@ -630,24 +625,32 @@ class Decoder:
             self._suspended -= 1
             portal.suspended_at = 0.0
             portal.suspended_rows = 0
-        self._hold([records.STATEMENT, self.session.conn_id, portal.sql, 1, extended, sent_at,
+        self._hold((records.STATEMENT, self.session.conn_id, portal.sql, 1, extended, sent_at,
                     self._now, tag, rows, sqlstate, portal.param_sig, portal.n_params,
-                    portal.params, pipelined, "", portal.truncated])
+                    portal.params, pipelined, portal.truncated))
         self._track_pool_statements(portal.sql, tag, sqlstate)
 
     def _finish_suspended(self, portal: _Portal) -> None:
         """A portal closed before running to completion: report what ran of it."""
         self._finish(portal, portal.suspended_at, True, False, "", 0, None)
 
-    def _hold(self, record: list) -> None:
+    def _hold(self, record: tuple) -> None:
         self._last_tag = record[records.S_TAG]
         self._last_error = record[records.S_SQLSTATE] is not None
         self._held.append(record)
         if len(self._held) >= _MAX_HELD_EVENTS:
-            held = self._held
-            self._held = []
-            for held_record in held:
-                self._emit(held_record)
+            self._emit_held("")
+
+    def _emit_held(self, status: str) -> None:
+        """Emit the held statement records, after the status they stand under when it is not
+        the one the session's records were last sent with."""
+        if status != self._reported_status:
+            self._reported_status = status
+            self._emit((records.STATUS, self.session.conn_id, status))
+        held = self._held
+        for record in held:
+            self._emit(record)
+        held.clear()  # in place: a new list at every ReadyForQuery was an allocation more
 
     def _track_pool_statements(self, sql: str, tag: str, sqlstate: str | None) -> None:
         """SQL-level DEALLOCATE and DISCARD ALL drop protocol-level prepared statements too."""
@@ -698,8 +701,8 @@ class Decoder:
             outcome = "rollback"
         else:
             outcome = "commit"
-        self._emit([records.TRANSACTION, self.session.conn_id, self._txn_started_at, self._now,
-                    outcome, self._idle_in_txn])
+        self._emit((records.TRANSACTION, self.session.conn_id, self._txn_started_at, self._now,
+                    outcome, self._idle_in_txn))
         self._idle_in_txn = 0.0
 
 

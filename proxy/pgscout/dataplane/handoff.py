@@ -46,7 +46,7 @@ class AnalysisLink:
     def __init__(self, settings: Any, backlog_bytes: int) -> None:
         self.settings = settings
         self._backlog_bytes = backlog_bytes
-        self._batch: list[list] = []
+        self._batch: list[tuple] = []
         self.put = self._batch.append  # the hot path: records are appended, nothing else
         self._transport: asyncio.Transport | None = None  # records channel
         self._control: asyncio.Transport | None = None

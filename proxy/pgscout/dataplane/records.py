@@ -1,12 +1,13 @@
 """The compact records the data plane hands to analysis, and the frames that carry them.
 
-Owns: the layout of each record (a list whose first item is its kind; the field positions below),
+Owns: the layout of each record (a tuple whose first item is its kind; the field positions below),
 and the frame format of the channel between the data-plane process and the analysis process:
 Int32 length (of what follows), Byte1 frame kind, payload. Records travel in batches as one
-`marshal` payload (plain lists of str, int, float, bytes and None: the cheapest form CPython can
-serialize); requests, replies and settings are pickled.
+`marshal` payload (plain tuples of str, int, float, bytes and None: the cheapest form CPython can
+serialize, and a tuple is one allocation where a list is two); requests, replies and settings
+are pickled.
 Must not: import asyncio or sockets (the hand-off in dataplane/handoff.py does the IO), or hold
-anything but data layouts: the data plane's cost per statement is building one list.
+anything but data layouts: the data plane's cost per statement is building one tuple.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ PARAMETER: Final = 2  # conn_id, name, value (a ParameterStatus the analysis nee
 STATEMENT: Final = 3  # see the S_* positions
 TRANSACTION: Final = 4  # conn_id, started_at, ended_at, outcome, idle_seconds
 CLOSED: Final = 5  # conn_id, at, reason
+# conn_id, txn_status: the ReadyForQuery status the session's next statement records stand under
+# ("" for those reported before one came). Sent when it changes, ahead of those records: most
+# statements follow the status of the one before, so it is not an item of every record.
+STATUS: Final = 6
 
 # The StartupMessage parameters OPENED carries (as `startup`, a dict): the session's settings
 # the findings judge (statement_timeout given directly, as asyncpg does, or in `options`, as libpq
@@ -44,8 +49,7 @@ S_PARAM_SIG: Final = 10  # Bind parameters' keyed hash; for a cut simple Query, 
 S_N_PARAMS: Final = 11
 S_PARAMS: Final = 12  # Bind values, only when the slow log is asked to keep them
 S_PIPELINED: Final = 13
-S_TXN_STATUS: Final = 14  # ReadyForQuery status that followed ("" when none came)
-S_TRUNCATED: Final = 15
+S_TRUNCATED: Final = 14
 
 # Frame kinds.
 RECORDS: Final = 1  # data plane -> analysis: marshal(list of records)
@@ -63,7 +67,7 @@ _HEADER: Final = struct.Struct("!iB")
 HEADER_SIZE: Final = _HEADER.size
 
 
-def records_frame(batch: list) -> bytes:
+def records_frame(batch: list[tuple]) -> bytes:
     payload = marshal.dumps(batch)
     return _HEADER.pack(len(payload) + 1, RECORDS) + payload
 

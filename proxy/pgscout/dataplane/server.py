@@ -51,7 +51,7 @@ Admission = Callable[[object], tuple[str, str] | None]
 
 
 class Server:
-    def __init__(self, settings: Settings, emit: Callable[[list], None],
+    def __init__(self, settings: Settings, emit: Callable[[tuple], None],
                  session_events: Callable[[object], None], *, observing: bool = True):
         self.settings = settings
         self.emit = emit
@@ -225,8 +225,8 @@ class Server:
         log.info("connection_opened", conn_id=s.conn_id, client_addr=s.client_addr, user=s.user,
                  database=s.database, application_name=s.application_name,
                  replication=s.replication or None)
-        self.emit([records.OPENED, s.conn_id, s.client_addr, s.user, s.database,
-                   s.application_name, s.replication, s.opened_at, s.opened_wall, s.startup])
+        self.emit((records.OPENED, s.conn_id, s.client_addr, s.user, s.database,
+                   s.application_name, s.replication, s.opened_at, s.opened_wall, s.startup))
         self.session_events(SessionOpened(s))
 
     def session_ready(self, relay: Relay, at: float) -> None:
@@ -248,7 +248,7 @@ class Server:
 
     def session_closed(self, relay: Relay, at: float) -> None:
         s = relay.session
-        self.emit([records.CLOSED, s.conn_id, at, relay.close_reason])
+        self.emit((records.CLOSED, s.conn_id, at, relay.close_reason))
         self.session_events(SessionClosed(s, at, relay.close_reason))
         if self.relays.pop(s.conn_id, None) is None:
             return
