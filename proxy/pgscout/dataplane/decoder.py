@@ -132,40 +132,47 @@ _ONE_SYNC: Final = _Request(SYNC, 0.0)
 
 
 class _Pending:
-    """The FIFO of requests the server still owes an answer to, oldest first, as a list and the
-    position of its first entry: compiled, each operation is C, where each of a deque's is a
-    Python method call. Answered entries are dropped when it empties (usually at every
-    ReadyForQuery) or, in a long pipeline, once they are half the list."""
+    """The FIFO of requests the server still owes an answer to, oldest first: slots
+    [_first, _end) of a list that is reused, not emptied. Compiled, each operation is C, where
+    each of a deque's is a Python method call; and a list cleared at every ReadyForQuery freed its
+    array and allocated it again at the next request. An answered slot holds _ONE_SYNC, which
+    keeps nothing alive. The list shrinks when a long pipeline empties, and its answered half is
+    dropped while one runs."""
 
-    __slots__ = ("_items", "_first")
+    __slots__ = ("_items", "_first", "_end")
 
     def __init__(self) -> None:
         self._items: list[_Request] = []
         self._first = 0
+        self._end = 0
 
     def __len__(self) -> int:
-        return len(self._items) - self._first
+        return self._end - self._first
 
     def __bool__(self) -> bool:
-        return len(self._items) > self._first
+        return self._end > self._first
 
     def __getitem__(self, index: int) -> _Request:
         """The entry `index` places from the front; negative from the back."""
-        position = self._first + index if index >= 0 else len(self._items) + index
-        if position < self._first or position >= len(self._items):
+        position = self._first + index if index >= 0 else self._end + index
+        if position < self._first or position >= self._end:
             raise IndexError("no such request outstanding")
         return self._items[position]
 
     def __iter__(self) -> Iterator[_Request]:
-        return iter(self._items[self._first:])
+        return iter(self._items[self._first:self._end])
 
     def append(self, request: _Request) -> None:
-        self._items.append(request)
+        if self._end < len(self._items):
+            self._items[self._end] = request
+        else:
+            self._items.append(request)
+        self._end += 1
 
     def replace_last(self, request: _Request) -> None:
-        if len(self._items) <= self._first:
+        if self._end <= self._first:
             raise IndexError("no request outstanding")
-        self._items[-1] = request
+        self._items[self._end - 1] = request
 
     def appendleft(self, request: _Request) -> None:
         if self._first:
@@ -173,19 +180,25 @@ class _Pending:
             self._items[self._first] = request
         else:
             self._items.insert(0, request)
+            self._end += 1
 
     def popleft(self) -> _Request:
         items = self._items
-        if self._first >= len(items):
+        first = self._first
+        if first >= self._end:
             raise IndexError("no request outstanding")
-        request = items[self._first]
-        self._first += 1
-        if self._first == len(items):
-            items.clear()
-            self._first = 0
-        elif self._first >= _COMPACT_PENDING and 2 * self._first >= len(items):
-            del items[:self._first]
-            self._first = 0
+        request = items[first]
+        items[first] = _ONE_SYNC
+        first += 1
+        if first == self._end:
+            first = self._end = 0
+            if len(items) > _COMPACT_PENDING:
+                items.clear()
+        elif first >= _COMPACT_PENDING and 2 * first >= self._end:
+            del items[:first]
+            self._end -= first
+            first = 0
+        self._first = first
         return request
 
 
@@ -219,7 +232,10 @@ class Decoder:
         self._portal: _Portal | None = None
         self._portal_name = b""
         self._portals: dict[bytes, _Portal] = {}
-        self._held: list[tuple] = []  # completed statement records, waiting for ReadyForQuery
+        # Completed statement records waiting for ReadyForQuery: the first _held_count slots of
+        # a list that is reused (an emitted slot holds the empty tuple), not emptied.
+        self._held: list[tuple] = []
+        self._held_count = 0
         self._reported_status = ""  # the records.STATUS the records emitted so far stand under
         self._discarding = False  # an extended-protocol error: the server ignores all until Sync
         self._open_executes = 0
@@ -259,7 +275,7 @@ class Decoder:
     def close(self) -> None:
         """The connection ended: report statements that completed without a ReadyForQuery after."""
         self._release(self._statement_chars)
-        if self._held:
+        if self._held_count:
             self._emit_held("")
 
     # -- client messages (Frontend) --------------------------------------------------------
@@ -534,7 +550,7 @@ class Decoder:
             if current is not None and current.suspended_at:
                 self._portal = None
                 self._finish_suspended(current)
-        if self._held:
+        if self._held_count:
             self._emit_held(status)
         if not self._ready:
             self._ready = True
@@ -556,7 +572,7 @@ class Decoder:
         self._ready_for_query(data, start, end)
         remaining = count - 1
         pending = self._pending
-        if remaining and self._ready and pending and pending[0].kind == SYNC and not self._held:
+        if remaining and self._ready and pending and pending[0].kind == SYNC and not self._held_count:
             taken = min(remaining, pending[0].count - 1)
             if taken > 0:  # a lone Sync's entry is shared: never written
                 pending[0].count -= taken
@@ -637,8 +653,14 @@ class Decoder:
     def _hold(self, record: tuple) -> None:
         self._last_tag = record[records.S_TAG]
         self._last_error = record[records.S_SQLSTATE] is not None
-        self._held.append(record)
-        if len(self._held) >= _MAX_HELD_EVENTS:
+        held = self._held
+        count = self._held_count
+        if count < len(held):
+            held[count] = record
+        else:
+            held.append(record)
+        self._held_count = count + 1
+        if count + 1 >= _MAX_HELD_EVENTS:
             self._emit_held("")
 
     def _emit_held(self, status: str) -> None:
@@ -648,9 +670,11 @@ class Decoder:
             self._reported_status = status
             self._emit((records.STATUS, self.session.conn_id, status))
         held = self._held
-        for record in held:
+        for index in range(self._held_count):
+            record = held[index]
+            held[index] = ()
             self._emit(record)
-        held.clear()  # in place: a new list at every ReadyForQuery was an allocation more
+        self._held_count = 0
 
     def _track_pool_statements(self, sql: str, tag: str, sqlstate: str | None) -> None:
         """SQL-level DEALLOCATE and DISCARD ALL drop protocol-level prepared statements too."""
