@@ -10,6 +10,7 @@ Times named `*_at` are `time.monotonic()` seconds unless a field says wall clock
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 
 @dataclass(slots=True, eq=False)
@@ -51,6 +52,12 @@ class SessionReady:
 
     session: Session
     at: float
+
+
+# The tags of a statement without a comment, shared by all of them: an event's tags are replaced
+# (the fingerprinter sets the dict it parsed), never written to, and a dict of its own per
+# statement was an allocation and a deallocation each.
+NO_TAGS: Final[dict[str, str]] = {}
 
 
 @dataclass(slots=True, eq=False, init=False)
@@ -119,7 +126,7 @@ class StatementDone:
         self.normalized = normalized
         self.kind = kind
         self.may_change_settings = may_change_settings
-        self.tags = {} if tags is None else tags
+        self.tags = NO_TAGS if tags is None else tags
 
     @property
     def duration(self) -> float:
