@@ -25,6 +25,7 @@ REVIEWS = "SELECT reviews.id, reviews.body FROM reviews WHERE $1::INTEGER = revi
 TAGS = "SELECT tags.id, tags.name FROM tags WHERE $1::INTEGER = tags.author_id"
 SETTINGS_ROW = "SELECT settings.value FROM settings WHERE settings.id = $1"
 USER_BY_ID = "SELECT users.id, users.email FROM users WHERE users.id = $1"
+ALL_BOOKS = "SELECT books.id, books.user_id, books.title FROM books"
 ORDERS_OF_USER = "SELECT orders.id FROM orders WHERE orders.user_id = $1"
 PRODUCT_BY_ID = "SELECT products.id FROM products WHERE products.id = $1"
 SESSION_BY_TOKEN = "SELECT sessions.user_id FROM sessions WHERE sessions.token = $1"
@@ -449,6 +450,23 @@ def test_same_query_with_same_parameters_in_a_loop_is_a_duplicate_not_n_plus_one
     assert (duplicate.n, duplicate.owner_sql, duplicate.confidence) == (10, AUTHORS, "high")
     assert duplicate.waste_ms == pytest.approx(9.0)
     assert "10 times with identical parameters" in duplicate.suggestion
+
+
+def test_many_to_one_loaded_per_row_is_a_duplicate_that_says_how_few_keys_there_were():
+    """Each book's author, looked up per book: 4 authors, each 5 times (Sequelize findByPk in a
+    loop, a lazy many-to-one): not an N+1 (too few distinct keys), but the repeats of each."""
+    h = Harness()
+    client = h.connection()
+    client.run(ALL_BOOKS, rows=20)
+    for book in range(20):
+        client.run(USER_BY_ID, book // 5)
+    h.idle(1.5)
+    [duplicate] = h.findings
+    assert (duplicate.kind, duplicate.n, duplicate.owner_sql) == ("duplicate", 20, ALL_BOOKS)
+    assert duplicate.suggestion.startswith(
+        "The same query on users ran 20 times for only 4 distinct parameter sets, one per books "
+        "row, each one repeated: load each of them once")
+    assert "identical parameters" not in duplicate.suggestion
 
 
 def test_repeated_identical_query_without_owner_is_a_duplicate():

@@ -1048,13 +1048,14 @@ class NPlusOneDetector(StatementObserver):
 
     def _judge_duplicates(self, stream: _Stream, track: _Track, group: _Group,
                           now: float) -> None:
-        n = 0
+        n = repeated = 0
         child_time = waste = 0.0
         first_sent, last_done = group.last_done, group.first_sent
         for same in group.by_params.values():
             count = same.count
             if count >= self._duplicate_min:
                 n += count
+                repeated += 1
                 child_time += same.seconds
                 waste += same.seconds * (count - 1) / count
                 first_sent = min(first_sent, same.first_sent)
@@ -1065,7 +1066,7 @@ class NPlusOneDetector(StatementObserver):
             return
         # Identical parameter signatures are a fact, not an inference: always high confidence.
         self._report(stream, "duplicate", group.owner, track, group, n, child_time,
-                     last_done - first_sent, waste, 0.0, "high", now)
+                     last_done - first_sent, waste, 0.0, "high", now, repeated)
 
     def _severity(self, n: int, seconds: float) -> str:
         if seconds >= self._critical_loop or n >= self._critical_n:
@@ -1076,7 +1077,8 @@ class NPlusOneDetector(StatementObserver):
 
     def _report(self, stream: _Stream, kind: str, owner: _Owner | None, track: _Track,
                 group: _Group, n: int, child_time: float, loop_time: float, waste: float,
-                app_time: float, confidence: str, now: float) -> None:
+                app_time: float, confidence: str, now: float, parameter_sets: int = 1) -> None:
+        """`parameter_sets`: for a duplicate, how many parameter sets were repeated."""
         session = stream.session
         # A loop costs its wall time; a duplicate costs what its repeats ran (not the span
         # they are spread over).
@@ -1107,7 +1109,7 @@ class NPlusOneDetector(StatementObserver):
                 pending.confidence = confidence
             pending.tags = group.tags
             pending.suggestion = _suggestion(kind, pending.stack, owner, track.shape,
-                                             pending.n)
+                                             pending.n, parameter_sets)
             return
         first_seen = _wall_time(session, group.first_sent)
         stack = _stack(group.tags, session.application_name, track.shape,
@@ -1136,7 +1138,7 @@ class NPlusOneDetector(StatementObserver):
             client_addr=session.client_addr,
             tags=group.tags,
             stack=stack,
-            suggestion=_suggestion(kind, stack, owner, track.shape, n),
+            suggestion=_suggestion(kind, stack, owner, track.shape, n, parameter_sets),
             first_seen=first_seen,
         )
         if report is None:
@@ -1275,16 +1277,23 @@ def _stack(tags: dict[str, str], application_name: str, child: _Shape,
     return ""
 
 
-def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: int) -> str:
+def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: int,
+                parameter_sets: int = 1) -> str:
     child_table = child.table or "the child table"
-    if kind == "duplicate":
+    if kind == "duplicate" and parameter_sets <= 1:
         return (f"The same query on {child_table} ran {n} times with identical parameters: run it "
                 f"once and reuse the result (move it out of the loop or cache it per request).")
     column = child.key_column or "id"
     owner_table = owner.shape.table if owner is not None else None
     per = f"one per {owner_table} row" if owner_table else "one per key"
     batched = f"SELECT ... FROM {child_table} WHERE {column} = ANY($1)"
-    loop = f"Each loop ran {n} queries on {child_table}, {per}"
+    if kind == "duplicate":
+        # A few keys each looked up again and again, as a loop over many rows that share them
+        # does (each book's author): a many-to-one relationship loaded row by row.
+        loop = (f"The same query on {child_table} ran {n} times for only {parameter_sets} "
+                f"distinct parameter sets, {per}, each one repeated: load each of them once")
+    else:
+        loop = f"Each loop ran {n} queries on {child_table}, {per}"
     fixes = {
         "sqlalchemy": "eager-load the relationship with SQLAlchemy selectinload() (one IN query "
                       "for all the rows), or joinedload() for a many-to-one; lazy=\"raise\" "
