@@ -465,7 +465,7 @@ def test_many_to_one_loaded_per_row_is_a_duplicate_that_says_how_few_keys_there_
     assert (duplicate.kind, duplicate.n, duplicate.owner_sql) == ("duplicate", 20, ALL_BOOKS)
     assert duplicate.suggestion.startswith(
         "The same query on users ran 20 times for only 4 distinct parameter sets, one per books "
-        "row, each one repeated: load each of them once")
+        "row, each one repeated: fetch them in one query: SELECT ... FROM users WHERE id = ANY($1)")
     assert "identical parameters" not in duplicate.suggestion
 
 

@@ -1291,7 +1291,7 @@ def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: i
         # A few keys each looked up again and again, as a loop over many rows that share them
         # does (each book's author): a many-to-one relationship loaded row by row.
         loop = (f"The same query on {child_table} ran {n} times for only {parameter_sets} "
-                f"distinct parameter sets, {per}, each one repeated: load each of them once")
+                f"distinct parameter sets, {per}, each one repeated")
     else:
         loop = f"Each loop ran {n} queries on {child_table}, {per}"
     fixes = {
