@@ -64,9 +64,10 @@ class SlowLog(StatementObserver):
 
     def on_statement(self, ev: StatementDone) -> None:
         session = ev.session
-        threshold = self._threshold_seconds_by_application.get(
-            session.application_name, self._threshold_seconds
-        )
+        thresholds = self._threshold_seconds_by_application
+        # Most configurations set no per-application threshold: no look-up per statement then.
+        threshold = (thresholds.get(session.application_name, self._threshold_seconds)
+                     if thresholds else self._threshold_seconds)
         duration = ev.duration
         if duration < threshold:
             return
