@@ -1,8 +1,8 @@
 """Turns the data plane's records back into sessions and events for the analysis observers.
 
 Owns: the analysis side's table of live sessions (its own copies, kept current from OPENED,
-READY, PARAMETER, STATUS and CLOSED records) and building one event per record, published on the bus in
-the order the records were made.
+READY, PARAMETER, STATUS and CLOSED records) and building one event per record, published on the
+bus in the order the records were made.
 Must not: drop or reorder records, or do any work of its own beyond rebuilding the event (the
 observers on the bus do the analysis).
 """

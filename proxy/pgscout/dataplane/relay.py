@@ -258,8 +258,10 @@ class Relay:
             if message[0] == wire.B_AUTHENTICATION and length >= 8:
                 code = int.from_bytes(message[5:9], "big")
                 if code == wire.AUTH_SASL:
-                    self._binding_offered = _offers_channel_binding(message)
-                    message = _without_channel_binding(message)
+                    filtered = _without_channel_binding(message)
+                    # Shorter: it had SCRAM-SHA-256-PLUS to take out.
+                    self._binding_offered = len(filtered) < len(message)
+                    message = filtered
                     self._sasl_offered = True
                 elif code == wire.AUTH_OK:
                     self._authenticated()
@@ -480,11 +482,6 @@ def _tcp_state(transport: asyncio.Transport) -> int | None:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
     except OSError:
         return _TCP_CLOSE
-
-
-def _offers_channel_binding(message: bytes) -> bool:
-    """Whether an AuthenticationSASL message lists SCRAM-SHA-256-PLUS."""
-    return b"SCRAM-SHA-256-PLUS" in message[9:].split(b"\0")
 
 
 def _without_channel_binding(message: bytes) -> bytes:
