@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from pgscout import worker
+from pgscout.analysis.bus import Bus
 from pgscout.analysis.replay import Replay
 from pgscout.dataplane import records
 from pgscout.dataplane.decoder import Decoder, TextBudget
@@ -128,7 +129,7 @@ def profile(stream, count: int) -> list[tuple[str, float]]:
 
     def replayed() -> list[StatementDone]:
         events: list = []
-        replay = Replay(events.append)
+        replay = Replay(_EventLog(events))
         replay.feed(opened)
         for batch in batches:
             replay.feed(batch)
@@ -148,6 +149,20 @@ def profile(stream, count: int) -> list[tuple[str, float]]:
         rows.append((f"  observer {handler.__qualname__}",
                      best_of(lambda done, handler=handler: [handler(event) for event in done], fresh)))
     return [(name, seconds / len(statements) * 1e6) for name, seconds in rows]
+
+
+class _EventLog(Bus):
+    """A bus that keeps the replayed events, to feed each observer alone."""
+
+    def __init__(self, events: list) -> None:
+        super().__init__(on_error=None)
+        self.events = events
+
+    def publish(self, event: object) -> None:
+        self.events.append(event)
+
+    def publish_statement(self, event: StatementDone) -> None:
+        self.events.append(event)
 
 
 class _NoControl:

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import wirebuild as w
+from pgscout.analysis.bus import Bus
 from pgscout.analysis.replay import Replay
 from pgscout.dataplane.decoder import (DEFAULT_MAX_SQL_CHARS, MAX_PENDING, Decoder, DecoderError,
                                        TextBudget)
@@ -30,14 +31,29 @@ STATEMENT_FIELDS = ("sql", "statement_count", "extended", "sent_at", "done_at", 
                     "n_params", "params", "pipelined", "txn_status")
 
 
+class EventLog(Bus):
+    """A bus that keeps what it is given, in order, for the assertions."""
+
+    def __init__(self) -> None:
+        super().__init__(on_error=None)
+        self.events: list[object] = []
+
+    def publish(self, event: object) -> None:
+        self.events.append(event)
+
+    def publish_statement(self, event: StatementDone) -> None:
+        self.events.append(event)
+
+
 class Conversation:
     """One session: each step is what one side sent in one read, one second after the previous step."""
 
     def __init__(self, keep_parameters: bool = False):
         self.session = Session(conn_id=1, client_addr="t")
-        self.events: list[object] = []
         # The decoder's records are replayed into events the way the analysis process does.
-        replay = Replay(self.events.append)
+        log = EventLog()
+        self.events = log.events
+        replay = Replay(log)
         self.decoder = Decoder(self.session, lambda record: replay.feed([record]),
                                keep_parameters=keep_parameters)
         self.now = 100.0

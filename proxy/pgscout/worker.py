@@ -77,7 +77,7 @@ class Analysis:
         self.bus = Bus(on_error=lambda handler, exc: log.error(
             "observer_failed", observer=getattr(handler, "__qualname__", repr(handler)),
             error=f"{type(exc).__name__}: {exc}"))
-        self.replay = Replay(self.bus.publish)
+        self.replay = Replay(self.bus)
         self.sources = self._wire_observers(settings)
         self.router = Router()
         collector = PgscoutCollector(self.sources, settings.metrics.top_k,

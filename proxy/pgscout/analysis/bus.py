@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
-from mypy_extensions import trait
+from mypy_extensions import mypyc_attr, trait
 
 from pgscout.dataplane.events import StatementDone
 
@@ -28,6 +28,8 @@ class StatementObserver:
         raise NotImplementedError
 
 
+# Tests record the events a decoder's records replay to with a subclass.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Bus:
     def __init__(self, on_error: Callable[[Callable, BaseException], None]):
         self._statement_observers: list[StatementObserver] = []
@@ -51,17 +53,20 @@ class Bus:
 
     def publish(self, event: object) -> None:
         if isinstance(event, StatementDone):
-            for observer in self._statement_observers:
-                try:
-                    observer.on_statement(event)
-                except Exception as exc:  # an observer bug must not break the application's traffic
-                    self._failed(observer.on_statement, exc)
+            self.publish_statement(event)
             return
         for handler in self._handlers.get(type(event), ()):
             try:
                 handler(event)
             except Exception as exc:
                 self._failed(handler, exc)
+
+    def publish_statement(self, event: StatementDone) -> None:
+        for observer in self._statement_observers:
+            try:
+                observer.on_statement(event)
+            except Exception as exc:  # an observer bug must not break the application's traffic
+                self._failed(observer.on_statement, exc)
 
     def _failed(self, handler: Callable, exc: Exception) -> None:
         name = getattr(handler, "__qualname__", repr(handler))

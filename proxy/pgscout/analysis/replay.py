@@ -9,16 +9,16 @@ observers on the bus do the analysis).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from pgscout.analysis.bus import Bus
 from pgscout.dataplane import records as r
 from pgscout.dataplane.events import (Session, SessionClosed, SessionOpened, SessionReady,
                                       StatementDone, TransactionEnded)
 
 
 class Replay:
-    def __init__(self, publish: Callable[[object], None]) -> None:
-        self._publish = publish
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._publish = bus.publish
         self.sessions: dict[int, Session] = {}
 
     def feed(self, batch: list[tuple]) -> None:
@@ -72,7 +72,7 @@ class Replay:
 
     def _statement(self, record: tuple) -> None:
         session = self._session(record[r.S_CONN])
-        self._publish(StatementDone(
+        self._bus.publish_statement(StatementDone(
             session, record[r.S_SQL], record[r.S_COUNT],
             record[r.S_EXTENDED], record[r.S_SENT_AT], record[r.S_DONE_AT], record[r.S_TAG],
             record[r.S_ROWS], record[r.S_SQLSTATE], record[r.S_PARAM_SIG], record[r.S_N_PARAMS],
