@@ -1093,6 +1093,43 @@ def test_suggestion_names_the_fix_for_the_clients_stack(child, application_name,
         assert word in finding.suggestion, finding.suggestion
 
 
+DJANGO_AUTHORS = 'SELECT "authors"."id", "authors"."name" FROM "authors"'
+
+
+@pytest.mark.parametrize("owner, child, words, not_words", [
+    # Django's `author.books.count()` and `.exists()` per row: the parent queryset annotated.
+    (DJANGO_AUTHORS, 'SELECT COUNT(*) AS "__count" FROM "books" WHERE "books"."author_id" = $1',
+     ['12 queries on "books"', ".annotate(n=Count("], ["prefetch_related"]),
+    (DJANGO_AUTHORS, 'SELECT $1 AS "a" FROM "books" WHERE "books"."author_id" = $2 LIMIT $3',
+     ["Exists(", "OuterRef"], ["prefetch_related"]),
+    # SQLAlchemy's Query.count() wraps the query; a correlated subquery replaces the loop.
+    (AUTHORS, "SELECT count(*) AS count_1 FROM (SELECT books.id AS books_id FROM books "
+     "WHERE $1::INTEGER = books.author_id) AS anon_1", ["scalar_subquery"], ["selectinload"]),
+    # Unknown stack: the grouped query, written out.
+    (AUTHORS, "SELECT max(orders.total) FROM orders WHERE orders.user_id = $1",
+     ["SELECT user_id, count(*) FROM orders WHERE user_id = ANY($1) GROUP BY user_id"], []),
+    (AUTHORS, "SELECT EXISTS (SELECT 1 FROM orders WHERE orders.user_id = $1)",
+     ["SELECT DISTINCT user_id FROM orders WHERE user_id = ANY($1)"], []),
+    # Already grouped: one row per group is a row set like any other.
+    (AUTHORS, "SELECT orders.status, count(*) FROM orders WHERE orders.user_id = $1 "
+     "GROUP BY orders.status", ["WHERE user_id = ANY($1)", "IN (...)"], ["GROUP BY user_id"]),
+])
+def test_a_count_or_exists_per_row_is_fixed_by_one_grouped_query_not_eager_loading(
+        owner, child, words, not_words):
+    h = Harness()
+    client = h.connection("shop-web")
+    client.run(owner, rows=12)
+    for key in range(12):
+        client.run(child, key)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert finding.kind == "n_plus_one"
+    for word in words:
+        assert word in finding.suggestion, finding.suggestion
+    for word in not_words:
+        assert word not in finding.suggestion, finding.suggestion
+
+
 # -- memory in bytes ----------------------------------------------------------------------------
 def test_3000_distinct_100_kb_statements_keep_the_detector_small():
     """Issue 10: each distinct statement used to be kept whole in the shape table."""

@@ -107,3 +107,17 @@ def test_eager_loading_is_not_flagged(pgscout, django_models, app_name, loader):
             assert len({book.author.name for book in books}) == AUTHORS
 
     assert_not_flagged(pgscout, app_name)
+
+
+def test_count_per_row_is_flagged_with_an_annotation_as_its_fix(pgscout, django_models, app_name):
+    Author, _ = django_models
+    with django_through(pgscout, app_name):
+        assert {author.books.count() for author in Author.objects.order_by("id")} == {
+            BOOKS_PER_AUTHOR}
+
+    finding = only(findings(pgscout, app_name))
+    assert (finding["kind"], finding["n"]) == ("n_plus_one", AUTHORS)
+    assert finding["child_sql"].startswith('SELECT COUNT(*) AS "__count" FROM "np_books"')
+    # Prefetching the books would load every row to count them.
+    assert ".annotate(n=Count(" in finding["suggestion"], finding["suggestion"]
+    assert "prefetch_related" not in finding["suggestion"]

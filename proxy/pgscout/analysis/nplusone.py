@@ -165,6 +165,13 @@ _RANGE_PARAM = re.compile(
     r"|\$\d+(?:\s*::\s*\w+)?\s*(?:<=|>=|<(?![<>=@])|>(?![>=]))")
 _OFFSET_PARAM = re.compile(r"\bOFFSET\s+\$\d+", re.IGNORECASE)
 _EQUALITY_PARAM = re.compile(r"(?<![<>=!])=\s*\(?\s*\$\d+|\$\d+(?:\s*::\s*\w+)?\s*=(?![=>])")
+# A child that asks one number or one yes/no per key (`author.books.count()`, `.exists()`): its
+# fix is one grouped query or an annotation on the parent query, not eager-loading the rows.
+# Django's exists() is `SELECT 1 AS "a" ... LIMIT 1`, SQLAlchemy's `SELECT EXISTS (...)`.
+_AGGREGATE = re.compile(r"^\s*SELECT\s+(?:COUNT|SUM|MIN|MAX|AVG)\s*\(", re.IGNORECASE)
+_EXISTS = re.compile(r'^\s*SELECT\s+(?:EXISTS\s*\(|(?:\$\d+|1)\s+AS\s+"?a"?\s+FROM\b)',
+                     re.IGNORECASE)
+_GROUP_BY = re.compile(r"\bGROUP\s+BY\b", re.IGNORECASE)
 # What known ORMs' statements look like, most distinctive first.
 _STYLES: Final = (
     ("hibernate", re.compile(r"\b[a-z][a-z]*\d+_\d*\.\w")),  # b1_0.id (6), book0_.id (5)
@@ -246,7 +253,7 @@ class _Shape:
     """What the detector needs from one statement text, computed once per (fingerprint, text)."""
 
     __slots__ = ("text", "placeholders", "array_lookup", "soft_boundary", "reads", "page_walk",
-                 "equality_key", "locking", "style", "table", "key_column", "bytes")
+                 "equality_key", "locking", "style", "table", "key_column", "asks", "bytes")
 
     def __init__(self, ev: StatementDone, text_max_chars: int) -> None:
         full = ev.normalized
@@ -272,6 +279,7 @@ class _Shape:
         self.style = next((name for name, pattern in _STYLES if pattern.search(head)), "")
         self.table = _table(head)
         self.key_column = _key_column(head)
+        self.asks = _asks(head)
         self.bytes = SHAPE_BYTES + 2 * len(self.text)
 
 
@@ -1239,6 +1247,17 @@ def _table(normalized: str | None) -> str | None:
     return match.group(1) if match else None
 
 
+def _asks(head: str) -> str:
+    """"count" for an aggregate of one key's rows, "exists" for an existence check, else ""."""
+    if _GROUP_BY.search(head):
+        return ""  # already grouped: one row per group, not one number per key
+    if _AGGREGATE.search(head):
+        return "count"
+    if _EXISTS.search(head):
+        return "exists"
+    return ""
+
+
 def _key_column(normalized: str) -> str | None:
     match = _KEY_COLUMN.search(normalized)
     if match is None:
@@ -1318,5 +1337,43 @@ def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: i
         "go": f"fetch them in one query, {batched} with a slice of all the keys (pgx encodes a "
               f"[]int64 as an array)",
     }
-    fix = fixes.get(stack, f"fetch them in one query: {batched} with all the keys (or IN (...))")
+    if child.asks:
+        fix = _grouped_fix(child.asks, stack, child_table, column)
+    else:
+        fix = fixes.get(stack, f"fetch them in one query: {batched} with all the keys (or IN (...))")
     return f"{loop}: {fix}."
+
+
+def _grouped_fix(asks: str, stack: str, table: str, column: str) -> str:
+    """The fix for a loop asking one aggregate or one existence check per row: answer it for
+    every key at once (loading the rows eagerly to count them would fetch them all)."""
+    if asks == "count":
+        grouped = (f"SELECT {column}, count(*) FROM {table} WHERE {column} = ANY($1) "
+                   f"GROUP BY {column}")
+        fixes = {
+            "django": "annotate the parent queryset instead, .annotate(n=Count(\"relation\")) "
+                      "(or Sum / Max ...), so the parent query returns the number with each row",
+            "sqlalchemy": "add it to the parent query as a correlated scalar subquery "
+                          "(select(func.count()).where(...).scalar_subquery()), or a "
+                          "column_property, or run one GROUP BY query for all the keys",
+            "rails": "use a counter_cache, or one grouped query for all the rows, "
+                     "Model.where(key: ids).group(:key).count",
+            "sequelize": "compute it in the parent findAll, attributes: { include: "
+                         "[[sequelize.fn('COUNT', ...), 'n']] } with include and group",
+        }
+        verb = "answer it"
+    else:
+        grouped = f"SELECT DISTINCT {column} FROM {table} WHERE {column} = ANY($1)"
+        fixes = {
+            "django": "annotate the parent queryset instead, "
+                      ".annotate(has=Exists(Model.objects.filter(key=OuterRef(\"pk\"))))",
+            "sqlalchemy": "add it to the parent query as a correlated EXISTS "
+                          "(select(...).where(...).exists()), or run one query for all the keys",
+            "rails": "load the keys that have rows in one query, "
+                     "Model.where(key: ids).distinct.pluck(:key)",
+        }
+        verb = "check them"
+    generic = f"{verb} for all the keys in one query, {grouped}"
+    if stack == "jdbc":
+        generic = generic.replace("$1", "?") + " with Connection.createArrayOf"
+    return fixes.get(stack, generic)
