@@ -469,6 +469,21 @@ def test_many_to_one_loaded_per_row_is_a_duplicate_that_says_how_few_keys_there_
     assert "identical parameters" not in duplicate.suggestion
 
 
+def test_many_to_one_loaded_once_per_key_says_how_many_rows_the_keys_came_from():
+    """SQLAlchemy's identity map loads each book's author once: 8 queries for 40 books. An N+1
+    (8 distinct keys, none repeated), but not one query per book row."""
+    h = Harness()
+    client = h.connection()
+    client.run(ALL_BOOKS, rows=40)
+    for author in range(8):
+        client.run(USER_BY_ID, author)
+    h.idle(1.5)
+    [finding] = h.findings
+    assert (finding.kind, finding.n) == ("n_plus_one", 8)
+    assert finding.suggestion.startswith(
+        "Each loop ran 8 queries on users for 40 books rows, one per distinct key: ")
+
+
 def test_repeated_identical_query_without_owner_is_a_duplicate():
     h = Harness()
     client = h.connection()

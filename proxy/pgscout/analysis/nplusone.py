@@ -1117,7 +1117,7 @@ class NPlusOneDetector(StatementObserver):
                 pending.confidence = confidence
             pending.tags = group.tags
             pending.suggestion = _suggestion(kind, pending.stack, owner, track.shape,
-                                             pending.n, parameter_sets)
+                                             pending.n, parameter_sets, _rows_per_loop(group))
             return
         first_seen = _wall_time(session, group.first_sent)
         stack = _stack(group.tags, session.application_name, track.shape,
@@ -1146,7 +1146,8 @@ class NPlusOneDetector(StatementObserver):
             client_addr=session.client_addr,
             tags=group.tags,
             stack=stack,
-            suggestion=_suggestion(kind, stack, owner, track.shape, n, parameter_sets),
+            suggestion=_suggestion(kind, stack, owner, track.shape, n, parameter_sets,
+                                   _rows_per_loop(group)),
             first_seen=first_seen,
         )
         if report is None:
@@ -1296,8 +1297,13 @@ def _stack(tags: dict[str, str], application_name: str, child: _Shape,
     return ""
 
 
+def _rows_per_loop(group: _Group) -> int:
+    """The rows each execution of the group's owner returned, on average (0 without one)."""
+    return group.owner_rows // group.owner_execs if group.owner_execs else 0
+
+
 def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: int,
-                parameter_sets: int = 1) -> str:
+                parameter_sets: int = 1, owner_rows: int = 0) -> str:
     child_table = child.table or "the child table"
     if kind == "duplicate" and parameter_sets <= 1:
         return (f"The same query on {child_table} ran {n} times with identical parameters: run it "
@@ -1311,6 +1317,10 @@ def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: i
         # does (each book's author): a many-to-one relationship loaded row by row.
         loop = (f"The same query on {child_table} ran {n} times for only {parameter_sets} "
                 f"distinct parameter sets, {per}, each one repeated")
+    elif owner_table and n < owner_rows:
+        # Rows sharing a key loaded it once (an ORM's identity map): one per distinct key.
+        loop = (f"Each loop ran {n} queries on {child_table} for {owner_rows} {owner_table} "
+                f"rows, one per distinct key")
     else:
         loop = f"Each loop ran {n} queries on {child_table}, {per}"
     fixes = {
