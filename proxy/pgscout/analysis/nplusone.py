@@ -177,6 +177,8 @@ _STYLES: Final = (
     ("hibernate", re.compile(r"\b[a-z][a-z]*\d+_\d*\.\w")),  # b1_0.id (6), book0_.id (5)
     ("prisma", re.compile(r'"public"\."\w+"\."\w+"')),
     ("typeorm", re.compile(r'"(\w+)"\."\w+" AS "\1_\w+"')),
+    # peewee aliases every table t1, t2...; Sequelize by its model's name.
+    ("peewee", re.compile(r'\bFROM "\w+" AS "t\d+"')),
     ("sequelize", re.compile(r'\bFROM "\w+" AS "\w+"', re.IGNORECASE)),
     ("rails", re.compile(r'^\s*SELECT (?:DISTINCT )?"\w+"\.\*', re.IGNORECASE)),
     ("gorm", re.compile(r'^\s*SELECT \* FROM "\w+" WHERE "\w+"\."\w+"', re.IGNORECASE)),
@@ -192,7 +194,7 @@ _STACK_WORDS: Final = {
     "sidekiq": "rails", "puma": "rails",
     "hibernate": "hibernate", "spring": "hibernate", "jpa": "hibernate",
     "jdbc": "jdbc", "java": "jdbc",
-    "prisma": "prisma", "sequelize": "sequelize", "typeorm": "typeorm",
+    "prisma": "prisma", "sequelize": "sequelize", "typeorm": "typeorm", "peewee": "peewee",
     "node": "node", "nodejs": "node", "express": "node", "nestjs": "node", "koa": "node",
     "fastify": "node", "knex": "node", "postgres_js": "node",
     "gorm": "gorm", "go": "go", "golang": "go", "pgx": "go", "sqlx": "go", "sqlc": "go",
@@ -1337,6 +1339,9 @@ def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: i
                 f"Connection.createArrayOf (with JPA/Hibernate: JOIN FETCH or @BatchSize)",
         "prisma": "load the relation in the parent query with Prisma include: { relation: true } "
                   "instead of a findUnique/findFirst per row",
+        "peewee": "load the relation with peewee prefetch(parents, children) (one query per "
+                  "level), or select both models over a join, Child.select(Child, Parent)"
+                  ".join(Parent)",
         "sequelize": "load the association in the parent findAll with Sequelize include: "
                      "[{ model: ... }]",
         "typeorm": "load the relation in the parent query with TypeORM relations: [...] or "
@@ -1368,6 +1373,8 @@ def _grouped_fix(asks: str, stack: str, table: str, column: str) -> str:
                           "column_property, or run one GROUP BY query for all the keys",
             "rails": "use a counter_cache, or one grouped query for all the rows, "
                      "Model.where(key: ids).group(:key).count",
+            "peewee": "compute it in the parent query, Parent.select(Parent, "
+                      "fn.COUNT(Child.id)).join(Child, JOIN.LEFT_OUTER).group_by(Parent)",
             "sequelize": "compute it in the parent findAll, attributes: { include: "
                          "[[sequelize.fn('COUNT', ...), 'n']] } with include and group",
         }
