@@ -1120,6 +1120,10 @@ DJANGO_AUTHORS = 'SELECT "authors"."id", "authors"."name" FROM "authors"'
     # SQLAlchemy's Query.count() wraps the query; a correlated subquery replaces the loop.
     (AUTHORS, "SELECT count(*) AS count_1 FROM (SELECT books.id AS books_id FROM books "
      "WHERE $1::INTEGER = books.author_id) AS anon_1", ["scalar_subquery"], ["selectinload"]),
+    # TypeORM's countBy per row.
+    ('SELECT "Author"."id" AS "Author_id" FROM "authors" "Author"',
+     'SELECT COUNT($2) AS "cnt" FROM "books" "Book" WHERE (("Book"."author_id" = $1))',
+     ["loadRelationCountAndMap"], []),
     # Unknown stack: the grouped query, written out.
     (AUTHORS, "SELECT max(orders.total) FROM orders WHERE orders.user_id = $1",
      ["SELECT user_id, count(*) FROM orders WHERE user_id = ANY($1) GROUP BY user_id"], []),

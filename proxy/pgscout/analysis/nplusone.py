@@ -1375,6 +1375,8 @@ def _grouped_fix(asks: str, stack: str, table: str, column: str) -> str:
                      "Model.where(key: ids).group(:key).count",
             "peewee": "compute it in the parent query, Parent.select(Parent, "
                       "fn.COUNT(Child.id)).join(Child, JOIN.LEFT_OUTER).group_by(Parent)",
+            "typeorm": "count in the parent query with TypeORM's QueryBuilder "
+                       "loadRelationCountAndMap(\"parent.childCount\", \"parent.children\")",
             "sequelize": "compute it in the parent findAll, attributes: { include: "
                          "[[sequelize.fn('COUNT', ...), 'n']] } with include and group",
         }
