@@ -269,7 +269,10 @@ def constant_free_key(text: str) -> str | None:
     """
     if "\\" in text:
         return None
-    data = text.encode("utf-8", "surrogatepass")  # any str: the decoder's never holds surrogates
+    try:
+        data = text.encode()  # UTF-8: mypyc's own fast path, where naming a codec is a look-up
+    except UnicodeEncodeError:
+        return None  # a lone surrogate: the decoder never makes one, a caller might
     parts: list[bytes] = []
     n: i64 = len(data)
     start: i64 = 0  # data[start:i] is still to be copied
@@ -277,6 +280,12 @@ def constant_free_key(text: str) -> str | None:
     previous: i64 = 32  # the byte before data[i] (a space before the start)
     while i < n:
         c: i64 = data[i]
+        if c >= 65 or c == 32:
+            # Letters, spaces and the rest of the text: nothing to read (a backslash, 92, was
+            # refused above), tested first since most bytes are these.
+            previous = c
+            i += 1
+            continue
         if c == 39 or c == 34:  # ' a string constant, or " a quoted identifier ('' and "" escape)
             end = _closing_quote(data, i)
             if end < 0:
@@ -303,7 +312,7 @@ def constant_free_key(text: str) -> str | None:
             previous = c
             i += 1
     parts.append(data[start:])
-    return b"".join(parts).decode("utf-8", "surrogatepass")
+    return b"".join(parts).decode()
 
 
 def _closing_quote(data: bytes, i: i64) -> i64:
