@@ -77,6 +77,15 @@ def test_comments_are_stripped_and_parsed_into_tags():
     assert plain.tags == {}
 
 
+def test_comment_markers_inside_literals_are_text_and_real_comments_still_tag():
+    quoted = enriched("select * from posts where note = '-- no /* tag=x */' and id = 3")
+    plain = enriched("select * from posts where note = 'y' and id = 4")
+    line = enriched("select * from posts where note = 'z' and id = 5 -- controller='posts'")
+    assert quoted.tags == {} and quoted.fingerprint == plain.fingerprint
+    assert line.tags == {"controller": "posts"} and line.fingerprint == plain.fingerprint
+    assert quoted.param_sig != plain.param_sig != line.param_sig
+
+
 def test_simple_query_param_sig_depends_on_text_not_on_comments():
     first = enriched("select * from t where id = 1 /*traceparent='a'*/")
     same = enriched("select * from t where id = 1 /*traceparent='b'*/")

@@ -221,15 +221,26 @@ class Fingerprinter(StatementObserver):
             tags, derived = derive(sql, backslashes)
             shape = self._displayed(derived)
         else:
+            unbound = ev.param_sig is None or not ev.n_params
+            lexable = unbound and not backslashes
+            key: str | None = None
             if sql == self._plain_sql:
                 tags, text = None, self._plain_text
-            elif may_hold_comments(sql):
-                tags, text = parse_comments(sql)
-            else:  # building parse_comments' answer (a NamedTuple) costs more than this test
-                tags, text = None, sql.strip()
-                self._plain_sql, self._plain_text = sql, text
-            unbound = ev.param_sig is None or not ev.n_params
-            key = constant_free_key(text) if unbound and not backslashes else None
+                if lexable:
+                    key = constant_free_key(text)
+            else:
+                text = sql.strip()
+                if lexable:
+                    key = constant_free_key(text)
+                if key is not None:
+                    tags = None  # its lexing refuses any comment: there is none to parse
+                elif may_hold_comments(sql):
+                    tags, text = parse_comments(sql)
+                    if lexable:
+                        key = constant_free_key(text)
+                else:  # building parse_comments' answer (a NamedTuple) costs more than this test
+                    tags = None
+                    self._plain_sql, self._plain_text = sql, text
             if key is None:
                 shape = self._describe_cached(text, text, backslashes)
                 if unbound:
@@ -303,7 +314,7 @@ def constant_free_key(text: str) -> str | None:
             previous = data[end - 1]
             i = start = end
         elif (c == 45 or c == 47) and i + 1 < n and data[i + 1] == (45 if c == 45 else 42):
-            return None  # -- or /*: parse_comments strips comments, so this is one it could not read
+            return None  # -- or /*: a comment, for parse_comments to strip before a second try
         elif c == 36 and not (i + 1 < n and 48 <= data[i + 1] <= 57):  # a $ not of $n
             return None
         elif c == 59 and data[i + 1:].strip(b"; \t\r\n"):  # a ; with a statement after it
