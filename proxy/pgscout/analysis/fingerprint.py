@@ -317,13 +317,26 @@ def constant_free_key(text: str) -> str | None:
             return None  # -- or /*: a comment, for parse_comments to strip before a second try
         elif c == 36 and not (i + 1 < n and 48 <= data[i + 1] <= 57):  # a $ not of $n
             return None
-        elif c == 59 and data[i + 1:].strip(b"; \t\r\n"):  # a ; with a statement after it
+        elif c == 59 and not _ends_the_text(data, i):  # a ; with a statement after it
             return None
         else:
             previous = c
             i += 1
     parts.append(data[start:])
     return b"".join(parts).decode()
+
+
+def _ends_the_text(data: bytes, i: i64) -> bool:
+    """Whether only semicolons and whitespace follow data[i] (read in place: a slice and a strip
+    would be an allocation and a method call for the ; that ends most texts)."""
+    n: i64 = len(data)
+    j: i64 = i + 1
+    while j < n:
+        c: i64 = data[j]
+        if not (c == 59 or c == 32 or c == 9 or c == 13 or c == 10):
+            return False
+        j += 1
+    return True
 
 
 def _closing_quote(data: bytes, i: i64) -> i64:
