@@ -66,6 +66,28 @@ def test_an_analysis_process_that_dies_is_started_again(start_pgscout):
     assert any(entry["event"] == "analysis_exited" for entry in proxy.logs())
 
 
+def test_a_restarted_analysis_process_knows_the_sessions_opened_before_it(start_pgscout):
+    """A pool's connections outlive an analysis process that dies: the new one is told who they
+    are, or their statements would count under no application for as long as they live."""
+    proxy = start_pgscout()
+    with psycopg.connect(proxy.dsn("trust_user", APP_DATABASE, application_name="long-lived"),
+                         autocommit=True) as connection:
+        connection.execute("select 1")
+        old = analysis_pid(proxy)
+        os.kill(old, signal.SIGKILL)
+        assert wait_until(lambda: child_pids(proxy.process.pid) not in ([], [old]), timeout=10)
+        assert wait_until(lambda: proxy.admin_get("/metrics")[0] == 200, timeout=15)
+        for i in range(20):
+            connection.execute(f"select {i}")
+        connection.execute("set application_name = 'renamed'")
+        connection.execute("select 'after the rename'")
+        # The SET counts under its new name: its ParameterStatus comes before its completion.
+        assert wait_until(lambda: metric(
+            proxy, 'pgscout_statements_total{application="renamed"}') == 2, timeout=10)
+    assert metric(proxy, 'pgscout_statements_total{application="long-lived"}') == 20
+    assert metric(proxy, 'pgscout_statements_total{application=""}') == 0
+
+
 def test_a_request_right_after_traffic_sees_that_traffic(start_pgscout):
     proxy = start_pgscout()
     with psycopg.connect(proxy.dsn("trust_user", APP_DATABASE, application_name="seen"),

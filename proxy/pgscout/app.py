@@ -41,6 +41,7 @@ async def serve(settings: Settings, *, observing: bool,
     server = Server(settings, link.put, lambda event: on_session[type(event)](event),
                     observing=observing)
     server.admissions.append(tracker.admission)
+    link.session_records = server.session_records
     limits = UpstreamLimits(settings.proxy.upstream, settings.control.refresh_seconds, log,
                             connect_timeout=settings.proxy.connect_timeout_seconds)
 

@@ -272,6 +272,19 @@ class Decoder:
         self._now = now
         self.server.feed(data)
 
+    def session_state(self) -> list[tuple]:
+        """What an analysis process started after this session began must be told for the
+        session's next records to read as they do in the first one: its backend (once ready),
+        standard_conforming_strings and the transaction status its records stand under."""
+        session = self.session
+        state: list[tuple] = []
+        if self._ready:
+            state.append((records.READY, session.conn_id, self._now, session.backend_pid))
+        state.append((records.PARAMETER, session.conn_id, "standard_conforming_strings",
+                      "on" if session.standard_strings else "off"))
+        state.append((records.STATUS, session.conn_id, self._reported_status))
+        return state
+
     def close(self) -> None:
         """The connection ended: report statements that completed without a ReadyForQuery after."""
         self._release(self._statement_chars)
@@ -593,6 +606,8 @@ class Decoder:
             value = _text(body[name_end + 1:])
             if name == b"application_name":
                 self.session.application_name = value
+            else:  # standard_conforming_strings, for session_state
+                self.session.standard_strings = value == "on"
             self._emit((records.PARAMETER, self.session.conn_id, name.decode(), value))
 
     # -- statement completion --------------------------------------------------------------

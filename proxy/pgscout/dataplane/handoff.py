@@ -11,7 +11,8 @@ and is answered once those are analysed, or after records.REQUEST_CATCH_UP_SECON
 writing the analysis process's log lines (findings, slow statements: few, rate-limited) into
 the data plane's one log.
 Session records (opened, ready, closed...) are never shed: they are few and keep the analysis
-process's session table right.
+process's session table right; a restarted analysis process is told every open session first
+(what was sent to the one that died is gone with it).
 Must not: block, wait on the analysis process anywhere but in `request`, or look into records.
 """
 
@@ -21,6 +22,7 @@ import asyncio
 import itertools
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -60,6 +62,8 @@ class AnalysisLink:
         self.records_sent = 0
         self.records_shed = 0
         self.restarts = 0
+        # The open sessions as records (Server.session_records), told to a restarted process.
+        self.session_records: Callable[[], list[tuple]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -130,6 +134,9 @@ class AnalysisLink:
                 return
             self.restarts += 1
             await self._spawn()
+            if self.session_records is not None:
+                # Ahead of what was made meanwhile: those records name these sessions by conn_id.
+                self._batch[:0] = self.session_records()
 
     def channel_lost(self) -> None:
         if self._transport is not None:

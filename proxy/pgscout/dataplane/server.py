@@ -27,7 +27,7 @@ import structlog
 
 from pgscout.dataplane import records, wire
 from pgscout.dataplane.decoder import TextBudget
-from pgscout.dataplane.events import SessionClosed, SessionOpened, SessionReady
+from pgscout.dataplane.events import Session, SessionClosed, SessionOpened, SessionReady
 from pgscout.dataplane.readiness import Readiness, error_fields, is_server_fault
 from pgscout.dataplane.relay import ClientLeg, Relay
 from pgscout.settings import ConfigError, Settings
@@ -225,9 +225,19 @@ class Server:
         log.info("connection_opened", conn_id=s.conn_id, client_addr=s.client_addr, user=s.user,
                  database=s.database, application_name=s.application_name,
                  replication=s.replication or None)
-        self.emit((records.OPENED, s.conn_id, s.client_addr, s.user, s.database,
-                   s.application_name, s.replication, s.opened_at, s.opened_wall, s.startup))
+        self.emit(_opened_record(s))
         self.session_events(SessionOpened(s))
+
+    def session_records(self) -> list[tuple]:
+        """Every open session as records, for an analysis process that started after them (it
+        would know them only by conn_id): OPENED with the session's current application_name,
+        then what its decoder says of its state."""
+        state = []
+        for relay in self.relays.values():
+            state.append(_opened_record(relay.session))
+            if relay.decoder is not None:
+                state.extend(relay.decoder.session_state())
+        return state
 
     def session_ready(self, relay: Relay, at: float) -> None:
         self.session_events(SessionReady(relay.session, at))
@@ -352,6 +362,11 @@ class _CancelLeg(UpstreamProtocol):
         self.lose_tls_answer()
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+def _opened_record(s: Session) -> tuple:
+    return (records.OPENED, s.conn_id, s.client_addr, s.user, s.database, s.application_name,
+            s.replication, s.opened_at, s.opened_wall, s.startup)
 
 
 def _client_tls_context(settings: Settings) -> ssl.SSLContext | None:
