@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from pgscout.dataplane.events import Session, SessionClosed, StatementDone
+from pgscout.dataplane.events import Session, SessionClosed, SessionsActive, StatementDone
 from pgscout.analysis import nplusone
 from pgscout.analysis.nplusone import NPlusOneDetector
 from pgscout.settings import NPlusOneSettings
@@ -152,6 +152,38 @@ def test_lazy_loading_loop_is_reported_once_its_segment_ends():
     for words in ("10 queries on books", "one per authors row", "selectinload", "joinedload"):
         assert words in finding.suggestion
     assert json.loads(json.dumps(finding.to_dict()))["child_sql"] == BOOKS
+
+
+def test_a_child_running_longer_than_the_idle_gap_does_not_split_its_loop():
+    """The 6th lookup waits 3 s on a lock: the data plane says each second that the connection
+    is waiting on the server, so the flushes meanwhile do not take it for an idle client."""
+    h = Harness()
+    client = h.connection()
+    client.run(AUTHORS, rows=12)
+    for author in range(5):
+        client.run(BOOKS, author)
+    sent = h.now + 0.0005
+    for _ in range(3):
+        h.now += 1.0
+        h.detector.on_sessions_active(SessionsActive(h.now + 2.0, (client.session.conn_id,)))
+        h.detector.flush(h.now)
+    client.deliver(client.event(BOOKS, 5, sent=sent, done=h.now + 0.1))
+    for author in range(6, 12):
+        client.run(BOOKS, author)
+    h.idle(3.0)  # the idle gap after the last look counted it as waiting
+    assert [(f.kind, f.n) for f in h.findings] == [("n_plus_one", 12)]
+
+
+def test_a_connection_waiting_on_the_server_keeps_its_segment_only_while_it_waits():
+    h = Harness()
+    client = h.connection()
+    lazy_load(client, parents=10)
+    # Seen waiting on the server 0.5 s after the last child, counting as such for 2 s more.
+    h.detector.on_sessions_active(SessionsActive(h.now + 2.5, (client.session.conn_id,)))
+    h.idle(3.4)  # 0.9 s after that
+    assert h.findings == []
+    h.idle(0.2)
+    assert [f.n for f in h.findings] == [10]
 
 
 def test_loop_inside_a_transaction_is_reported_once_the_connection_goes_idle():

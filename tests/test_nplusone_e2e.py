@@ -395,6 +395,20 @@ def test_psycopg_loop_is_flagged(pgscout, bookshop, app_name, binding):
                 fix="author_id = ANY($1)")
 
 
+def test_a_loop_whose_child_waits_longer_than_the_idle_gap_is_one_loop(pgscout, bookshop, app_name):
+    """The 6th lookup runs 2.5 s (a lock wait, a cold cache): the segment is not ended under it
+    by the once-a-second flush, which would report 5 children and lose the other 7."""
+    with psycopg.connect(proxy_dsn(pgscout, app_name), autocommit=True) as connection:
+        authors = connection.execute(RAW_AUTHORS_SQL).fetchall()
+        for index, (author_id, _) in enumerate(authors):
+            connection.execute(
+                "SELECT id, title FROM np_books WHERE author_id = %s AND pg_sleep(%s) IS NOT NULL",
+                (author_id, 2.5 if index == 5 else 0.0)).fetchall()
+
+    [finding] = findings(pgscout, app_name)
+    assert (finding["kind"], finding["n"]) == ("n_plus_one", AUTHORS)
+
+
 # -- duplicates -------------------------------------------------------------------------------
 
 def test_same_query_with_same_parameters_is_a_duplicate_not_n_plus_one(pgscout, bookshop, app_name):

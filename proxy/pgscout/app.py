@@ -42,6 +42,7 @@ async def serve(settings: Settings, *, observing: bool,
                     observing=observing)
     server.admissions.append(tracker.admission)
     link.session_records = server.session_records
+    link.active_sessions = server.active_sessions
     limits = UpstreamLimits(settings.proxy.upstream, settings.control.refresh_seconds, log,
                             connect_timeout=settings.proxy.connect_timeout_seconds)
 

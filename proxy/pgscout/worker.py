@@ -43,7 +43,7 @@ from pgscout.analysis.statements import StatementStats
 from pgscout.analysis.timeouts import StatementTimeouts
 from pgscout.analysis.transactions import TransactionStats
 from pgscout.control.catalog import Catalog
-from pgscout.dataplane.events import SessionClosed, TransactionEnded
+from pgscout.dataplane.events import SessionClosed, SessionsActive, TransactionEnded
 from pgscout.dataplane.records import (LOG, RECORDS, REPLY, REQUEST, REQUEST_CATCH_UP_SECONDS,
                                        SETTINGS, STARTED, FrameReader, decode_payload,
                                        pickled_frame)
@@ -118,6 +118,7 @@ class Analysis:
                 (TransactionEnded, self.migrations.on_transaction),
                 (TransactionEnded, self.open_transactions.on_transaction),
                 (SessionClosed, nplusone.on_session_closed),
+                (SessionsActive, nplusone.on_sessions_active),
                 (SessionClosed, self.migrations.on_session_closed),
                 (SessionClosed, self.timeouts.on_session_closed),
                 (SessionClosed, self.open_transactions.on_session_closed)):

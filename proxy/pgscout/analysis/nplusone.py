@@ -10,6 +10,9 @@ emitted at once, later ones are rolled up and emitted once per report interval.
 Read interface: `recent()` (the last `keep` findings as dicts, newest first) and `counts()`
 (occurrences by kind, child fingerprint, application_name and severity, for the Collector).
 The server calls `flush(now)` about once a second: it ends idle segments and emits due roll-ups.
+A segment is not idle while a connection of its waits on the server (`on_sessions_active`: the
+data plane says each second which sessions have a request outstanding), so a statement slower
+than the idle gap does not end the loop it is part of.
 Every other timing decision uses the events' own `sent_at` / `done_at`, so events that arrive
 late (the analysis runs apart from the forwarding loop) are judged as they happened.
 
@@ -83,7 +86,7 @@ from typing import Callable, Final
 from pglast import parser as pg
 
 from pgscout.analysis.bus import StatementObserver
-from pgscout.dataplane.events import Session, SessionClosed, StatementDone
+from pgscout.dataplane.events import Session, SessionClosed, SessionsActive, StatementDone
 from pgscout.analysis.comments import trace_id
 
 # A connection serves one request at a time unless an async app shares it; more traced streams
@@ -481,8 +484,8 @@ class _Stream:
     """One segment of one stream: owner ring and child tracks, reset when the segment ends."""
 
     __slots__ = ("scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
-                 "started_at", "last_done", "queued_done", "boundaries", "statements", "busy",
-                 "bytes")
+                 "started_at", "last_done", "active_at", "queued_done", "boundaries", "statements",
+                 "busy", "bytes")
 
     def __init__(self, scope: _Scope, trace: str | None, session: Session,
                  started_at: float) -> None:
@@ -495,11 +498,19 @@ class _Stream:
         self.owner_seq = 0  # seq of the latest owner execution
         self.started_at = started_at
         self.last_done = started_at
-        self.queued_done = started_at  # last_done when last put at the end of the activity order
+        # Until when a connection of the stream counts as waiting on the server
+        # (SessionsActive): a statement running longer than the idle gap is not the client
+        # gone idle.
+        self.active_at = started_at
+        self.queued_done = started_at  # last_active() when last put at the end of the activity order
         self.boundaries = 0  # soft boundaries seen
         self.statements = 0  # statements observed (soft boundaries and catalog reads aside)
         self.busy = 0.0  # seconds the server spent on this stream's statements, boundaries too
         self.bytes = STREAM_BYTES
+
+
+    def last_active(self) -> float:
+        return self.last_done if self.last_done > self.active_at else self.active_at
 
 
 class _Report:
@@ -664,6 +675,18 @@ class NPlusOneDetector(StatementObserver):
             for stream in list(conn.streams.values()):
                 self._end_stream(stream, ev.at)
 
+    def on_sessions_active(self, ev: SessionsActive) -> None:
+        """Sessions waiting on the server: their segments (and their applications') are not idle."""
+        for conn_id in ev.conn_ids:
+            conn = self._connections.get(conn_id)
+            if conn is None:
+                continue
+            scopes = (conn, conn.application) if conn.application is not None else (conn,)
+            for scope in scopes:
+                for stream in scope.streams.values():
+                    if ev.until > stream.active_at:
+                        stream.active_at = ev.until
+
     def flush(self, now: float | None = None) -> None:
         """End segments idle for longer than the idle gap and emit the roll-ups that are due."""
         if now is None:
@@ -671,7 +694,7 @@ class NPlusOneDetector(StatementObserver):
         streams = self._streams
         while streams:
             stream = next(iter(streams.values()))
-            if now - stream.last_done > self._idle_gap:
+            if now - stream.last_active() > self._idle_gap:
                 self._end_stream(stream, now)
             elif not self._requeued(stream):
                 break
@@ -783,9 +806,10 @@ class NPlusOneDetector(StatementObserver):
 
     def _requeued(self, stream: _Stream) -> bool:
         """Move `stream` to the end of the activity order if it was active since it was queued."""
-        if stream.last_done <= stream.queued_done:
+        last_active = stream.last_active()
+        if last_active <= stream.queued_done:
             return False
-        stream.queued_done = stream.last_done
+        stream.queued_done = last_active
         self._streams.move_to_end(stream)
         return True
 

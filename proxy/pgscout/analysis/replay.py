@@ -12,7 +12,7 @@ from __future__ import annotations
 from pgscout.analysis.bus import Bus
 from pgscout.dataplane import records as r
 from pgscout.dataplane.events import (Session, SessionClosed, SessionOpened, SessionReady,
-                                      StatementDone, TransactionEnded)
+                                      SessionsActive, StatementDone, TransactionEnded)
 
 
 class Replay:
@@ -31,6 +31,10 @@ class Replay:
                 self._transaction(record)
             elif kind == r.STATUS:
                 self._session(record[1]).txn_status = record[2]
+            elif kind == r.ACTIVE:
+                # The next look comes ACTIVE_SECONDS later, and its record up to a flush after
+                # that: one period of slack.
+                self._publish(SessionsActive(record[1] + 2 * r.ACTIVE_SECONDS, record[2]))
             elif kind == r.OPENED:
                 self._opened(record)
             elif kind == r.READY:

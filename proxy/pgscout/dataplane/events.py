@@ -145,6 +145,15 @@ class TransactionEnded:
 
 
 @dataclass(slots=True, eq=False)
+class SessionsActive:
+    """These sessions had a request outstanding, and count as waiting on the server until
+    `until` (monotonic): the data plane looks again before then."""
+
+    until: float
+    conn_ids: tuple[int, ...]
+
+
+@dataclass(slots=True, eq=False)
 class SessionClosed:
     session: Session
     at: float

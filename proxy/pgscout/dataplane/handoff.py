@@ -5,7 +5,8 @@ starting it again when it dies; the batch of records (`put` is `list.append`, so
 costs the forwarding loop one C call here), written every FLUSH_SECONDS as one frame on the
 records channel; shedding statement records, counted, while that channel's write buffer is over
 its byte bound (the analysis process is behind), so that forwarding never waits for analysis and
-memory stays bounded; relaying admin requests, with the data plane's snapshot, on the control
+memory stays bounded; telling it every records.ACTIVE_SECONDS which sessions have a request
+outstanding (a statement is recorded only when it completes); relaying admin requests, with the data plane's snapshot, on the control
 channel, which no backlog of records can hold up (a request names the records sent before it,
 and is answered once those are analysed, or after records.REQUEST_CATCH_UP_SECONDS with what is); and
 writing the analysis process's log lines (findings, slow statements: few, rate-limited) into
@@ -22,12 +23,13 @@ import asyncio
 import itertools
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from pgscout.dataplane.records import (LOG, REPLY, REQUEST, SETTINGS, STARTED, STATEMENT,
+from pgscout.dataplane.records import (ACTIVE, ACTIVE_SECONDS, LOG, REPLY, REQUEST, SETTINGS, STARTED, STATEMENT,
                                        FrameReader,
                                        decode_payload, pickled_frame, records_frame)
 
@@ -64,6 +66,9 @@ class AnalysisLink:
         self.restarts = 0
         # The open sessions as records (Server.session_records), told to a restarted process.
         self.session_records: Callable[[], list[tuple]] | None = None
+        # The sessions with a request outstanding (Server.active_sessions), told once a second.
+        self.active_sessions: Callable[[], tuple[int, ...]] | None = None
+        self._active_told_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -153,6 +158,13 @@ class AnalysisLink:
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._tick)
 
     def _tick(self) -> None:
+        if self.active_sessions is not None:
+            now = time.monotonic()
+            if now - self._active_told_at >= ACTIVE_SECONDS:
+                self._active_told_at = now
+                active = self.active_sessions()
+                if active:
+                    self.put((ACTIVE, now, active))
         self.flush()
         if not self._stopping:
             self._schedule_flush()

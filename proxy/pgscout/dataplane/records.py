@@ -28,6 +28,11 @@ CLOSED: Final = 5  # conn_id, at, reason
 # ("" for those reported before one came). Sent when it changes, ahead of those records: most
 # statements follow the status of the one before, so it is not an item of every record.
 STATUS: Final = 6
+# at, conn_ids: the sessions waiting on the server then (a request outstanding), sent every
+# ACTIVE_SECONDS while there are any. A statement is recorded when it completes; this says one
+# is running, so a slow one is not taken for the client going idle.
+ACTIVE: Final = 7
+ACTIVE_SECONDS: Final = 1.0
 
 # The StartupMessage parameters OPENED carries (as `startup`, a dict): the session's settings
 # the findings judge (statement_timeout given directly, as asyncpg does, or in `options`, as libpq

@@ -228,6 +228,10 @@ class Server:
         self.emit(_opened_record(s))
         self.session_events(SessionOpened(s))
 
+    def active_sessions(self) -> tuple[int, ...]:
+        """The sessions waiting on the server now: a request of theirs is outstanding."""
+        return tuple(conn_id for conn_id, relay in self.relays.items() if relay.session.active)
+
     def session_records(self) -> list[tuple]:
         """Every open session as records, for an analysis process that started after them (it
         would know them only by conn_id): OPENED with the session's current application_name,
