@@ -1158,7 +1158,7 @@ DJANGO_AUTHORS = 'SELECT "authors"."id", "authors"."name" FROM "authors"'
      ["loadRelationCountAndMap"], []),
     # Unknown stack: the grouped query, written out.
     (AUTHORS, "SELECT max(orders.total) FROM orders WHERE orders.user_id = $1",
-     ["SELECT user_id, count(*) FROM orders WHERE user_id = ANY($1) GROUP BY user_id"], []),
+     ["SELECT user_id, max(...) FROM orders WHERE user_id = ANY($1) GROUP BY user_id"], []),
     (AUTHORS, "SELECT EXISTS (SELECT 1 FROM orders WHERE orders.user_id = $1)",
      ["SELECT DISTINCT user_id FROM orders WHERE user_id = ANY($1)"], []),
     # Already grouped: one row per group is a row set like any other.

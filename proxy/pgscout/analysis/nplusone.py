@@ -171,7 +171,7 @@ _EQUALITY_PARAM = re.compile(r"(?<![<>=!])=\s*\(?\s*\$\d+|\$\d+(?:\s*::\s*\w+)?\
 # A child that asks one number or one yes/no per key (`author.books.count()`, `.exists()`): its
 # fix is one grouped query or an annotation on the parent query, not eager-loading the rows.
 # Django's exists() is `SELECT 1 AS "a" ... LIMIT 1`, SQLAlchemy's `SELECT EXISTS (...)`.
-_AGGREGATE = re.compile(r"^\s*SELECT\s+(?:COUNT|SUM|MIN|MAX|AVG)\s*\(", re.IGNORECASE)
+_AGGREGATE = re.compile(r"^\s*SELECT\s+(COUNT|SUM|MIN|MAX|AVG)\s*\(", re.IGNORECASE)
 _EXISTS = re.compile(r'^\s*SELECT\s+(?:EXISTS\s*\(|(?:\$\d+|1)\s+AS\s+"?a"?\s+FROM\b)',
                      re.IGNORECASE)
 _GROUP_BY = re.compile(r"\bGROUP\s+BY\b", re.IGNORECASE)
@@ -507,7 +507,6 @@ class _Stream:
         self.statements = 0  # statements observed (soft boundaries and catalog reads aside)
         self.busy = 0.0  # seconds the server spent on this stream's statements, boundaries too
         self.bytes = STREAM_BYTES
-
 
     def last_active(self) -> float:
         return self.last_done if self.last_done > self.active_at else self.active_at
@@ -1275,11 +1274,13 @@ def _table(normalized: str | None) -> str | None:
 
 
 def _asks(head: str) -> str:
-    """"count" for an aggregate of one key's rows, "exists" for an existence check, else ""."""
+    """The aggregate ("count", "max"...) of one key's rows the statement asks for, "exists" for
+    an existence check, else ""."""
     if _GROUP_BY.search(head):
         return ""  # already grouped: one row per group, not one number per key
-    if _AGGREGATE.search(head):
-        return "count"
+    aggregate = _AGGREGATE.search(head)
+    if aggregate is not None:
+        return aggregate.group(1).lower()
     if _EXISTS.search(head):
         return "exists"
     return ""
@@ -1386,8 +1387,9 @@ def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: i
 def _grouped_fix(asks: str, stack: str, table: str, column: str) -> str:
     """The fix for a loop asking one aggregate or one existence check per row: answer it for
     every key at once (loading the rows eagerly to count them would fetch them all)."""
-    if asks == "count":
-        grouped = (f"SELECT {column}, count(*) FROM {table} WHERE {column} = ANY($1) "
+    if asks != "exists":
+        argument = "*" if asks == "count" else "..."
+        grouped = (f"SELECT {column}, {asks}({argument}) FROM {table} WHERE {column} = ANY($1) "
                    f"GROUP BY {column}")
         fixes = {
             "django": "annotate the parent queryset instead, .annotate(n=Count(\"relation\")) "

@@ -6,9 +6,10 @@ costs the forwarding loop one C call here), written every FLUSH_SECONDS as one f
 records channel; shedding statement records, counted, while that channel's write buffer is over
 its byte bound (the analysis process is behind), so that forwarding never waits for analysis and
 memory stays bounded; telling it every records.ACTIVE_SECONDS which sessions have a request
-outstanding (a statement is recorded only when it completes); relaying admin requests, with the data plane's snapshot, on the control
-channel, which no backlog of records can hold up (a request names the records sent before it,
-and is answered once those are analysed, or after records.REQUEST_CATCH_UP_SECONDS with what is); and
+outstanding (a statement is recorded only when it completes); relaying admin requests, with the
+data plane's snapshot, on the control channel, which no backlog of records can hold up (a
+request names the records sent before it, and is answered once those are analysed, or after
+records.REQUEST_CATCH_UP_SECONDS with what is); and
 writing the analysis process's log lines (findings, slow statements: few, rate-limited) into
 the data plane's one log.
 Session records (opened, ready, closed...) are never shed: they are few and keep the analysis
@@ -29,9 +30,9 @@ from typing import Any
 
 import structlog
 
-from pgscout.dataplane.records import (ACTIVE, ACTIVE_SECONDS, LOG, REPLY, REQUEST, SETTINGS, STARTED, STATEMENT,
-                                       FrameReader,
-                                       decode_payload, pickled_frame, records_frame)
+from pgscout.dataplane.records import (ACTIVE, ACTIVE_SECONDS, LOG, REPLY, REQUEST, SETTINGS,
+                                       STARTED, STATEMENT, FrameReader, decode_payload,
+                                       pickled_frame, records_frame)
 
 log = structlog.get_logger("pgscout.handoff")
 analysis_log = structlog.get_logger("pgscout.analysis")

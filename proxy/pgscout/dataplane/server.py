@@ -229,8 +229,10 @@ class Server:
         self.session_events(SessionOpened(s))
 
     def active_sessions(self) -> tuple[int, ...]:
-        """The sessions waiting on the server now: a request of theirs is outstanding."""
-        return tuple(conn_id for conn_id, relay in self.relays.items() if relay.session.active)
+        """The observed sessions waiting on the server now: a request of theirs is outstanding
+        (a desynced session's flag is stale: its decoder is gone)."""
+        return tuple(conn_id for conn_id, relay in self.relays.items()
+                     if relay.decoder is not None and relay.session.active)
 
     def session_records(self) -> list[tuple]:
         """Every open session as records, for an analysis process that started after them (it
