@@ -2,8 +2,10 @@
 
 Owns: the Metric and Goal vocabulary the workloads declare, collecting one value per metric,
 target and round, the medians and min-max across rounds, the ratios pgscout/PgBouncer,
-observed/bare, forward-only/bare and observed/forward-only, the Markdown table and the machine
-description written beside it.
+observed/bare, forward-only/bare and observed/forward-only (each the median of the rounds' own
+ratios: the targets run interleaved within a round, under the same load, while the machine's
+speed drifts between rounds, so a ratio of medians taken from different rounds would measure
+the drift), the Markdown table and the machine description written beside it.
 Must not: run anything against a database (workloads measure, this only summarises).
 """
 
@@ -34,32 +36,32 @@ OBSERVED_MIN_RATIO = 0.9
 
 @dataclass(frozen=True)
 class Goal:
-    """A target from the brief, judged on the medians of one metric by target name."""
+    """A target from the brief, judged on one metric's values by target name, one per round."""
 
     text: str
-    met: Callable[[dict[str, float]], bool | None]  # None: a needed target was not measured
+    met: Callable[[dict[str, list[float]]], bool | None]  # None: a needed target was not measured
 
 
 def at_least_vs_pgbouncer(ratio: float) -> Goal:
     return Goal(f"pgscout ≥ {ratio:.1f}× PgBouncer",
-                lambda medians: _when(medians, PGSCOUT, PGBOUNCER,
-                                      lambda ours, theirs: ours >= ratio * theirs))
+                lambda series: _when(paired_ratio(series, PGSCOUT, PGBOUNCER),
+                                     lambda ours_over_theirs: ours_over_theirs >= ratio))
 
 
 def not_above_pgbouncer() -> Goal:
     return Goal("pgscout ≤ PgBouncer",
-                lambda medians: _when(medians, PGSCOUT, PGBOUNCER, lambda ours, theirs: ours <= theirs))
+                lambda series: _when(paired_ratio(series, PGSCOUT, PGBOUNCER),
+                                     lambda ours_over_theirs: ours_over_theirs <= 1.0))
 
 
 def at_most(limit: float, unit: str) -> Goal:
     return Goal(f"pgscout ≤ {limit:g} {unit}",
-                lambda medians: medians[PGSCOUT] <= limit if PGSCOUT in medians else None)
+                lambda series: statistics.median(series[PGSCOUT]) <= limit
+                if series.get(PGSCOUT) else None)
 
 
-def _when(medians: dict[str, float], ours: str, theirs: str, compare) -> bool | None:
-    if ours not in medians or theirs not in medians:
-        return None
-    return compare(medians[ours], medians[theirs])
+def _when(ratio: float | None, compare) -> bool | None:
+    return None if ratio is None else compare(ratio)
 
 
 @dataclass(frozen=True)
@@ -108,15 +110,14 @@ def render_table(workloads: list[WorkloadRows], results: Results, targets: list[
     for workload in workloads:
         for metric in workload.metrics:
             series = results.series(metric)
-            medians = {target: statistics.median(values) for target, values in series.items() if values}
             cells = [_cell(series.get(target, []), metric.decimals) for target in targets]
-            vs_bouncer = _ratio(medians, PGSCOUT, PGBOUNCER)
-            observed_vs_bare = _ratio(medians, PGSCOUT, BARE)
-            forward_only_vs_bare = _ratio(medians, FORWARD_ONLY, BARE)
-            observed = _ratio(medians, PGSCOUT, FORWARD_ONLY)
+            vs_bouncer = paired_ratio(series, PGSCOUT, PGBOUNCER)
+            observed_vs_bare = paired_ratio(series, PGSCOUT, BARE)
+            forward_only_vs_bare = paired_ratio(series, FORWARD_ONLY, BARE)
+            observed = paired_ratio(series, PGSCOUT, FORWARD_ONLY)
             goals: list[tuple[str, bool | None]] = []
             if metric.goal is not None:
-                goals.append((metric.goal.text, metric.goal.met(medians)))
+                goals.append((metric.goal.text, metric.goal.met(series)))
             if metric.higher_is_better and observed is not None:
                 observed_ratios.append((observed, f"{workload.title}: {metric.label}"))
                 goals.append((f"observed ≥ {OBSERVED_MIN_RATIO}× forward-only", observed >= OBSERVED_MIN_RATIO))
@@ -139,10 +140,13 @@ def render_table(workloads: list[WorkloadRows], results: Results, targets: list[
     return "\n".join(lines) + "\n"
 
 
-def _ratio(medians: dict[str, float], numerator: str, denominator: str) -> float | None:
-    if numerator not in medians or denominator not in medians or medians[denominator] <= 0:
+def paired_ratio(series: dict[str, list[float]], numerator: str, denominator: str) -> float | None:
+    """The median over rounds of numerator / denominator in the same round (None when either was
+    not measured in every round, or a denominator is not positive: an added latency near 0)."""
+    ours, theirs = series.get(numerator, []), series.get(denominator, [])
+    if not ours or len(ours) != len(theirs) or min(theirs) <= 0:
         return None
-    return medians[numerator] / medians[denominator]
+    return statistics.median(value / base for value, base in zip(ours, theirs))
 
 
 def _cell(values: list[float], decimals: int) -> str:

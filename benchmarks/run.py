@@ -131,7 +131,10 @@ def results_document(command: str, args: argparse.Namespace, table: str, stages:
     return (
         "# pgscout benchmark results\n\n"
         f"Run {when} with:\n\n```\n{command}\n```\n\n"
-        f"{args.duration} s per timed run, {rounds}; targets run interleaved within each round.\n\n"
+        f"{args.duration} s per timed run, {rounds}; targets run interleaved within each round. "
+        "Each ratio (x) is the median of the rounds' own ratios, measured side by side under the "
+        "same load: the machine's speed drifts between rounds, and a ratio of medians taken from "
+        "different rounds would measure the drift.\n\n"
         "## Machine\n\n"
         f"{machine}\n"
         "## Results\n\n"
