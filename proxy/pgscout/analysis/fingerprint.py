@@ -223,23 +223,17 @@ class Fingerprinter(StatementObserver):
         else:
             unbound = ev.param_sig is None or not ev.n_params
             lexable = unbound and not backslashes
-            key: str | None = None
-            if sql == self._plain_sql:
-                tags, text = None, self._plain_text
-                if lexable:
-                    key = constant_free_key(text)
-            else:
-                text = sql.strip()
-                if lexable:
-                    key = constant_free_key(text)
-                if key is not None:
-                    tags = None  # its lexing refuses any comment: there is none to parse
-                elif may_hold_comments(sql):
+            plain = sql == self._plain_sql  # the last text known to hold no comment
+            text = self._plain_text if plain else sql.strip()
+            # A key proves there is no comment: its lexing refuses any -- or /* outside a literal.
+            key = constant_free_key(text) if lexable else None
+            tags = None
+            if key is None and not plain:
+                if may_hold_comments(sql):
                     tags, text = parse_comments(sql)
                     if lexable:
                         key = constant_free_key(text)
                 else:  # building parse_comments' answer (a NamedTuple) costs more than this test
-                    tags = None
                     self._plain_sql, self._plain_text = sql, text
             if key is None:
                 shape = self._describe_cached(text, text, backslashes)

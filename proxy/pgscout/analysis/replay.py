@@ -1,8 +1,9 @@
 """Turns the data plane's records back into sessions and events for the analysis observers.
 
 Owns: the analysis side's table of live sessions (its own copies, kept current from OPENED,
-READY, PARAMETER, STATUS and CLOSED records) and building one event per record, published on the
-bus in the order the records were made.
+READY, PARAMETER, STATUS and CLOSED records) and building the event each record stands for
+(PARAMETER and STATUS only update a session), published on the bus in the order the records
+were made.
 Must not: drop or reorder records, or do any work of its own beyond rebuilding the event (the
 observers on the bus do the analysis).
 """
@@ -18,7 +19,6 @@ from pgscout.dataplane.events import (Session, SessionClosed, SessionOpened, Ses
 class Replay:
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
-        self._publish = bus.publish
         self.sessions: dict[int, Session] = {}
 
     def feed(self, batch: list[tuple]) -> None:
@@ -34,7 +34,7 @@ class Replay:
             elif kind == r.ACTIVE:
                 # The next look comes ACTIVE_SECONDS later, and its record up to a flush after
                 # that: one period of slack.
-                self._publish(SessionsActive(record[1] + 2 * r.ACTIVE_SECONDS, record[2]))
+                self._bus.publish(SessionsActive(record[1] + 2 * r.ACTIVE_SECONDS, record[2]))
             elif kind == r.OPENED:
                 self._opened(record)
             elif kind == r.READY:
@@ -59,12 +59,12 @@ class Replay:
                           application_name=application_name, replication=replication,
                           opened_at=opened_at, opened_wall=opened_wall, startup=startup)
         self.sessions[conn_id] = session
-        self._publish(SessionOpened(session))
+        self._bus.publish(SessionOpened(session))
 
     def _ready(self, record: tuple) -> None:
         session = self._session(record[1])
         session.backend_pid = record[3]
-        self._publish(SessionReady(session, record[2]))
+        self._bus.publish(SessionReady(session, record[2]))
 
     def _parameter(self, record: tuple) -> None:
         session = self._session(record[1])
@@ -85,10 +85,10 @@ class Replay:
 
     def _transaction(self, record: tuple) -> None:
         _, conn_id, started_at, ended_at, outcome, idle_seconds = record
-        self._publish(TransactionEnded(self._session(conn_id), started_at, ended_at, outcome,
+        self._bus.publish(TransactionEnded(self._session(conn_id), started_at, ended_at, outcome,
                                        idle_seconds))
 
     def _closed(self, record: tuple) -> None:
         session = self.sessions.pop(record[1], None)
         if session is not None:
-            self._publish(SessionClosed(session, record[2], record[3]))
+            self._bus.publish(SessionClosed(session, record[2], record[3]))
