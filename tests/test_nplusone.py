@@ -15,6 +15,7 @@ import json
 import pytest
 
 from pgscout.dataplane.events import Session, SessionClosed, SessionsActive, StatementDone
+from pgscout.analysis.fingerprint import fingerprint_text
 from pgscout.analysis import nplusone
 from pgscout.analysis.nplusone import NPlusOneDetector
 from pgscout.settings import NPlusOneSettings
@@ -865,6 +866,23 @@ def test_small_keyset_pages_are_not_reported(page_sql, with_owner):
     for page in range(24):
         client.run(page_sql, "tenant-1", page * 25, 25, rows=25)
     client.run(page_sql, "tenant-1", 600, 25, rows=0)
+    h.idle(1.5)
+    assert h.findings == []
+
+
+def test_offset_pages_after_a_first_page_without_offset_are_not_reported():
+    """Django's Paginator: page 1 has no OFFSET and shares the later pages' fingerprint, so the
+    first page's shape alone does not show a cursor walk."""
+    page_one = 'SELECT "events"."id" FROM "events" ORDER BY "events"."id" LIMIT 20'
+    fp, first, _ = fingerprint_text(page_one)
+    later_fp, later, _ = fingerprint_text(page_one + " OFFSET 20")
+    assert later_fp == fp and "OFFSET" in later and "OFFSET" not in first
+    h = Harness()
+    client = h.connection()
+    client.run('SELECT COUNT(*) AS "__count" FROM "events"', inline=True)
+    client.run(first, 20, rows=20, inline=True, fp=fp)
+    for page in range(1, 13):
+        client.run(later, 20, page * 20, rows=20 if page < 12 else 7, inline=True, fp=fp)
     h.idle(1.5)
     assert h.findings == []
 

@@ -109,6 +109,19 @@ def test_eager_loading_is_not_flagged(pgscout, django_models, app_name, loader):
     assert_not_flagged(pgscout, app_name)
 
 
+def test_walking_a_paginators_pages_is_not_flagged(pgscout, django_models, app_name):
+    """Page 1 is `LIMIT 5`, the others `LIMIT 5 OFFSET n`: one fingerprint, a cursor walk."""
+    from django.core.paginator import Paginator
+    _, Book = django_models
+    with django_through(pgscout, app_name):
+        pages = Paginator(Book.objects.order_by("id"), BOOKS_PER_AUTHOR)
+        assert pages.num_pages == AUTHORS >= 10  # a run long enough to be flagged without owner
+        assert sum(len(pages.page(number).object_list) for number in pages.page_range) \
+            == AUTHORS * BOOKS_PER_AUTHOR
+
+    assert_not_flagged(pgscout, app_name)
+
+
 def test_count_per_row_is_flagged_with_an_annotation_as_its_fix(pgscout, django_models, app_name):
     Author, _ = django_models
     with django_through(pgscout, app_name):

@@ -447,11 +447,14 @@ class _Group:
 class _Track:
     """One child fingerprint in a stream: its owner binding and its open group."""
 
-    __slots__ = ("fingerprint", "shape", "owner", "group", "last_seq")
+    __slots__ = ("fingerprint", "shape", "owner", "group", "last_seq", "page_walk")
 
     def __init__(self, fingerprint: str, shape: _Shape) -> None:
         self.fingerprint = fingerprint
-        self.shape = shape
+        self.shape = shape  # its first execution's
+        # Any execution's shape was a cursor walk: one fingerprint covers `LIMIT n` and
+        # `LIMIT n OFFSET m`, and a paginator's first page has no OFFSET.
+        self.page_walk = shape.page_walk
         self.owner: _Owner | None = None
         self.group: _Group | None = None
         self.last_seq = 0
@@ -908,6 +911,8 @@ class NPlusOneDetector(StatementObserver):
             track = tracks[fingerprint] = _Track(fingerprint, shape)
         elif len(tracks) > 1:  # one track (a loop's only child): already the newest
             tracks.move_to_end(fingerprint)
+        if shape.page_walk:
+            track.page_walk = True
 
         if track.owner is None and stream.owner_seq > track.last_seq:
             track.owner = self._newest_owner(stream, fingerprint)
@@ -1044,7 +1049,7 @@ class NPlusOneDetector(StatementObserver):
         if statistics.median(group.rows) >= self._max_median_rows:
             return False  # pagination or chunked reads
         shape = track.shape
-        if shape.page_walk and (not shape.equality_key or _full_pages(group.rows)):
+        if track.page_walk and (not shape.equality_key or _full_pages(group.rows)):
             return False  # a cursor walk: each page is keyed by the previous one
         if shared and stream.trace is None:
             # Nothing but timing ties these connections together: a fan-out starts as the
