@@ -847,6 +847,24 @@ def test_unrelated_requests_after_a_listing_across_boundaries_are_not_reported()
     assert h.findings == []
 
 
+def test_a_loop_reading_its_owners_table_again_is_told_both_fixes():
+    """session.refresh() per row, or a deferred column: the owner's rows read again by key,
+    which on the wire looks like a self-referencing many-to-one (a category's parent)."""
+    reload = ("SELECT authors.id, authors.name, authors.bio FROM authors "
+              "WHERE authors.id = $1::INTEGER")
+    h = Harness()
+    client = h.connection("shop-web")
+    lazy_load(client, parents=10, child=reload)
+    h.idle(1.5)
+    finding, = h.of_kind("n_plus_one")
+    assert finding.suggestion.startswith(
+        "Each loop ran 10 queries on authors, one per authors row, on the table the owner query "
+        "read: if these are its rows again (a column left out by load_only() or deferred(), or "
+        "session.refresh() per row), select what the loop needs in that query; if it is a "
+        "self-referencing relationship, eager-load the relationship with SQLAlchemy "
+        "selectinload()"), finding.suggestion
+
+
 # -- keyset pagination, cursor walks (class 2) --------------------------------------------------
 KEYSET_PAGE = ("SELECT reviews.id, reviews.body FROM reviews WHERE reviews.id > $1::INTEGER "
                "ORDER BY reviews.id LIMIT $2::INTEGER")

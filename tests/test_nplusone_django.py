@@ -122,6 +122,19 @@ def test_walking_a_paginators_pages_is_not_flagged(pgscout, django_models, app_n
     assert_not_flagged(pgscout, app_name)
 
 
+def test_a_deferred_field_per_row_is_flagged_with_the_owner_query_as_its_fix(
+        pgscout, django_models, app_name):
+    Author, _ = django_models
+    with django_through(pgscout, app_name):
+        assert len({author.name for author in Author.objects.only("id").order_by("id")}) == AUTHORS
+
+    finding = only(findings(pgscout, app_name))
+    assert (finding["kind"], finding["n"]) == ("n_plus_one", AUTHORS)
+    assert finding["child_sql"].startswith('SELECT "np_authors"."id", "np_authors"."name" FROM')
+    # No relationship to prefetch: the loop reloads the owner's own rows.
+    assert "only() or defer()" in finding["suggestion"], finding["suggestion"]
+
+
 def test_count_per_row_is_flagged_with_an_annotation_as_its_fix(pgscout, django_models, app_name):
     Author, _ = django_models
     with django_through(pgscout, app_name):

@@ -1386,7 +1386,23 @@ def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: i
         fix = _grouped_fix(child.asks, stack, child_table, column)
     else:
         fix = fixes.get(stack, f"fetch them in one query: {batched} with all the keys (or IN (...))")
+    if kind != "duplicate" and not child.asks and owner_table == child.table:
+        # The loop reads the owner's own table by key: its rows again, or a self-referencing
+        # relationship (a parent row); the wire cannot tell them apart.
+        again = _READ_AGAIN.get(stack, "a column loaded lazily, or a refresh of each row")
+        return (f"{loop}, on the table the owner query read: if these are its rows again "
+                f"({again}), select what the loop needs in that query; if it is a "
+                f"self-referencing relationship, {fix}.")
     return f"{loop}: {fix}."
+
+
+# How a loop comes to read the rows its owner query returned once more, by stack.
+_READ_AGAIN: Final = {
+    "django": "a field left out by only() or defer(), or refresh_from_db() per row",
+    "sqlalchemy": "a column left out by load_only() or deferred(), or session.refresh() per row",
+    "rails": "a column left out by select(), or reload per row",
+    "hibernate": "a lazy @Basic attribute, or refresh() per row",
+}
 
 
 def _grouped_fix(asks: str, stack: str, table: str, column: str) -> str:
