@@ -865,6 +865,29 @@ def test_a_loop_reading_its_owners_table_again_is_told_both_fixes():
         "selectinload()"), finding.suggestion
 
 
+@pytest.mark.parametrize("chunk", [4, 10])
+def test_a_loop_over_a_server_side_cursors_chunks_is_one_loop(chunk):
+    """Django's iterator(chunk_size=...), psycopg named cursors: DECLARE, then each FETCH hands
+    out a chunk of the owner's rows; the lazy loads over all of them are one loop, the DECLARE's
+    query its owner, however small the chunks."""
+    declare = ('DECLARE "_django_curs_1_sync_1" NO SCROLL CURSOR WITH HOLD FOR '
+               'SELECT "authors"."id", "authors"."name" FROM "authors"')
+    fetch = f'FETCH FORWARD {chunk} FROM "_django_curs_1_sync_1"'
+    h = Harness()
+    client = h.connection("shop-web")
+    client.run(declare, kind="utility", tag="DECLARE CURSOR", rows=0, inline=True)
+    for first in range(0, 20, chunk):
+        rows = min(chunk, 20 - first)
+        client.run(fetch, kind="utility", tag=f"FETCH {rows}", rows=rows, inline=True)
+        for author_id in range(first, first + rows):
+            client.run(DJANGO_BOOKS, author_id, rows=3)
+    client.run(fetch, kind="utility", tag="FETCH 0", rows=0, inline=True)
+    h.idle(1.5)
+    finding, = h.of_kind("n_plus_one")
+    assert (finding.n, finding.iterations, finding.confidence) == (20, 1, "high")
+    assert finding.owner_sql == declare
+
+
 # -- keyset pagination, cursor walks (class 2) --------------------------------------------------
 KEYSET_PAGE = ("SELECT reviews.id, reviews.body FROM reviews WHERE reviews.id > $1::INTEGER "
                "ORDER BY reviews.id LIMIT $2::INTEGER")

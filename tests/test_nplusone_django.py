@@ -109,6 +109,21 @@ def test_eager_loading_is_not_flagged(pgscout, django_models, app_name, loader):
     assert_not_flagged(pgscout, app_name)
 
 
+@pytest.mark.parametrize("chunk_size", [4, 100])
+def test_a_loop_over_iterator_chunks_is_one_loop(pgscout, django_models, app_name, chunk_size):
+    """iterator() reads through a server-side cursor: DECLARE, then a FETCH per chunk."""
+    Author, _ = django_models
+    with django_through(pgscout, app_name):
+        authors = Author.objects.order_by("id").iterator(chunk_size=chunk_size)
+        assert {len(list(author.books.all())) for author in authors} == {BOOKS_PER_AUTHOR}
+
+    finding = only(findings(pgscout, app_name))
+    assert_django_loop(finding, "np_books", AUTHORS)
+    assert (finding["iterations"], finding["confidence"]) == (1, "high")
+    assert finding["owner_sql"].startswith("DECLARE "), finding["owner_sql"]
+    assert finding["owner_sql"].endswith(AUTHORS_SQL), finding["owner_sql"]
+
+
 def test_walking_a_paginators_pages_is_not_flagged(pgscout, django_models, app_name):
     """Page 1 is `LIMIT 5`, the others `LIMIT 5 OFFSET n`: one fingerprint, a cursor walk."""
     from django.core.paginator import Paginator

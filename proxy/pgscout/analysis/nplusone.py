@@ -147,6 +147,10 @@ _PLACEHOLDER = re.compile(r"\$(\d+)")
 _ARRAY_LOOKUP = re.compile(r"\b(?:ANY|SOME)\s*\(", re.IGNORECASE)
 _IN_LIST = re.compile(r"\bIN\s*\(\s*\$\d+\s*,", re.IGNORECASE)
 # Row locks: a claim of the next queue row repeats its parameters and gets another row each time.
+# A server-side cursor (Django's iterator(), psycopg named cursors, SQLAlchemy yield_per over
+# them): DECLARE opens it, each FETCH hands the client a chunk of its rows.
+_DECLARE_CURSOR = re.compile(r"\s*DECLARE\b", re.IGNORECASE)
+_FETCH_CURSOR = re.compile(r"\s*FETCH\b", re.IGNORECASE)
 _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE)\b", re.IGNORECASE)
 _JSON_STRING = r'"((?:[^"\\]|\\.)*)"'
 # A relation in pglast's JSON: a RangeVar, or the bare `relation` of INSERT/UPDATE/DELETE.
@@ -258,7 +262,8 @@ class _Shape:
     """What the detector needs from one statement text, computed once per (fingerprint, text)."""
 
     __slots__ = ("text", "placeholders", "array_lookup", "soft_boundary", "reads", "page_walk",
-                 "equality_key", "locking", "style", "table", "key_column", "asks", "bytes")
+                 "equality_key", "locking", "style", "table", "key_column", "asks",
+                 "declares_cursor", "fetches_cursor", "bytes")
 
     def __init__(self, ev: StatementDone, text_max_chars: int) -> None:
         full = ev.normalized
@@ -285,6 +290,8 @@ class _Shape:
         self.table = _table(head)
         self.key_column = _key_column(head)
         self.asks = _asks(head)
+        self.declares_cursor = ev.kind == "utility" and _DECLARE_CURSOR.match(head) is not None
+        self.fetches_cursor = ev.kind == "utility" and _FETCH_CURSOR.match(head) is not None
         self.bytes = SHAPE_BYTES + 2 * len(self.text)
 
 
@@ -433,7 +440,8 @@ class _Group:
             self.owner = owner
             self.owner_execs_seen = owner.executions - 1
             self.owner_rows_seen = owner.total_rows - owner.rows
-        if owner.executions != self.owner_execs_seen:
+        # (A cursor's later FETCHes add rows to the same execution.)
+        if owner.executions != self.owner_execs_seen or owner.total_rows != self.owner_rows_seen:
             self.owner_execs += owner.executions - self.owner_execs_seen
             self.owner_rows += owner.total_rows - self.owner_rows_seen
             self.owner_execs_seen = owner.executions
@@ -488,7 +496,7 @@ class _Stream:
 
     __slots__ = ("scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
                  "started_at", "last_done", "active_at", "queued_done", "boundaries", "statements",
-                 "busy", "bytes")
+                 "busy", "cursor", "bytes")
 
     def __init__(self, scope: _Scope, trace: str | None, session: Session,
                  started_at: float) -> None:
@@ -509,6 +517,9 @@ class _Stream:
         self.boundaries = 0  # soft boundaries seen
         self.statements = 0  # statements observed (soft boundaries and catalog reads aside)
         self.busy = 0.0  # seconds the server spent on this stream's statements, boundaries too
+        # The latest DECLARE of a cursor: what its FETCHes, the owner of the loop over the rows
+        # they hand out, read; None once a FETCH has taken it as its owner's.
+        self.cursor: _Shape | None = None
         self.bytes = STREAM_BYTES
 
     def last_active(self) -> float:
@@ -852,7 +863,11 @@ class NPlusOneDetector(StatementObserver):
         if ev.done_at > stream.last_done:
             stream.last_done = ev.done_at
         if shape.reads == "none":
+            if shape.fetches_cursor:
+                self._observe_cursor_fetch(stream, ev, shape)
             return None  # reads no relation: nothing a loop could batch
+        if shape.declares_cursor:
+            stream.cursor = shape
         kind = ev.kind
         group = None
         if ((kind == "select" or (kind == "dml" and self._include_writes))
@@ -884,6 +899,24 @@ class NPlusOneDetector(StatementObserver):
         owner.executions += 1
         owner.total_rows += ev.rows
         owner.conn_id = ev.session.conn_id
+        owner.done_at = ev.done_at
+        stream.owner_seq = stream.seq
+
+    def _observe_cursor_fetch(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
+        """A FETCH: the first after a DECLARE is an owner execution, shown as the DECLARE (what
+        the rows are); the next ones hand out more rows of the same execution, so the loop over
+        them stays one group however small the chunks."""
+        owner = stream.owners.get(ev.fingerprint) if stream.owners else None
+        declared = stream.cursor
+        if owner is None or declared is not None:
+            self._observe_owner(stream, ev, shape if declared is None else declared)
+            owner = stream.owners.get(ev.fingerprint) if stream.owners else None
+            if owner is not None and declared is not None:
+                owner.shape = declared
+                stream.cursor = None
+            return
+        owner.rows += ev.rows
+        owner.total_rows += ev.rows
         owner.done_at = ev.done_at
         stream.owner_seq = stream.seq
 
