@@ -888,6 +888,24 @@ def test_a_loop_over_a_server_side_cursors_chunks_is_one_loop(chunk):
     assert finding.owner_sql == declare
 
 
+@pytest.mark.parametrize("after", [0, 2])
+def test_the_loop_over_a_streamed_owners_rows_is_one_loop_with_it(after):
+    """asyncpg cursors, SQLAlchemy yield_per/stream_scalars over asyncpg: the owner's Executes
+    hand out chunks (PortalSuspended) and it is recorded when its last chunk completes, after the
+    loads of the first chunks' rows; `after` loads of the last chunk's rows follow it."""
+    h = Harness()
+    client = h.connection("shop-web")
+    owner_sent = h.now = h.now + 0.001
+    for author_id in range(20 - after):
+        client.run(BOOKS, author_id, rows=3)
+    client.deliver(client.event(AUTHORS, sent=owner_sent, done=h.now + 0.0002, rows=20))
+    for author_id in range(20 - after, 20):
+        client.run(BOOKS, author_id, rows=3)
+    h.idle(1.5)
+    finding, = h.of_kind("n_plus_one")
+    assert (finding.n, finding.confidence, finding.owner_sql) == (20, "high", AUTHORS)
+
+
 # -- keyset pagination, cursor walks (class 2) --------------------------------------------------
 KEYSET_PAGE = ("SELECT reviews.id, reviews.body FROM reviews WHERE reviews.id > $1::INTEGER "
                "ORDER BY reviews.id LIMIT $2::INTEGER")

@@ -364,6 +364,24 @@ async def test_asyncpg_loop_is_flagged(pgscout, bookshop, app_name):
                 fix="author_id = ANY($1)")
 
 
+@pytest.mark.parametrize("prefetch", [4, 5])
+async def test_a_loop_over_an_asyncpg_cursor_is_one_loop(pgscout, bookshop, app_name, prefetch):
+    """A cursor reads its rows in chunks (Execute with a row limit, PortalSuspended), so the
+    owner completes after the loop's first loads; 12 rows in chunks of 4 or 5 end on a full or a
+    short chunk."""
+    connection = await asyncpg.connect(proxy_dsn(pgscout, app_name, connect_timeout=None))
+    try:
+        async with connection.transaction():
+            async for author in connection.cursor(RAW_AUTHORS_SQL, prefetch=prefetch):
+                await connection.fetch(RAW_BOOKS_SQL, author["id"])
+    finally:
+        await connection.close()
+
+    finding = only(findings(pgscout, app_name))
+    assert_loop(finding, RAW_AUTHORS_SQL, RAW_BOOKS_SQL, n=AUTHORS, fix="author_id = ANY($1)")
+    assert finding["confidence"] == "high"
+
+
 async def test_asyncpg_loop_with_literals_in_the_text_is_flagged(pgscout, bookshop, app_name):
     """asyncpg prepares every statement, so an id formatted into the text is an extended-protocol
     statement with nothing bound: each lookup is told apart by its text, not by its (empty) Bind."""

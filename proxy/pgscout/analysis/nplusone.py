@@ -434,6 +434,16 @@ class _Group:
             self.conns.add(conn_id)
             self.last_conn = conn_id
 
+    def adopt(self, owner: _Owner) -> None:
+        """Its children ran while `owner` (just completed) streamed its rows to the client."""
+        self.key = owner.exec_id
+        self.owner = owner
+        self.owner_execs_seen = owner.executions - 1
+        self.owner_rows_seen = owner.total_rows - owner.rows
+        self.owner_conn = owner.conn_id
+        self.owner_done = owner.done_at
+        self.count_owner_executions(owner)
+
     def count_owner_executions(self, owner: _Owner) -> None:
         if owner is not self.owner:
             # The owner left the ring and came back as a new entry: count from its latest run.
@@ -860,6 +870,9 @@ class NPlusOneDetector(StatementObserver):
         """Count `ev` in `stream`; returns the group it joined as a child, if any."""
         stream.seq += 1
         stream.statements += 1
+        # Statements completed after this one was sent: its rows came in chunks (Execute with a
+        # row limit, PortalSuspended) while the client ran them.
+        streamed = ev.sent_at < stream.last_done
         if ev.done_at > stream.last_done:
             stream.last_done = ev.done_at
         if shape.reads == "none":
@@ -877,8 +890,24 @@ class NPlusOneDetector(StatementObserver):
             group = self._observe_child(stream, ev, shape, conn_group)
         if kind == "select":
             self._observe_owner(stream, ev, shape)
+            if streamed and not stream.scope.shared:
+                self._adopt_streamed_children(stream, ev)
         stream.busy += ev.done_at - ev.sent_at
         return group
+
+    def _adopt_streamed_children(self, stream: _Stream, ev: StatementDone) -> None:
+        """A streamed owner is recorded when its last chunk arrives, after the children run on
+        its first chunks: the no-owner groups they formed since it was sent are its loop."""
+        owner = stream.owners.get(ev.fingerprint) if stream.owners else None
+        if owner is None or owner.exec_id != stream.seq:
+            return  # too few rows to own a loop
+        for track in stream.tracks.values():
+            group = track.group
+            if (group is None or group.owner is not None or group.first_sent < ev.sent_at
+                    or track.fingerprint == owner.fingerprint):
+                continue
+            track.owner = owner
+            group.adopt(owner)
 
     def _observe_owner(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
         owners = stream.owners
