@@ -1195,6 +1195,11 @@ def test_correlation_across_connections_can_be_switched_off():
      'LIMIT $2 OFFSET $3', "shop-web", {}, "prisma", ["include: {"]),
     ('SELECT "id", "title" FROM "Books" AS "Book" WHERE "Book"."authorId" = $1', "shop-web", {},
      "sequelize", ["include: [{"]),
+    # Knex, and Drizzle: lower-case keywords, every identifier quoted.
+    ('select * from "books" where "author_id" = $1', "shop-web", {}, "knex",
+     ["whereIn('author_id', keys)", "inArray(books.author_id, keys)"]),
+    ('select "id", "author_id", "title" from "books" where "books"."author_id" = $1', "shop-web",
+     {}, "knex", ["whereIn('author_id', keys)"]),
     (USER_BY_ID, "orders-node", {}, "node", ["DataLoader", "id = ANY($1)"]),
     (USER_BY_ID, "shop-web", {"db_driver": "pg:8.11.3"}, "node", ["DataLoader"]),
     ('SELECT * FROM "books" WHERE "books"."author_id" = $1 AND "books"."deleted_at" IS NULL',

@@ -182,6 +182,8 @@ _GROUP_BY = re.compile(r"\bGROUP\s+BY\b", re.IGNORECASE)
 # What known ORMs' statements look like, most distinctive first.
 _STYLES: Final = (
     ("hibernate", re.compile(r"\b[a-z][a-z]*\d+_\d*\.\w")),  # b1_0.id (6), book0_.id (5)
+    # Knex and Drizzle write their keywords in lower case and quote every identifier.
+    ("knex", re.compile(r'^\s*select (?:distinct )?(?:\*|"\w+")')),
     ("prisma", re.compile(r'"public"\."\w+"\."\w+"')),
     ("typeorm", re.compile(r'"(\w+)"\."\w+" AS "\1_\w+"')),
     # peewee aliases every table t1, t2...; Sequelize by its model's name.
@@ -203,7 +205,7 @@ _STACK_WORDS: Final = {
     "jdbc": "jdbc", "java": "jdbc",
     "prisma": "prisma", "sequelize": "sequelize", "typeorm": "typeorm", "peewee": "peewee",
     "node": "node", "nodejs": "node", "express": "node", "nestjs": "node", "koa": "node",
-    "fastify": "node", "knex": "node", "postgres_js": "node",
+    "fastify": "node", "knex": "knex", "drizzle": "knex", "postgres_js": "node",
     "gorm": "gorm", "go": "go", "golang": "go", "pgx": "go", "sqlx": "go", "sqlc": "go",
     "psycopg": "driver", "psycopg2": "driver", "psycopg3": "driver", "asyncpg": "driver",
     "psql": "driver", "libpq": "driver",
@@ -1406,6 +1408,7 @@ def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: i
     owner_table = owner.shape.table if owner is not None else None
     per = f"one per {owner_table} row" if owner_table else "one per key"
     batched = f"SELECT ... FROM {child_table} WHERE {column} = ANY($1)"
+    bare_table, bare_column = child_table.replace('"', ""), column.replace('"', "")
     if kind == "duplicate":
         # A few keys each looked up again and again, as a loop over many rows that share them
         # does (each book's author): a many-to-one relationship loaded row by row.
@@ -1438,6 +1441,9 @@ def _suggestion(kind: str, stack: str, owner: _Owner | None, child: _Shape, n: i
                      "[{ model: ... }]",
         "typeorm": "load the relation in the parent query with TypeORM relations: [...] or "
                    "leftJoinAndSelect",
+        "knex": f"fetch them in one query with all the keys, Knex whereIn('{bare_column}', keys) "
+                f"or Drizzle inArray({bare_table}.{bare_column}, keys) (Drizzle's relational "
+                f"queries load a relation with with: {{ relation: true }})",
         "node": f"batch the per-row lookups with DataLoader, whose batch function runs one "
                 f"{batched} with all the keys",
         "gorm": "preload the association with GORM Preload(\"Association\") (one IN query)",
