@@ -235,6 +235,24 @@ def pipeline_one_sync(conv: Conversation) -> None:
                                 pipelined=True) for at in (first, second, third)]
 
 
+def pipeline_flushed_one_at_a_time(conv: Conversation) -> None:
+    """psycopg's pipeline() read row by row: each Execute is Flushed and answered before the
+    next is sent, and one Sync ends them all; sharing it, they are a batch all the same."""
+    sql = "select * from items where id = $1"
+    sent = conv.client(w.parse("s_flushed", sql), w.bind("", "s_flushed", [b"1"]), w.execute(""),
+                       w.flush())
+    sent_at = [sent]
+    answers = [conv.server(w.parse_complete(), w.bind_complete(), *select_rows(1),
+                           w.command_complete("SELECT 1"))]
+    for value in (b"2", b"3"):
+        sent_at.append(conv.client(w.bind("", "s_flushed", [value]), w.execute(""), w.flush()))
+        answers.append(conv.server(w.bind_complete(), *select_rows(1), w.command_complete("SELECT 1")))
+    conv.client(w.sync())
+    conv.server(w.ready_for_query("I"))
+    assert conv.take() == [done(sql, at_sent, at, "SELECT 1", 1, extended=True, n_params=1,
+                                pipelined=True) for at_sent, at in zip(sent_at, answers)]
+
+
 def separate_syncs_one_at_a_time(conv: Conversation) -> None:
     sql = "select * from items where id = $1"
     conv.client(w.parse("s_item", sql), w.sync())
@@ -566,7 +584,8 @@ def interleaved_portals_and_a_statement_prepared_again(conv: Conversation) -> No
 SCENARIOS = [
     simple_query, empty_query, multi_statement_query, error_in_multi_statement_query,
     extended_unnamed, extended_named_with_describe_statement, describe_portal_no_data,
-    describe_statement_no_data, pipeline_one_sync, separate_syncs_one_at_a_time,
+    describe_statement_no_data, pipeline_one_sync, pipeline_flushed_one_at_a_time,
+    separate_syncs_one_at_a_time,
     separate_syncs_sent_together, error_in_pipeline, error_before_sync, error_before_sync_without_execute,
     duplicate_parse_is_rejected,
     portal_suspended_in_transaction, portal_suspended_then_closed, close_statement_and_portal,

@@ -523,6 +523,20 @@ def test_psycopg_pipeline_is_not_flagged(pgscout, bookshop, app_name):
     assert_not_flagged(pgscout, app_name, RAW_BOOKS_SQL)
 
 
+def test_psycopg_pipeline_read_row_by_row_is_not_flagged(pgscout, bookshop, app_name):
+    """Each fetch inside the pipeline Flushes and waits, but one Sync ends them all: the
+    specification's batch (statements sharing a Sync)."""
+    with psycopg.connect(proxy_dsn(pgscout, app_name)) as connection:
+        author_ids = [row[0] for row in connection.execute(RAW_AUTHORS_SQL)]
+        with connection.pipeline():
+            books = [connection.execute(
+                "SELECT id, title FROM np_books WHERE author_id = %s ORDER BY id",
+                (author_id,)).fetchall() for author_id in author_ids]
+        assert sum(map(len, books)) == BOOKS
+
+    assert_not_flagged(pgscout, app_name, RAW_BOOKS_SQL)
+
+
 def test_keyset_pagination_is_not_flagged(pgscout, bookshop, app_name):
     page_sql = "SELECT id, body FROM np_reviews WHERE id > $1 ORDER BY id LIMIT 100"
     engine = orm_engine(pgscout, app_name)

@@ -416,10 +416,14 @@ class Decoder:
             return  # the server ignores Sync in copy-in mode
         self._discarding = False
         if self._group_executes > 1:
-            # Executes sharing one Sync are a batch (executemany, pipelines), not a loop.
+            # Executes sharing one Sync are a batch (executemany, pipelines), not a loop: those
+            # still owed, and those already answered (a pipeline that Flushes and reads each).
+            owed = 0
             for request in self._pending:
                 if request.kind == EXECUTE:
                     request.pipelined = True
+                    owed += 1
+            self._mark_held_pipelined(self._group_executes - owed)
         self._group_executes = 0
         pending = self._pending
         if pending and pending[-1].kind == SYNC:
@@ -677,6 +681,14 @@ class Decoder:
         self._held_count = count + 1
         if count + 1 >= _MAX_HELD_EVENTS:
             self._emit_held("")
+
+    def _mark_held_pipelined(self, answered: int) -> None:
+        """The last `answered` held records ran in a batch (the records are tuples: rebuilt)."""
+        held = self._held
+        for index in range(max(0, self._held_count - answered), self._held_count):
+            record = held[index]
+            if record[records.S_EXTENDED] and not record[records.S_PIPELINED]:
+                held[index] = (*record[:records.S_PIPELINED], True, *record[records.S_PIPELINED + 1:])
 
     def _emit_held(self, status: str) -> None:
         """Emit the held statement records, after the status they stand under when it is not
