@@ -48,8 +48,13 @@ Readings of the spec that the code relies on:
   invisible unless `include_catalog`; statements that read no relation at all (`SELECT $1::int`,
   `SELECT now()`) are neither owners nor children: there is nothing to batch.
 - A cursor walk (keyset or offset pagination: a LIMIT query keyed by a range comparison or an
-  OFFSET on a parameter) takes its parameter from its own previous result; without an equality
-  key it is never a loop, with one (a tenant filter) it is when its pages come back full.
+  OFFSET on a parameter, in any of the executions of its fingerprint, since a paginator's first
+  page has no OFFSET) takes its parameter from its own previous result; without an equality key
+  it is never a loop, with one (a tenant filter) it is when its pages come back full.
+- Owners whose rows come in chunks: a server-side cursor's first FETCH after its DECLARE is an
+  owner execution (shown as the DECLARE), and its later FETCHes add rows to that execution; a
+  query whose Executes hand out chunks (PortalSuspended) is recorded when its last chunk
+  completes, so the no-owner groups of the children run since it was sent become its group.
 - Repeats with steady gaps of at least `poll_min_interval_ms` and nothing else between them are
   polling (sleep in a loop): never a duplicate, and not a loop unless its distinct parameters
   fit the owner's rows (a loop with steady work per row under `max_think_ms` is still a loop).
@@ -146,11 +151,11 @@ _CATALOG_SCHEMAS: Final = frozenset({"pg_catalog", "information_schema"})
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _ARRAY_LOOKUP = re.compile(r"\b(?:ANY|SOME)\s*\(", re.IGNORECASE)
 _IN_LIST = re.compile(r"\bIN\s*\(\s*\$\d+\s*,", re.IGNORECASE)
-# Row locks: a claim of the next queue row repeats its parameters and gets another row each time.
 # A server-side cursor (Django's iterator(), psycopg named cursors, SQLAlchemy yield_per over
 # them): DECLARE opens it, each FETCH hands the client a chunk of its rows.
 _DECLARE_CURSOR = re.compile(r"\s*DECLARE\b", re.IGNORECASE)
 _FETCH_CURSOR = re.compile(r"\s*FETCH\b", re.IGNORECASE)
+# Row locks: a claim of the next queue row repeats its parameters and gets another row each time.
 _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE)\b", re.IGNORECASE)
 _JSON_STRING = r'"((?:[^"\\]|\\.)*)"'
 # A relation in pglast's JSON: a RangeVar, or the bare `relation` of INSERT/UPDATE/DELETE.
