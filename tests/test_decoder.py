@@ -772,6 +772,21 @@ def test_well_framed_arbitrary_messages_raise_only_what_the_pipe_catches(steps):
     feed_ignoring_ordinary_errors(steps)
 
 
+def test_a_flushed_pipeline_longer_than_the_held_records_is_a_batch_throughout(conv):
+    """Records are held until ReadyForQuery but no more than _MAX_HELD_EVENTS: those sent on
+    before the Sync came were part of the batch it ends too."""
+    conv.client(w.parse("s_long", "select $1"), w.flush())
+    conv.server(w.parse_complete())
+    for value in range(300):
+        conv.client(w.bind("", "s_long", [str(value).encode()]), w.execute(""), w.flush())
+        conv.server(w.bind_complete(), *select_rows(1), w.command_complete("SELECT 1"))
+    conv.client(w.sync())
+    conv.server(w.ready_for_query("I"))
+    statements = [fields for name, fields in conv.take() if name == "StatementDone"]
+    assert len(statements) == 300
+    assert all(fields["pipelined"] for fields in statements)
+
+
 def test_a_flood_of_syncs_costs_no_memory_and_each_is_answered(conv):
     conv.client(w.sync() * 100_000)
     assert len(conv.decoder._pending) == 1

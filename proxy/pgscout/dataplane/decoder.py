@@ -416,14 +416,7 @@ class Decoder:
             return  # the server ignores Sync in copy-in mode
         self._discarding = False
         if self._group_executes > 1:
-            # Executes sharing one Sync are a batch (executemany, pipelines), not a loop: those
-            # still owed, and those already answered (a pipeline that Flushes and reads each).
-            owed = 0
-            for request in self._pending:
-                if request.kind == EXECUTE:
-                    request.pipelined = True
-                    owed += 1
-            self._mark_held_pipelined(self._group_executes - owed)
+            self._mark_group_pipelined()
         self._group_executes = 0
         pending = self._pending
         if pending and pending[-1].kind == SYNC:
@@ -680,10 +673,20 @@ class Decoder:
             held.append(record)
         self._held_count = count + 1
         if count + 1 >= _MAX_HELD_EVENTS:
+            if self._group_executes > 1:
+                self._mark_group_pipelined()  # the Sync that will end them comes after
             self._emit_held("")
 
-    def _mark_held_pipelined(self, answered: int) -> None:
-        """The last `answered` held records ran in a batch (the records are tuples: rebuilt)."""
+    def _mark_group_pipelined(self) -> None:
+        """Executes sharing one Sync are a batch (executemany, pipelines), not a loop: those
+        still owed, and those already answered (a pipeline that Flushes and reads each), whose
+        records are held (tuples: rebuilt)."""
+        owed = 0
+        for request in self._pending:
+            if request.kind == EXECUTE:
+                request.pipelined = True
+                owed += 1
+        answered = self._group_executes - owed
         held = self._held
         for index in range(max(0, self._held_count - answered), self._held_count):
             record = held[index]
