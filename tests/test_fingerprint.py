@@ -375,6 +375,20 @@ def test_texts_sharing_a_cache_key_share_the_fingerprint(tokens, constants):
     assert second.fingerprint == fingerprint_text(second.sql)[0]
 
 
+def test_bound_statements_that_differ_by_a_constant_in_the_text_differ_in_signature():
+    """Django with server-side binding pages a tenant's rows: the tenant is bound, the OFFSET
+    written into the text; pages are different statements, not one repeated."""
+    page = "SELECT id FROM reviews WHERE stars = $1 ORDER BY id LIMIT 7 OFFSET {}"
+    fingerprinter = Fingerprinter(cache_size=100)
+    pages = [enriched(page.format(offset), fingerprinter, param_sig=1234, n_params=1)
+             for offset in (7, 14, 7)]
+    assert pages[0].fingerprint == pages[1].fingerprint
+    assert pages[0].param_sig != pages[1].param_sig and pages[0].param_sig == pages[2].param_sig
+    # With nothing written in, the Bind's signature is the statement's.
+    assert enriched("SELECT id FROM reviews WHERE stars = $1", fingerprinter, param_sig=1234,
+                    n_params=1).param_sig == 1234
+
+
 def test_a_parse_past_its_budget_is_abandoned_for_the_lexer():
     # Seven subqueries nested 1,500 deep: 95 KB, under MAX_PARSE_CHARS; pglast's normalize of it
     # took about a second here, four times PARSE_BUDGET_SECONDS (one such nest takes a tenth).

@@ -54,13 +54,13 @@ def django_models(bookshop):  # noqa: F811 (the fixture imported above)
 
 
 @contextlib.contextmanager
-def django_through(proxy, app: str):
+def django_through(proxy, app: str, **options):
     """Django's default connection, opened through `proxy` as `app`, closed at the end (as at a
     request's end with CONN_MAX_AGE = 0)."""
     from django.db import connection
     connection.close()
-    connection.settings_dict.update(HOST=proxy.host, PORT=str(proxy.port),
-                                    OPTIONS={"application_name": app, "sslmode": "disable"})
+    connection.settings_dict.update(HOST=proxy.host, PORT=str(proxy.port), OPTIONS={
+        "application_name": app, "sslmode": "disable", **options})
     try:
         yield
     finally:
@@ -124,12 +124,16 @@ def test_a_loop_over_iterator_chunks_is_one_loop(pgscout, django_models, app_nam
     assert finding["owner_sql"].endswith(AUTHORS_SQL), finding["owner_sql"]
 
 
-def test_walking_a_paginators_pages_is_not_flagged(pgscout, django_models, app_name):
-    """Page 1 is `LIMIT 5`, the others `LIMIT 5 OFFSET n`: one fingerprint, a cursor walk."""
+@pytest.mark.parametrize("server_side_binding", [False, True])
+def test_walking_a_paginators_pages_is_not_flagged(pgscout, django_models, app_name,
+                                                   server_side_binding):
+    """Page 1 is `LIMIT 5`, the others `LIMIT 5 OFFSET n`: one fingerprint, a cursor walk. With
+    server-side binding the filter's value is bound, the same on every page, and LIMIT and
+    OFFSET are still written into the text."""
     from django.core.paginator import Paginator
     _, Book = django_models
-    with django_through(pgscout, app_name):
-        pages = Paginator(Book.objects.order_by("id"), BOOKS_PER_AUTHOR)
+    with django_through(pgscout, app_name, server_side_binding=server_side_binding):
+        pages = Paginator(Book.objects.filter(author_id__gt=0).order_by("id"), BOOKS_PER_AUTHOR)
         assert pages.num_pages == AUTHORS >= 10  # a run long enough to be flagged without owner
         assert sum(len(pages.page(number).object_list) for number in pages.page_range) \
             == AUTHORS * BOOKS_PER_AUTHOR

@@ -138,6 +138,9 @@ class StatementShape(NamedTuple):
     parsed: bool  # False when the fallback lexer described it
     # Until the fingerprinter has looked at the displayed text: whatever the kind, it may.
     may_change_settings: bool = True
+    # The text writes constants in place (the normalized text has placeholders it has not): a
+    # bound statement's executions differ by them too (a page's OFFSET formatted in).
+    constants: bool = False
 
 
 class CacheInfo(NamedTuple):
@@ -239,6 +242,8 @@ class Fingerprinter(StatementObserver):
                 shape = self._describe_cached(text, text, backslashes)
                 if unbound:
                     ev.param_sig = shape.param_sig
+                elif shape.constants:
+                    ev.param_sig = hash((ev.param_sig, shape.param_sig))
             else:
                 # Literals inline: every execution is a new text, but all its variants share one
                 # cache entry; the parameter signature is this text's own.
@@ -406,7 +411,8 @@ def describe(text: str, backslashes: bool = False) -> StatementShape:
         # pglast's normalize leaves DDL's numbers (RESTART WITH n, DEFAULT n, CHECK (c <> n))
         # and some strings (COPY file names, function bodies) in place.
         normalized = _redact_literals(normalized, numbers=kind == "ddl")
-    return StatementShape(fingerprint, normalized, kind, hash(text), True)
+    return StatementShape(fingerprint, normalized, kind, hash(text), True,
+                          constants=normalized.count("$") > text.count("$"))
 
 
 def _parse(text: str) -> tuple[str, str] | None:
@@ -490,4 +496,5 @@ def _lexed_shape(statement: str, backslashes: bool) -> StatementShape:
         digest_size=8,
         person=b"pgscout-lexer",
     ).hexdigest()
-    return StatementShape(fingerprint, normalized, _classify(normalized), hash(statement), False)
+    return StatementShape(fingerprint, normalized, _classify(normalized), hash(statement), False,
+                          constants=normalized.count("$") > statement.count("$"))
