@@ -906,6 +906,61 @@ def test_the_loop_over_a_streamed_owners_rows_is_one_loop_with_it(after):
     assert (finding.n, finding.confidence, finding.owner_sql) == (20, "high", AUTHORS)
 
 
+def test_two_loops_over_streamed_owners_in_a_row_are_two_loops():
+    """asyncpg cursor loops, one after the other: the second owner is recorded after its own
+    first children, which come after a child for every row of the first."""
+    h = Harness()
+    client = h.connection("shop-web")
+    for _ in range(2):
+        client.begin()
+        owner_sent = h.now = h.now + 0.001
+        for author_id in range(18):
+            client.run(BOOKS, author_id, rows=3, txn="T")
+        client.deliver(client.event(AUTHORS, sent=owner_sent, done=h.now + 0.0002, rows=20,
+                                    txn="T"))
+        for author_id in range(18, 20):
+            client.run(BOOKS, author_id, rows=3, txn="T")
+        client.commit()
+    h.idle(1.5)
+    finding, = h.of_kind("n_plus_one")  # the first occurrence; the second waits for its roll-up
+    assert (finding.n, finding.confidence) == (20, "high")
+    assert sum(h.detector.counts().values()) == 2
+
+
+def test_cursors_with_the_same_chunk_size_are_owners_apart():
+    """Two iterator() calls in one request: the FETCHes share a fingerprint (the cursor's name
+    is not in it), each loop is its own DECLARE's."""
+    h = Harness()
+    client = h.connection("shop-web")
+    for cursor, owner, child in (("c_a", AUTHORS, BOOKS), ("c_b", "SELECT books.id FROM books",
+                                                           REVIEWS)):
+        declare = f'DECLARE "{cursor}" NO SCROLL CURSOR WITH HOLD FOR {owner}'
+        fetch = f'FETCH FORWARD 10 FROM "{cursor}"'
+        client.run(declare, kind="utility", tag="DECLARE CURSOR", rows=0, inline=True)
+        for first in (0, 10):
+            client.run(fetch, kind="utility", tag="FETCH 10", rows=10, inline=True, fp="fetch-10")
+            for key in range(first, first + 10):
+                client.run(child, key, rows=2)
+        client.run(fetch, kind="utility", tag="FETCH 0", rows=0, inline=True, fp="fetch-10")
+    h.idle(1.5)
+    assert sorted((f.owner_sql[:16], f.n) for f in h.of_kind("n_plus_one")) == [
+        ('DECLARE "c_a" NO', 20), ('DECLARE "c_b" NO', 20)]
+
+
+def test_a_cursor_read_one_row_at_a_time_owns_its_loop():
+    """psycopg's fetchone() on a named cursor, Django's iterator(chunk_size=1)."""
+    declare = 'DECLARE "one" CURSOR FOR SELECT authors.id FROM authors'
+    h = Harness()
+    client = h.connection("shop-web")
+    client.run(declare, kind="utility", tag="DECLARE CURSOR", rows=0, inline=True)
+    for author_id in range(20):
+        client.run('FETCH FORWARD 1 FROM "one"', kind="utility", tag="FETCH 1", inline=True)
+        client.run(BOOKS, author_id, rows=3)
+    h.idle(1.5)
+    finding, = h.of_kind("n_plus_one")
+    assert (finding.n, finding.confidence, finding.owner_sql) == (20, "high", declare)
+
+
 # -- keyset pagination, cursor walks (class 2) --------------------------------------------------
 KEYSET_PAGE = ("SELECT reviews.id, reviews.body FROM reviews WHERE reviews.id > $1::INTEGER "
                "ORDER BY reviews.id LIMIT $2::INTEGER")
@@ -944,6 +999,24 @@ def test_offset_pages_after_a_first_page_without_offset_are_not_reported():
         client.run(later, 20, page * 20, rows=20 if page < 12 else 7, inline=True, fp=fp)
     h.idle(1.5)
     assert h.findings == []
+
+
+def test_a_query_walked_as_pages_and_then_run_per_owner_row_is_a_loop_there():
+    """Pages of one author's books (OFFSET), then the first page of each author's books: the
+    page walk is that group's, not the fingerprint's."""
+    first = "SELECT books.id FROM books WHERE books.author_id = $1 ORDER BY books.id LIMIT $2"
+    paged = first + " OFFSET $3"
+    h = Harness()
+    client = h.connection("shop-web")
+    client.run(first, 7, 2, rows=2, fp="books-page")
+    for offset in (2, 4):
+        client.run(paged, 7, 2, offset, rows=2, fp="books-page")
+    client.run(AUTHORS, rows=10)
+    for author_id in range(10):
+        client.run(first, author_id, 2, rows=2, fp="books-page")
+    h.idle(1.5)
+    finding, = h.of_kind("n_plus_one")
+    assert finding.n == 10
 
 
 def test_single_row_cursor_walk_without_owner_is_not_reported():
@@ -1200,6 +1273,9 @@ def test_correlation_across_connections_can_be_switched_off():
      ["whereIn('author_id', keys)", "inArray(books.author_id, keys)"]),
     ('select "id", "author_id", "title" from "books" where "books"."author_id" = $1', "shop-web",
      {}, "knex", ["whereIn('author_id', keys)"]),
+    # Hand-written lower-case SQL names no stack.
+    ("select * from books where author_id = $1", "shop-web", {}, "",
+     ["SELECT ... FROM books WHERE author_id = ANY($1)"]),
     (USER_BY_ID, "orders-node", {}, "node", ["DataLoader", "id = ANY($1)"]),
     (USER_BY_ID, "shop-web", {"db_driver": "pg:8.11.3"}, "node", ["DataLoader"]),
     ('SELECT * FROM "books" WHERE "books"."author_id" = $1 AND "books"."deleted_at" IS NULL',

@@ -153,8 +153,10 @@ _ARRAY_LOOKUP = re.compile(r"\b(?:ANY|SOME)\s*\(", re.IGNORECASE)
 _IN_LIST = re.compile(r"\bIN\s*\(\s*\$\d+\s*,", re.IGNORECASE)
 # A server-side cursor (Django's iterator(), psycopg named cursors, SQLAlchemy yield_per over
 # them): DECLARE opens it, each FETCH hands the client a chunk of its rows.
-_DECLARE_CURSOR = re.compile(r"\s*DECLARE\b", re.IGNORECASE)
-_FETCH_CURSOR = re.compile(r"\s*FETCH\b", re.IGNORECASE)
+_DECLARE_CURSOR = re.compile(r'\s*DECLARE\s+("(?:[^"]|"")+"|[^\s;]+)', re.IGNORECASE)
+_FETCH_CURSOR = re.compile(r'\s*FETCH\b.*?("(?:[^"]|"")+"|[^\s;"]+)\s*;?\s*$',
+                           re.IGNORECASE | re.DOTALL)
+MAX_CURSORS_PER_STREAM: Final = 16
 # Row locks: a claim of the next queue row repeats its parameters and gets another row each time.
 _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE)\b", re.IGNORECASE)
 _JSON_STRING = r'"((?:[^"\\]|\\.)*)"'
@@ -188,7 +190,7 @@ _GROUP_BY = re.compile(r"\bGROUP\s+BY\b", re.IGNORECASE)
 _STYLES: Final = (
     ("hibernate", re.compile(r"\b[a-z][a-z]*\d+_\d*\.\w")),  # b1_0.id (6), book0_.id (5)
     # Knex and Drizzle write their keywords in lower case and quote every identifier.
-    ("knex", re.compile(r'^\s*select (?:distinct )?(?:\*|"\w+")')),
+    ("knex", re.compile(r'^\s*select (?:distinct )?(?:\*|"\w+")[^;]*? from "\w+"')),
     ("prisma", re.compile(r'"public"\."\w+"\."\w+"')),
     ("typeorm", re.compile(r'"(\w+)"\."\w+" AS "\1_\w+"')),
     # peewee aliases every table t1, t2...; Sequelize by its model's name.
@@ -270,7 +272,7 @@ class _Shape:
 
     __slots__ = ("text", "placeholders", "array_lookup", "soft_boundary", "reads", "page_walk",
                  "equality_key", "locking", "style", "table", "key_column", "asks",
-                 "declares_cursor", "fetches_cursor", "bytes")
+                 "declares_cursor", "fetches_cursor", "cursor_name", "bytes")
 
     def __init__(self, ev: StatementDone, text_max_chars: int) -> None:
         full = ev.normalized
@@ -297,8 +299,12 @@ class _Shape:
         self.table = _table(head)
         self.key_column = _key_column(head)
         self.asks = _asks(head)
-        self.declares_cursor = ev.kind == "utility" and _DECLARE_CURSOR.match(head) is not None
-        self.fetches_cursor = ev.kind == "utility" and _FETCH_CURSOR.match(head) is not None
+        declared = _DECLARE_CURSOR.match(head) if ev.kind == "utility" else None
+        fetched = _FETCH_CURSOR.match(head) if ev.kind == "utility" and declared is None else None
+        self.declares_cursor = declared is not None
+        self.fetches_cursor = fetched is not None
+        named = declared if declared is not None else fetched
+        self.cursor_name = named.group(1) if named is not None else ""
         self.bytes = SHAPE_BYTES + 2 * len(self.text)
 
 
@@ -306,7 +312,7 @@ class _Owner:
     """The latest execution of one owner fingerprint in a stream, with running totals."""
 
     __slots__ = ("fingerprint", "shape", "exec_id", "rows", "executions", "total_rows",
-                 "conn_id", "done_at")
+                 "conn_id", "done_at", "chunked", "streamed")
 
     def __init__(self, fingerprint: str, shape: _Shape) -> None:
         self.fingerprint = fingerprint
@@ -317,6 +323,21 @@ class _Owner:
         self.total_rows = 0
         self.conn_id = 0
         self.done_at = 0.0
+        self.chunked = False  # a cursor's: its FETCHes add rows to its execution
+        # Recorded after its first chunks' children (see _adopt_streamed_children); its next
+        # execution's children come before it is recorded again.
+        self.streamed = False
+
+
+class _Cursor:
+    """A cursor DECLAREd in a stream: the owner its FETCHes' rows belong to."""
+
+    __slots__ = ("fingerprint", "shape", "fetched")
+
+    def __init__(self, fingerprint: str, shape: _Shape) -> None:
+        self.fingerprint = fingerprint  # the DECLARE's (or, declared unseen, the FETCH's)
+        self.shape = shape
+        self.fetched = False
 
 
 class _Executions:
@@ -340,7 +361,7 @@ class _Group:
                  "child_time", "slowest", "first_sent", "last_done", "tags", "lead",
                  "boundary_mark", "crossed", "conns", "foreign", "app_group", "owner_conn",
                  "owner_done", "statement_mark", "interleaved", "adjacent", "between", "last_conn",
-                 "dedicated", "deferred", "verdict", "busy_mark", "last_new")
+                 "dedicated", "deferred", "verdict", "busy_mark", "last_new", "page_walk")
 
     def __init__(self, key: int, owner: _Owner | None, outer: _Group | None,
                  ev: StatementDone, boundaries: int) -> None:
@@ -393,6 +414,9 @@ class _Group:
         # The latest child ran with parameters not seen before in the group: a step of a loop
         # over the owner's rows (a repeat is the same lookup again, a request's or a duplicate).
         self.last_new = True
+        # A child's shape was a cursor walk: one fingerprint covers `LIMIT n` and `LIMIT n
+        # OFFSET m`, and a paginator's first page has no OFFSET.
+        self.page_walk = False
 
     def add(self, ev: StatementDone, boundaries: int, statements: int, busy: float) -> None:
         """`busy`: the stream's server time before `ev`; the think time between two children
@@ -472,14 +496,11 @@ class _Group:
 class _Track:
     """One child fingerprint in a stream: its owner binding and its open group."""
 
-    __slots__ = ("fingerprint", "shape", "owner", "group", "last_seq", "page_walk")
+    __slots__ = ("fingerprint", "shape", "owner", "group", "last_seq")
 
     def __init__(self, fingerprint: str, shape: _Shape) -> None:
         self.fingerprint = fingerprint
         self.shape = shape  # its first execution's
-        # Any execution's shape was a cursor walk: one fingerprint covers `LIMIT n` and
-        # `LIMIT n OFFSET m`, and a paginator's first page has no OFFSET.
-        self.page_walk = shape.page_walk
         self.owner: _Owner | None = None
         self.group: _Group | None = None
         self.last_seq = 0
@@ -513,7 +534,7 @@ class _Stream:
 
     __slots__ = ("scope", "trace", "session", "owners", "tracks", "seq", "owner_seq",
                  "started_at", "last_done", "active_at", "queued_done", "boundaries", "statements",
-                 "busy", "cursor", "bytes")
+                 "busy", "cursors", "bytes")
 
     def __init__(self, scope: _Scope, trace: str | None, session: Session,
                  started_at: float) -> None:
@@ -534,9 +555,8 @@ class _Stream:
         self.boundaries = 0  # soft boundaries seen
         self.statements = 0  # statements observed (soft boundaries and catalog reads aside)
         self.busy = 0.0  # seconds the server spent on this stream's statements, boundaries too
-        # The latest DECLARE of a cursor: what its FETCHes, the owner of the loop over the rows
-        # they hand out, read; None once a FETCH has taken it as its owner's.
-        self.cursor: _Shape | None = None
+        # The cursors DECLAREd in the segment, by name (the latest MAX_CURSORS_PER_STREAM).
+        self.cursors: OrderedDict[str, _Cursor] = OrderedDict()
         self.bytes = STREAM_BYTES
 
     def last_active(self) -> float:
@@ -887,7 +907,7 @@ class NPlusOneDetector(StatementObserver):
                 self._observe_cursor_fetch(stream, ev, shape)
             return None  # reads no relation: nothing a loop could batch
         if shape.declares_cursor:
-            stream.cursor = shape
+            self._declare_cursor(stream, ev.fingerprint, shape)
         kind = ev.kind
         group = None
         if ((kind == "select" or (kind == "dml" and self._include_writes))
@@ -896,7 +916,7 @@ class NPlusOneDetector(StatementObserver):
                 and shape.placeholders <= self._child_max_params):
             group = self._observe_child(stream, ev, shape, conn_group)
         if kind == "select":
-            self._observe_owner(stream, ev, shape)
+            self._observe_owner(stream, ev, shape, ev.fingerprint, self._owner_min_rows)
             if streamed and not stream.scope.shared:
                 self._adopt_streamed_children(stream, ev)
         stream.busy += ev.done_at - ev.sent_at
@@ -914,22 +934,27 @@ class NPlusOneDetector(StatementObserver):
                     or track.fingerprint == owner.fingerprint):
                 continue
             track.owner = owner
+            owner.streamed = True
             group.adopt(owner)
 
-    def _observe_owner(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
+    def _observe_owner(self, stream: _Stream, ev: StatementDone, shape: _Shape,
+                       fingerprint: str, min_rows: int) -> None:
+        """An execution of the owner `fingerprint` (the statement's, or its cursor's DECLARE)."""
         owners = stream.owners
-        owner = owners.get(ev.fingerprint) if owners else None
+        owner = owners.get(fingerprint) if owners else None
         if owner is None:
-            if ev.rows < self._owner_min_rows:
+            if ev.rows < min_rows:
                 return
             if len(owners) >= self._owner_ring:
                 owners.popitem(last=False)
             else:
                 stream.bytes += OWNER_BYTES
                 self._stream_bytes += OWNER_BYTES
-            owner = owners[ev.fingerprint] = _Owner(ev.fingerprint, shape)
+            owner = owners[fingerprint] = _Owner(fingerprint, shape)
         elif len(owners) > 1:
-            owners.move_to_end(ev.fingerprint)
+            owners.move_to_end(fingerprint)
+        owner.shape = shape
+        owner.streamed = False  # until its children say otherwise (_adopt_streamed_children)
         owner.exec_id = stream.seq
         owner.rows = ev.rows
         owner.executions += 1
@@ -938,27 +963,42 @@ class NPlusOneDetector(StatementObserver):
         owner.done_at = ev.done_at
         stream.owner_seq = stream.seq
 
+    @staticmethod
+    def _declare_cursor(stream: _Stream, fingerprint: str, shape: _Shape) -> None:
+        cursors = stream.cursors
+        if shape.cursor_name in cursors:
+            del cursors[shape.cursor_name]
+        elif len(cursors) >= MAX_CURSORS_PER_STREAM:
+            cursors.popitem(last=False)
+        cursors[shape.cursor_name] = _Cursor(fingerprint, shape)
+
     def _observe_cursor_fetch(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
-        """A FETCH: the first after a DECLARE is an owner execution, shown as the DECLARE (what
-        the rows are); the next ones hand out more rows of the same execution, so the loop over
-        them stays one group however small the chunks."""
-        owner = stream.owners.get(ev.fingerprint) if stream.owners else None
-        declared = stream.cursor
-        if owner is None or declared is not None:
-            self._observe_owner(stream, ev, shape if declared is None else declared)
-            owner = stream.owners.get(ev.fingerprint) if stream.owners else None
-            if owner is not None and declared is not None:
-                owner.shape = declared
-                stream.cursor = None
+        """A FETCH: the first from a cursor is an execution of the owner its DECLARE stands for
+        (one FETCH stands for a cursor declared before the segment); the next ones hand out more
+        rows of that execution, so the loop over them is one group however small the chunks."""
+        cursor = stream.cursors.get(shape.cursor_name) if stream.cursors else None
+        if cursor is None:
+            self._declare_cursor(stream, ev.fingerprint, shape)
+            cursor = stream.cursors[shape.cursor_name]
+        if not cursor.fetched:
+            cursor.fetched = True
+            # A cursor read row by row is an owner from its first row: its rows add up.
+            self._observe_owner(stream, ev, cursor.shape, cursor.fingerprint, 1)
+            owner = stream.owners.get(cursor.fingerprint)
+            if owner is not None:
+                owner.chunked = True
             return
-        owner.rows += ev.rows
-        owner.total_rows += ev.rows
-        owner.done_at = ev.done_at
-        stream.owner_seq = stream.seq
+        owner = stream.owners.get(cursor.fingerprint) if stream.owners else None
+        if owner is not None:
+            owner.rows += ev.rows
+            owner.total_rows += ev.rows
+            owner.done_at = ev.done_at
+            stream.owner_seq = stream.seq
 
     def _newest_owner(self, stream: _Stream, child_fingerprint: str) -> _Owner | None:
         for owner in reversed(stream.owners.values()):
-            if owner.fingerprint != child_fingerprint and owner.rows >= self._owner_min_rows:
+            if owner.fingerprint != child_fingerprint and (owner.rows >= self._owner_min_rows
+                                                           or owner.chunked):
                 return owner
         return None
 
@@ -980,13 +1020,16 @@ class NPlusOneDetector(StatementObserver):
             track = tracks[fingerprint] = _Track(fingerprint, shape)
         elif len(tracks) > 1:  # one track (a loop's only child): already the newest
             tracks.move_to_end(fingerprint)
-        if shape.page_walk:
-            track.page_walk = True
 
         if track.owner is None and stream.owner_seq > track.last_seq:
             track.owner = self._newest_owner(stream, fingerprint)
         group = track.group
         owner = track.owner
+        if (owner is not None and owner.streamed and group is not None and group.owner is owner
+                and group.key == owner.exec_id and group.n >= owner.rows):
+            # A child for every row of a streamed owner's last execution: the next one belongs
+            # to its next execution, which is recorded after its own first children.
+            owner = track.owner = None
         outer = None
         if owner is None:
             # No owner: a group is a strict run of consecutive executions.
@@ -1019,6 +1062,8 @@ class NPlusOneDetector(StatementObserver):
         else:
             group.add(ev, stream.boundaries, stream.statements,
                       0.0 if stream.scope.shared else stream.busy)
+        if shape.page_walk:
+            group.page_walk = True
         stream.bytes += EVENT_BYTES
         self._stream_bytes += EVENT_BYTES
         if owner is not None:
@@ -1118,7 +1163,7 @@ class NPlusOneDetector(StatementObserver):
         if statistics.median(group.rows) >= self._max_median_rows:
             return False  # pagination or chunked reads
         shape = track.shape
-        if track.page_walk and (not shape.equality_key or _full_pages(group.rows)):
+        if group.page_walk and (not shape.equality_key or _full_pages(group.rows)):
             return False  # a cursor walk: each page is keyed by the previous one
         if shared and stream.trace is None:
             # Nothing but timing ties these connections together: a fan-out starts as the
