@@ -132,6 +132,7 @@ SHAPE_BYTES: Final = 700  # plus the kept text
 EVENT_BYTES: Final = 320  # a gap, a row count and a parameter-signature entry
 TRACK_BYTES: Final = 900  # a track and its open group
 OWNER_BYTES: Final = 300
+CURSOR_BYTES: Final = 200  # a cursor's entry (its DECLARE's shape is counted with the shapes)
 STREAM_BYTES: Final = 1200
 REPORT_BYTES: Final = 1500  # plus two kept texts
 
@@ -963,13 +964,15 @@ class NPlusOneDetector(StatementObserver):
         owner.done_at = ev.done_at
         stream.owner_seq = stream.seq
 
-    @staticmethod
-    def _declare_cursor(stream: _Stream, fingerprint: str, shape: _Shape) -> None:
+    def _declare_cursor(self, stream: _Stream, fingerprint: str, shape: _Shape) -> None:
         cursors = stream.cursors
         if shape.cursor_name in cursors:
             del cursors[shape.cursor_name]
         elif len(cursors) >= MAX_CURSORS_PER_STREAM:
             cursors.popitem(last=False)
+        else:
+            stream.bytes += CURSOR_BYTES
+            self._stream_bytes += CURSOR_BYTES
         cursors[shape.cursor_name] = _Cursor(fingerprint, shape)
 
     def _observe_cursor_fetch(self, stream: _Stream, ev: StatementDone, shape: _Shape) -> None:
