@@ -51,10 +51,12 @@ Readings of the spec that the code relies on:
   OFFSET on a parameter, in any of the executions of its fingerprint, since a paginator's first
   page has no OFFSET) takes its parameter from its own previous result; without an equality key
   it is never a loop, with one (a tenant filter) it is when its pages come back full.
-- Owners whose rows come in chunks: a server-side cursor's first FETCH after its DECLARE is an
-  owner execution (shown as the DECLARE), and its later FETCHes add rows to that execution; a
-  query whose Executes hand out chunks (PortalSuspended) is recorded when its last chunk
-  completes, so the no-owner groups of the children run since it was sent become its group.
+- Owners whose rows come in chunks: a server-side cursor (known by name) is an owner from its
+  first FETCH, with one row already (its FETCHes' rows add up), keyed and shown as its
+  DECLARE; its later FETCHes add rows to that execution. A query whose Executes hand out chunks
+  (PortalSuspended) is recorded when its last chunk completes, so the no-owner groups of the
+  children run since it was sent become its group, and once that group has a child per row the
+  next child starts the run its next execution will adopt.
 - Repeats with steady gaps of at least `poll_min_interval_ms` and nothing else between them are
   polling (sleep in a loop): never a duplicate, and not a loop unless its distinct parameters
   fit the owner's rows (a loop with steady work per row under `max_think_ms` is still a loop).
