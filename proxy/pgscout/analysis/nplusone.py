@@ -1055,7 +1055,9 @@ class NPlusOneDetector(StatementObserver):
                 key = outer.key
             else:
                 key = owner.exec_id
-        if group is None or group.key != key:
+        # A page walk starts or ends a group of its own: the same fingerprint run per owner row
+        # before or after one owner's pages is a loop still.
+        if group is None or group.key != key or (group.n and shape.page_walk != group.page_walk):
             if group is not None:
                 self._forget(stream, group)
                 self._judge(stream, track, group, ev.done_at)
