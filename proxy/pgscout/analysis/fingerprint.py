@@ -496,5 +496,7 @@ def _lexed_shape(statement: str, backslashes: bool) -> StatementShape:
         digest_size=8,
         person=b"pgscout-lexer",
     ).hexdigest()
+    # `normalized` covers the first LEXED_PREFIX_CHARS: the placeholders of the same prefix.
+    constants = normalized.count("$") > statement[:LEXED_PREFIX_CHARS].count("$")
     return StatementShape(fingerprint, normalized, _classify(normalized), hash(statement), False,
-                          constants=normalized.count("$") > statement.count("$"))
+                          constants=constants)

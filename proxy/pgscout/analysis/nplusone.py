@@ -920,7 +920,9 @@ class NPlusOneDetector(StatementObserver):
             group = self._observe_child(stream, ev, shape, conn_group)
         if kind == "select":
             self._observe_owner(stream, ev, shape, ev.fingerprint, self._owner_min_rows)
-            if streamed and not stream.scope.shared:
+            # A pipelined select completes after statements sent before it, not ahead of
+            # statements sent after it: only an unpipelined one can have streamed.
+            if streamed and not ev.pipelined and not stream.scope.shared:
                 self._adopt_streamed_children(stream, ev)
         stream.busy += ev.done_at - ev.sent_at
         return group
