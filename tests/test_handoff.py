@@ -53,6 +53,18 @@ def test_a_stopped_analysis_process_costs_traffic_nothing_and_what_it_missed_is_
     assert elapsed < 30
 
 
+def test_the_analysis_process_only_runs_on_cpu_nothing_else_wants(start_pgscout):
+    """A wake-up of the data plane or of a backend never waits for analysis to end its slice."""
+    proxy = start_pgscout()
+    pid = analysis_pid(proxy)
+    assert wait_until(lambda: os.sched_getscheduler(pid) == os.SCHED_IDLE, timeout=10)
+    assert os.sched_getscheduler(proxy.process.pid) == os.SCHED_OTHER
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: child_pids(proxy.process.pid) not in ([], [pid]), timeout=10)
+    [restarted] = child_pids(proxy.process.pid)
+    assert wait_until(lambda: os.sched_getscheduler(restarted) == os.SCHED_IDLE, timeout=10)
+
+
 def test_an_analysis_process_that_dies_is_started_again(start_pgscout):
     proxy = start_pgscout()
     old = analysis_pid(proxy)
