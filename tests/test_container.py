@@ -286,6 +286,11 @@ def test_proxies_psycopg_like_the_database_under_the_manifests_security_settings
     assert re.search(r"^CapEff:\s+0+$", status, re.M), status
     assert re.search(rf"^Uid:\s+{IMAGE_USER}\b", status, re.M), status
     assert proxy_container.exec("touch", "/etc/pgscout/x").returncode != 0
+    # The runtime's default seccomp filter lets the analysis process (PID 1's one child) give
+    # the CPU away: SCHED_IDLE, the policy field of /proc/<pid>/stat (the 39th after the name).
+    [analysis] = proxy_container.exec("cat", "/proc/1/task/1/children").stdout.split()
+    stat = proxy_container.exec("cat", f"/proc/{analysis}/stat").stdout
+    assert int(stat.rsplit(")", 1)[1].split()[38]) == os.SCHED_IDLE, stat
 
     results = {}
     for route, dsn in {"direct": pg.dsn("trust_user", APP_DATABASE), "proxy": proxy_container.dsn()}.items():
