@@ -6,6 +6,8 @@ Feeds the byte streams of 8 sessions running pgbench -S (one prepared SELECT per
 and the same with its literal inline on the simple protocol) to the data plane's decoder, hands
 its records on as the data plane does (marshal), and replays them through the analysis process's
 observers (pgscout.worker.Analysis), timing each stage, and each observer on the same events.
+Every N+1 segment is ended and judged inside the timed region, as each one is in a long run:
+a segment left open would leave out its judgement and the freeing of what it held.
 A profile, not a target: benchmarks/run.py measures the processes' CPU under load (with its
 cache misses and system calls); this shows which stage its microseconds come from.
 Each figure is the minimum of several repetitions (the machines are shared and noisy).
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from pgscout import worker
 from pgscout.analysis.bus import Bus
+from pgscout.analysis.nplusone import NPlusOneDetector
 from pgscout.analysis.replay import Replay
 from pgscout.dataplane import records
 from pgscout.dataplane.decoder import Decoder, TextBudget
@@ -124,6 +127,7 @@ def profile(stream, count: int) -> list[tuple[str, float]]:
     def analyse(analysis: worker.Analysis) -> None:
         for batch in batches:
             analysis.replay.feed(batch)
+        end_segments(analysis.sources.nplusone)
 
     rows.append(("analysis: replay + every observer", best_of(analyse, fresh_analysis)))
 
@@ -144,11 +148,23 @@ def profile(stream, count: int) -> list[tuple[str, float]]:
     events = replayed()
     for event in events:
         first(event)
+
+    def observe(handler, done: list[StatementDone]) -> None:
+        for event in done:
+            handler(event)
+        if isinstance(handler.__self__, NPlusOneDetector):
+            end_segments(handler.__self__)
+
     for handler in (first, *others):
         fresh = replayed if handler is first else lambda: events
         rows.append((f"  observer {handler.__qualname__}",
-                     best_of(lambda done, handler=handler: [handler(event) for event in done], fresh)))
+                     best_of(lambda done, handler=handler: observe(handler, done), fresh)))
     return [(name, seconds / len(statements) * 1e6) for name, seconds in rows]
+
+
+def end_segments(detector: NPlusOneDetector) -> None:
+    """Judge every open segment, as their idle gap would once the sessions went quiet."""
+    detector.flush(time.monotonic() + 3600.0)
 
 
 class _EventLog(Bus):
