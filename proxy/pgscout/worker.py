@@ -246,15 +246,20 @@ class _ControlChannel(asyncio.Protocol):
         self.closed = True
 
 
+def tune_collector() -> None:
+    """The cyclic collector as the analysis process runs it, once its observers exist: what
+    exists now (modules, settings, observers) lives as long as the process, so no collection
+    need look at it again, and the youngest generation is collected less often."""
+    gc.freeze()
+    gc.set_threshold(_GC_YOUNGEST_THRESHOLD, *gc.get_threshold()[1:])
+
+
 async def _serve(records_fd: int, control_fd: int) -> int:
     loop = asyncio.get_running_loop()
     control = _ControlChannel()
     await loop.create_unix_connection(lambda: control, sock=socket.socket(fileno=control_fd))
     analysis = await control.ready
-    # What exists now (modules, settings, observers) lives as long as the process: no collection
-    # need look at it again.
-    gc.freeze()
-    gc.set_threshold(_GC_YOUNGEST_THRESHOLD, *gc.get_threshold()[1:])
+    tune_collector()
     records = _RecordsChannel()
     await loop.create_unix_connection(lambda: records, sock=socket.socket(fileno=records_fd))
     catalog = None
