@@ -20,7 +20,8 @@ RATIO_COLUMNS = ["pgscout / PgBouncer", "observed / bare", "forward-only / bare"
 WORKLOADS = [f"{number}. " for number in range(1, 10)]
 # The workloads that report CPU per statement (pgbench -S: prepared, simple, latency).
 CPU_WORKLOADS = ["1. ", "2. ", "3. "]
-DATA_PLANE_CPU = "data-plane CPU µs per statement"
+DATA_PLANE_ROWS = ("data-plane user CPU µs per statement", "data-plane system CPU µs per statement",
+                   "data-plane read + write system calls per statement")
 ANALYSIS_CPU = "analysis CPU µs per statement"
 TINY_RUN = ["--duration", "1", "--rounds", "1", "--copy-mb", "4", "--idle-connections", "50",
             "--slow-reader-mb", "8", "--slow-reader-mbps", "20"]
@@ -40,7 +41,7 @@ def _measured_columns(row: dict[str, str]) -> list[str]:
     """The target columns a row must have a value in."""
     if row["Metric"] == ANALYSIS_CPU:
         return PGSCOUT_COLUMNS  # only pgscout has an analysis process
-    if row["Metric"] == DATA_PLANE_CPU or row["Workload"].startswith("8. "):
+    if row["Metric"] in DATA_PLANE_ROWS or row["Workload"].startswith("8. "):
         return PROXY_COLUMNS  # measured on a proxy process, so not on direct
     return TARGET_COLUMNS
 
@@ -57,7 +58,7 @@ def test_tiny_run_measures_every_workload_on_every_target(tmp_path):
         assert any(row["Workload"].startswith(workload) for row in rows), \
             f"no row for workload {workload!r}\n{run.stdout}"
     for workload in CPU_WORKLOADS:
-        for metric in (DATA_PLANE_CPU, ANALYSIS_CPU):
+        for metric in (*DATA_PLANE_ROWS, ANALYSIS_CPU):
             assert any(row["Workload"].startswith(workload) and row["Metric"] == metric for row in rows), \
                 f"no {metric!r} row for workload {workload!r}\n{run.stdout}"
     stages = results_file.read_text().split("## Where observation's CPU goes", 1)[1]
