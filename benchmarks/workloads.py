@@ -59,12 +59,12 @@ class Parameters:
 
 @dataclass(frozen=True)
 class ProxyCpu:
-    """CPU seconds a proxy's processes have used since they started, and the system calls of
-    the one the harness started (pgscout's data plane, PgBouncer, bare)."""
+    """CPU seconds a proxy's processes have used since they started."""
 
-    user: float  # that process's user time: its own code (pgscout's decoding is all here)
-    system: float  # its system time: the kernel's work for its sockets
-    syscalls: int  # its read and write system calls (/proc/<pid>/io syscr + syscw)
+    # The process the harness started (pgscout's data plane, PgBouncer, bare): user time is its
+    # own code (pgscout's decoding is all there), system time the kernel's work for its sockets.
+    user: float
+    system: float
     # Its children (pgscout's analysis process), user + system, with those that exited and were
     # waited for, so that a restarted analysis process does not take its predecessor's time.
     children: float
@@ -81,14 +81,7 @@ def proxy_cpu(pid: int) -> ProxyCpu:
         live_children += int(child_fields[_UTIME]) + int(child_fields[_STIME])
     children = int(fields[_CUTIME]) + int(fields[_CSTIME]) + live_children
     return ProxyCpu(int(fields[_UTIME]) / CLOCK_TICKS_PER_SECOND,
-                    int(fields[_STIME]) / CLOCK_TICKS_PER_SECOND, _syscalls(pid),
-                    children / CLOCK_TICKS_PER_SECOND)
-
-
-def _syscalls(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as io:
-        counts = dict(line.split(": ") for line in io.read().splitlines())
-    return int(counts["syscr"]) + int(counts["syscw"])
+                    int(fields[_STIME]) / CLOCK_TICKS_PER_SECOND, children / CLOCK_TICKS_PER_SECOND)
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -141,8 +134,8 @@ class Runner:
 
     def select_statements(self, target: Target, key: str, *args: str) -> tuple[str, dict[str, float]]:
         """A pgbench -S run (one statement per transaction) and, through a proxy, what its
-        processes spent per statement: `key.data_plane_user_us`, `key.data_plane_system_us` and
-        `key.data_plane_syscalls`, and `key.analysis_cpu_us` for pgscout's analysis process."""
+        processes spent per statement: `key.data_plane_user_us` and `key.data_plane_system_us`,
+        and `key.analysis_cpu_us` for pgscout's analysis process."""
         if target.pid is None:
             return self.pgbench(target, "-S", *args), {}
         before = settled_proxy_cpu(target)
@@ -152,7 +145,6 @@ class Runner:
         per_statement = {
             f"{key}.data_plane_user_us": (after.user - before.user) / statements * 1e6,
             f"{key}.data_plane_system_us": (after.system - before.system) / statements * 1e6,
-            f"{key}.data_plane_syscalls": (after.syscalls - before.syscalls) / statements,
         }
         if target.has_analysis_process:
             per_statement[f"{key}.analysis_cpu_us"] = (after.children - before.children) / statements * 1e6
@@ -328,13 +320,10 @@ def all_workloads(runner: Runner) -> list[Workload]:
 
 def cpu_per_statement_rows(key: str) -> tuple[Metric, ...]:
     """The cost itself, not only its share of a saturated machine: per statement, so it compares
-    across targets that ran different numbers of statements. User and system apart: the kernel's
-    share is the sockets' (the same system calls for every proxy), the user share each proxy's
-    own code."""
+    across targets that ran different numbers of statements. User and system apart: the system
+    share is the kernel's work for the sockets, the user share each proxy's own code."""
     return (Metric(f"{key}.data_plane_user_us", "data-plane user CPU µs per statement", False, 1),
             Metric(f"{key}.data_plane_system_us", "data-plane system CPU µs per statement", False, 1),
-            Metric(f"{key}.data_plane_syscalls", "data-plane read + write system calls per statement",
-                   False, 2),
             Metric(f"{key}.analysis_cpu_us", "analysis CPU µs per statement", False, 1))
 
 

@@ -20,8 +20,7 @@ RATIO_COLUMNS = ["pgscout / PgBouncer", "observed / bare", "forward-only / bare"
 WORKLOADS = [f"{number}. " for number in range(1, 10)]
 # The workloads that report CPU per statement (pgbench -S: prepared, simple, latency).
 CPU_WORKLOADS = ["1. ", "2. ", "3. "]
-DATA_PLANE_ROWS = ("data-plane user CPU µs per statement", "data-plane system CPU µs per statement",
-                   "data-plane read + write system calls per statement")
+DATA_PLANE_ROWS = ("data-plane user CPU µs per statement", "data-plane system CPU µs per statement")
 ANALYSIS_CPU = "analysis CPU µs per statement"
 TINY_RUN = ["--duration", "1", "--rounds", "1", "--copy-mb", "4", "--idle-connections", "50",
             "--slow-reader-mb", "8", "--slow-reader-mbps", "20"]
