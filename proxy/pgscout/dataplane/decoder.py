@@ -21,8 +21,6 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from mypy_extensions import i64, mypyc_attr
-
 from pgscout.dataplane import records, wire
 from pgscout.dataplane.events import Session
 from pgscout.dataplane.framer import Framer, MessageSink, int16, int32
@@ -70,12 +68,8 @@ class TextBudget:
         self.used = 0
 
 
-# Requests and portals are made for every statement: the last one freed is reused. They are not
-# declared acyclic (untracked by the cyclic GC), though they are: mypyc's deallocator of such a
-# class still takes CPython's trashcan path, which, when the object is freed under 50 nested
-# deallocations, links it into a list through a GC header it does not have and corrupts the heap
-# (a group of the N+1 detector declared so crashed the interpreter in a test run).
-@mypyc_attr(free_list_len=1)
+# Requests and portals are made for every statement: compiled, those freed are reused (the free
+# lists declared in decoder.pxd).
 class _Request:
     __slots__ = ("kind", "sent_at", "portal", "pipelined", "count")
 
@@ -108,7 +102,6 @@ class _Query(_Request):
         self.deallocated = False  # a named DEALLOCATE ran: its names are read once, at the end
 
 
-@mypyc_attr(free_list_len=1)
 class _Portal:
     """A Bind's portal: the statement text and the parameter signature it runs with."""
 
@@ -127,7 +120,7 @@ class _Portal:
 
 # A lone Sync, the last request of almost every statement, is this one entry in every FIFO:
 # it carries nothing of its own (only a run of Syncs counts, in an entry made for the run), and
-# an object per statement freed with the Execute's would miss the one-object free list.
+# an object per statement would be one more allocation for every statement.
 _ONE_SYNC: Final = _Request(SYNC, 0.0)
 
 
@@ -152,12 +145,13 @@ class _Pending:
     def __bool__(self) -> bool:
         return self._end > self._first
 
-    def __getitem__(self, index: int) -> _Request:
-        """The entry `index` places from the front; negative from the back."""
-        position = self._first + index if index >= 0 else self._end + index
-        if position < self._first or position >= self._end:
-            raise IndexError("no such request outstanding")
-        return self._items[position]
+    def first(self) -> _Request:
+        """The oldest request outstanding; the FIFO must not be empty."""
+        return self._items[self._first]
+
+    def last(self) -> _Request:
+        """The newest request outstanding; the FIFO must not be empty."""
+        return self._items[self._end - 1]
 
     def __iter__(self) -> Iterator[_Request]:
         return iter(self._items[self._first:self._end])
@@ -342,7 +336,7 @@ class Decoder:
         self._bound_name = name  # what the Bind that follows a Parse names
         self._bound_text = text
 
-    def _bind(self, data: bytes, start: i64, end: i64, complete: bool) -> None:
+    def _bind(self, data: bytes, start: int, end: int, complete: bool) -> None:
         """Bind: String portal, String statement, Int16 nfmt, Int16[nfmt], Int16 nparams,
         (Int32 len, Byte[len])[nparams], Int16 nresfmt, Int16[nresfmt]."""
         if self._discarding:
@@ -378,7 +372,7 @@ class Decoder:
             self._finish_suspended(old)
         self._portal = _Portal(sql, truncated, signature, n_params, params)
 
-    def _execute(self, data: bytes, start: i64, end: i64) -> None:
+    def _execute(self, data: bytes, start: int, end: int) -> None:
         """Execute: String portal, Int32 maximum rows (0 = no limit)."""
         if self._discarding:
             return
@@ -419,7 +413,7 @@ class Decoder:
             self._mark_group_pipelined()
         self._group_executes = 0
         pending = self._pending
-        if pending and pending[-1].kind == SYNC:
+        if pending and pending.last().kind == SYNC:
             # Sync after Sync: one entry counts them, so a flood of Syncs costs no memory.
             self._add_syncs(1)
             self.session.active = True
@@ -436,7 +430,7 @@ class Decoder:
         """`count` more Syncs join the run last in the FIFO; a lone Sync's shared entry is
         replaced by one of the run's own first."""
         pending = self._pending
-        run = pending[-1]
+        run = pending.last()
         if run is _ONE_SYNC:
             run = _Request(SYNC, self._now)
             pending.replace_last(run)
@@ -460,7 +454,7 @@ class Decoder:
                                f"{_KIND_NAMES[request.kind]} was first in line")
         return request
 
-    def _command_complete(self, data: bytes, start: i64, end: i64) -> None:
+    def _command_complete(self, data: bytes, start: int, end: int) -> None:
         """CommandComplete: String tag ("SELECT 5", "INSERT 0 1", "UPDATE 3", "BEGIN"...)."""
         # Sessions mostly repeat one tag (pgbench: "SELECT 1"): it is decoded when it changes.
         if not _equal_at(data, start, end, self._tag_body):
@@ -491,9 +485,9 @@ class Decoder:
         Parse/Bind/Execute/Sync in one go, so that Sync is already queued: drop it."""
         self._copy_in = True
         pending = self._pending
-        if pending and pending[0].kind == EXECUTE:
+        if pending and pending.first().kind == EXECUTE:
             head = pending.popleft()
-            while pending and pending[0].kind == SYNC:
+            while pending and pending.first().kind == SYNC:
                 pending.popleft()
             pending.appendleft(head)
 
@@ -506,14 +500,14 @@ class Decoder:
             # or shutdown): nothing to charge; the server now discards until Sync.
             self._discarding = self._ready
             return
-        head = self._pending[0]
+        head = self._pending.first()
         if head.kind == QUERY:
             self._statement_done("", 0, sqlstate)
             return
         # Extended protocol: charge the error to the Execute of this Sync group (that is the
         # statement that did not run), then drop what the server will skip until Sync.
         execute = next((r for r in self._pending if r.kind in (EXECUTE, SYNC)), None)
-        while self._pending and self._pending[0].kind not in (SYNC, QUERY, FUNCTION):
+        while self._pending and self._pending.first().kind not in (SYNC, QUERY, FUNCTION):
             request = self._pending.popleft()
             if request.kind == EXECUTE:
                 self._open_executes -= 1
@@ -524,7 +518,7 @@ class Decoder:
             self._discarding = True  # the client has not sent its Sync yet
         self.server.data_rows = 0
 
-    def _ready_for_query(self, data: bytes, start: i64, end: i64) -> None:
+    def _ready_for_query(self, data: bytes, start: int, end: int) -> None:
         """ReadyForQuery: Byte1 status: 'I' idle, 'T' in a transaction block, 'E' failed block."""
         if end <= start:
             raise DecoderError("ReadyForQuery without a status")
@@ -534,7 +528,7 @@ class Decoder:
         # statements before it arrived, and they are still owed.
         pending = self._pending
         while self._ready and pending:
-            head = pending[0]
+            head = pending.first()
             if head.kind == SYNC and head.count > 1:
                 head.count -= 1
                 break
@@ -576,16 +570,17 @@ class Decoder:
             self._idle_since = self._now
         self._work_started_at = 0.0
 
-    def _ready_run(self, data: bytes, start: i64, end: i64, count: int) -> None:
+    def _ready_run(self, data: bytes, start: int, end: int, count: int) -> None:
         """`count` identical ReadyForQuery in a row: past the first, those that answer a run of
         Syncs change nothing but the run's count (same status, nothing completed between)."""
         self._ready_for_query(data, start, end)
         remaining = count - 1
         pending = self._pending
-        if remaining and self._ready and pending and pending[0].kind == SYNC and not self._held_count:
-            taken = min(remaining, pending[0].count - 1)
+        if remaining and self._ready and pending and not self._held_count:
+            run = pending.first()
+            taken = min(remaining, run.count - 1) if run.kind == SYNC else 0
             if taken > 0:  # a lone Sync's entry is shared: never written
-                pending[0].count -= taken
+                run.count -= taken
                 remaining -= taken
         for _ in range(remaining):
             self._ready_for_query(data, start, end)
@@ -611,7 +606,7 @@ class Decoder:
     def _statement_done(self, tag: str, rows: int, sqlstate: str | None) -> None:
         if not self._pending:
             raise DecoderError("server completed a statement nobody sent")
-        head = self._pending[0]
+        head = self._pending.first()
         data_rows = self.server.data_rows
         self.server.data_rows = 0
         if isinstance(head, _Query):
@@ -770,9 +765,9 @@ class _ClientMessages(MessageSink):
     def __init__(self, decoder: Decoder) -> None:
         self._decoder = decoder
 
-    # Compiled, each branch is a direct call of the decoder's method. The messages of every
+    # Compiled, each branch is a direct C call of the decoder's method. The messages of every
     # statement are read in place; the others get their body as bytes of its own.
-    def message(self, typ: int, data: bytes, start: i64, end: i64, complete: bool) -> None:
+    def message(self, typ: int, data: bytes, start: int, end: int, complete: bool) -> None:
         decoder = self._decoder
         if typ == wire.F_BIND:
             decoder._bind(data, start, end, complete)
@@ -791,7 +786,7 @@ class _ClientMessages(MessageSink):
         elif typ == wire.F_COPY_DONE or typ == wire.F_COPY_FAIL:
             decoder._copy_done()
 
-    def run(self, typ: int, data: bytes, start: i64, end: i64, count: int) -> None:
+    def run(self, typ: int, data: bytes, start: int, end: int, count: int) -> None:
         self._decoder._sync_run(count)
 
 
@@ -806,7 +801,7 @@ class _ServerMessages(MessageSink):
     def __init__(self, decoder: Decoder) -> None:
         self._decoder = decoder
 
-    def message(self, typ: int, data: bytes, start: i64, end: i64, complete: bool) -> None:
+    def message(self, typ: int, data: bytes, start: int, end: int, complete: bool) -> None:
         decoder = self._decoder
         if typ == wire.B_COMMAND_COMPLETE:
             decoder._command_complete(data, start, end)
@@ -825,7 +820,7 @@ class _ServerMessages(MessageSink):
         elif typ == wire.B_BACKEND_KEY_DATA:
             decoder._backend_key_data(data[start:end])
 
-    def run(self, typ: int, data: bytes, start: i64, end: i64, count: int) -> None:
+    def run(self, typ: int, data: bytes, start: int, end: int, count: int) -> None:
         self._decoder._ready_run(data, start, end, count)
 
 
@@ -842,9 +837,9 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _string_end(data: bytes, start: i64, end: i64) -> i64:
+def _string_end(data: bytes, start: int, end: int) -> int:
     """Where the String at data[start] ends (its zero byte), before the body's end. Names are
-    short: a compiled loop (over native integers) costs less than a call of bytes.index; an
+    short: a compiled loop (over C integers) costs less than a call of bytes.index; an
     unterminated one raises IndexError."""
     pos = start
     while pos < end and data[pos]:
@@ -854,19 +849,19 @@ def _string_end(data: bytes, start: i64, end: i64) -> i64:
     return pos
 
 
-def _int16_before(data: bytes, pos: i64, end: i64) -> i64:
+def _int16_before(data: bytes, pos: int, end: int) -> int:
     """The Int16 at data[pos], which must lie before the body's end."""
     if pos + 2 > end:
         raise IndexError("message ends inside an Int16")
     return int16(data, pos)
 
 
-def _equal_at(data: bytes, start: i64, end: i64, other: bytes) -> bool:
+def _equal_at(data: bytes, start: int, end: int, other: bytes) -> bool:
     """data[start:end] == other, compared in place (compiled: no slice, no call)."""
     size = end - start
     if size != len(other):
         return False
-    i: i64 = 0
+    i: int = 0
     while i < size:
         if data[start + i] != other[i]:
             return False
