@@ -43,6 +43,14 @@ cdef class _Portal:
     cdef public double suspended_at
     cdef public object suspended_rows
 
+@cython.locals(request=_Request)
+cdef _Request _new_request(int kind, double sent_at, _Portal portal=*)
+cdef inline _start_request(_Request request, int kind, double sent_at, _Portal portal)
+@cython.locals(query=_Query)
+cdef _Query _new_query(str sql, bint truncated, object param_sig, double sent_at)
+@cython.locals(portal=_Portal)
+cdef _Portal _new_portal(str sql, bint truncated, object param_sig, Py_ssize_t n_params, object params)
+
 cdef class _Pending:
     cdef list _items
     cdef Py_ssize_t _first
@@ -65,6 +73,7 @@ cdef class Decoder:
     cdef Py_ssize_t _max_sql_chars
     cdef double _now
     cdef public _Pending _pending
+    cdef Py_ssize_t _max_pending
     cdef dict _statements
     cdef bytes _bound_name
     cdef tuple _bound_text

@@ -68,17 +68,16 @@ class TextBudget:
         self.used = 0
 
 
-# Requests and portals are made for every statement: compiled, those freed are reused (the free
-# lists declared in decoder.pxd).
+# Requests and portals are made for every statement. Compiled, a call of the class would box each
+# argument for an __init__ to unbox: they are made by the functions below instead, an allocation
+# (from the free lists decoder.pxd declares) and C stores.
 class _Request:
     __slots__ = ("kind", "sent_at", "portal", "pipelined", "count")
-
-    def __init__(self, kind: int, sent_at: float, portal: _Portal | None = None):
-        self.kind = kind
-        self.sent_at = sent_at
-        self.portal = portal
-        self.pipelined = False
-        self.count = 1  # a run of consecutive Syncs is one entry
+    kind: int
+    sent_at: float
+    portal: _Portal | None
+    pipelined: bool
+    count: int  # a run of consecutive Syncs is one entry
 
 
 class _Query(_Request):
@@ -88,18 +87,15 @@ class _Query(_Request):
 
     __slots__ = ("sql", "truncated", "param_sig", "statements", "rows", "tag", "sqlstate",
                  "done_at", "deallocated")
-
-    def __init__(self, sql: str, truncated: bool, param_sig: int | None, sent_at: float):
-        super().__init__(QUERY, sent_at)
-        self.sql = sql
-        self.truncated = truncated
-        self.param_sig = param_sig
-        self.statements = 0
-        self.rows = 0
-        self.tag = ""
-        self.sqlstate: str | None = None
-        self.done_at = sent_at
-        self.deallocated = False  # a named DEALLOCATE ran: its names are read once, at the end
+    sql: str
+    truncated: bool
+    param_sig: int | None
+    statements: int
+    rows: int
+    tag: str
+    sqlstate: str | None
+    done_at: float
+    deallocated: bool  # a named DEALLOCATE ran: its names are read once, at the end
 
 
 class _Portal:
@@ -107,21 +103,61 @@ class _Portal:
 
     __slots__ = ("sql", "truncated", "param_sig", "n_params", "params", "suspended_at",
                  "suspended_rows")
+    sql: str
+    truncated: bool
+    param_sig: int
+    n_params: int
+    params: tuple[bytes | None, ...] | None
+    suspended_at: float  # first Execute's send time while PortalSuspended runs continue
+    suspended_rows: int
 
-    def __init__(self, sql: str, truncated: bool, param_sig: int, n_params: int, params):
-        self.sql = sql
-        self.truncated = truncated
-        self.param_sig = param_sig
-        self.n_params = n_params
-        self.params = params
-        self.suspended_at = 0.0  # first Execute's send time while PortalSuspended runs continue
-        self.suspended_rows = 0
+
+def _new_request(kind: int, sent_at: float, portal: _Portal | None = None) -> _Request:
+    request = _Request.__new__(_Request)
+    _start_request(request, kind, sent_at, portal)
+    return request
+
+
+def _start_request(request: _Request, kind: int, sent_at: float, portal: _Portal | None) -> None:
+    request.kind = kind
+    request.sent_at = sent_at
+    request.portal = portal
+    request.pipelined = False
+    request.count = 1
+
+
+def _new_query(sql: str, truncated: bool, param_sig: int | None, sent_at: float) -> _Query:
+    query = _Query.__new__(_Query)
+    _start_request(query, QUERY, sent_at, None)
+    query.sql = sql
+    query.truncated = truncated
+    query.param_sig = param_sig
+    query.statements = 0
+    query.rows = 0
+    query.tag = ""
+    query.sqlstate = None
+    query.done_at = sent_at
+    query.deallocated = False
+    return query
+
+
+def _new_portal(sql: str, truncated: bool, param_sig: int, n_params: int,
+                params: tuple[bytes | None, ...] | None) -> _Portal:
+    portal = _Portal.__new__(_Portal)
+    portal.sql = sql
+    portal.truncated = truncated
+    portal.param_sig = param_sig
+    portal.n_params = n_params
+    portal.params = params
+    portal.suspended_at = 0.0
+    portal.suspended_rows = 0
+    return portal
 
 
 # A lone Sync, the last request of almost every statement, is this one entry in every FIFO:
 # it carries nothing of its own (only a run of Syncs counts, in an entry made for the run), and
 # an object per statement would be one more allocation for every statement.
-_ONE_SYNC: Final = _Request(SYNC, 0.0)
+_ONE_SYNC: Final = _new_request(SYNC, 0.0)
 
 
 class _Pending:
@@ -212,6 +248,7 @@ class Decoder:
         self._max_sql_chars = max_sql_chars
         self._now = 0.0
         self._pending = _Pending()
+        self._max_pending = MAX_PENDING  # compiled, a C field: the module's constant is an object
         self._statements: dict[bytes, tuple[str, bool]] = {}  # name -> (text, truncated)
         # The statement the last Bind named (or the last Parse made), and its text: a client
         # binds one statement again and again, and comparing its name in place costs less than
@@ -287,7 +324,7 @@ class Decoder:
 
     # -- client messages (Frontend) --------------------------------------------------------
     def _push(self, request: _Request) -> None:
-        if len(self._pending) >= MAX_PENDING:
+        if len(self._pending) >= self._max_pending:
             raise DecoderError(f"the client has over {MAX_PENDING} requests outstanding")
         self._pending.append(request)
         self.session.active = True
@@ -308,7 +345,7 @@ class Decoder:
         sql, truncated = self._cut(body, 0, end)
         # The analysis can only hash what it is sent: a cut text's signature is made here, from
         # the bytes, so repeats of one long statement still compare equal.
-        self._push(_Query(sql, truncated, hash(body[:end]) if truncated else None, self._now))
+        self._push(_new_query(sql, truncated, hash(body[:end]) if truncated else None, self._now))
 
     def _parse(self, body: bytes) -> None:
         """Parse: String name, String query, Int16 n, Int32[n] parameter type OIDs."""
@@ -370,7 +407,7 @@ class Decoder:
             self._portal_name = name
         if old is not None and old.suspended_at:  # rebinding a suspended portal ends what ran of it
             self._finish_suspended(old)
-        self._portal = _Portal(sql, truncated, signature, n_params, params)
+        self._portal = _new_portal(sql, truncated, signature, n_params, params)
 
     def _execute(self, data: bytes, start: int, end: int) -> None:
         """Execute: String portal, Int32 maximum rows (0 = no limit)."""
@@ -381,8 +418,8 @@ class Decoder:
         if portal is None or not _equal_at(data, start, name_end, self._portal_name):
             portal = self._portals.get(data[start:name_end])
         if portal is None:  # pgscout did not see the Bind (e.g. evicted): time it anyway
-            portal = _Portal("", False, 0, 0, None)
-        request = _Request(EXECUTE, self._now, portal)
+            portal = _new_portal("", False, 0, 0, None)
+        request = _new_request(EXECUTE, self._now, portal)
         if self._open_executes:
             request.pipelined = True
             if self._last_execute is not None:
@@ -432,13 +469,13 @@ class Decoder:
         pending = self._pending
         run = pending.last()
         if run is _ONE_SYNC:
-            run = _Request(SYNC, self._now)
+            run = _new_request(SYNC, self._now)
             pending.replace_last(run)
         run.count += count
 
     def _function_call(self) -> None:
         """FunctionCall: Int32 function OID, then its arguments: only its answer is waited for."""
-        self._push(_Request(FUNCTION, self._now))
+        self._push(_new_request(FUNCTION, self._now))
 
     def _copy_done(self) -> None:
         """CopyDone or CopyFail from the client: copy-in mode ends."""
