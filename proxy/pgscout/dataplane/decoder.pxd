@@ -74,6 +74,8 @@ cdef class Decoder:
     cdef double _now
     cdef public _Pending _pending
     cdef Py_ssize_t _max_pending
+    cdef bint _active
+    cdef str _txn_status
     cdef dict _statements
     cdef bytes _bound_name
     cdef tuple _bound_text
@@ -107,6 +109,7 @@ cdef class Decoder:
     cpdef client_data(self, bytes data, double now)
     cpdef server_data(self, bytes data, double now)
     cdef _push(self, _Request request)
+    cdef _set_active(self, bint active)
     @cython.locals(limit=Py_ssize_t)
     cdef tuple _cut(self, bytes body, Py_ssize_t start, Py_ssize_t end)
     @cython.locals(end=Py_ssize_t)

@@ -248,6 +248,8 @@ class Decoder:
         self._max_sql_chars = max_sql_chars
         self._now = 0.0
         self._pending = _Pending()
+        self._active = False  # what session.active and session.txn_status were last set to
+        self._txn_status = ""
         self._max_pending = MAX_PENDING  # compiled, a C field: the module's constant is an object
         self._statements: dict[bytes, tuple[str, bool]] = {}  # name -> (text, truncated)
         # The statement the last Bind named (or the last Parse made), and its text: a client
@@ -327,7 +329,15 @@ class Decoder:
         if len(self._pending) >= self._max_pending:
             raise DecoderError(f"the client has over {MAX_PENDING} requests outstanding")
         self._pending.append(request)
-        self.session.active = True
+        self._set_active(True)
+
+    def _set_active(self, active: bool) -> None:
+        """Session.active and Session.txn_status are the decoder's to write, and are written
+        when they change: compiled, setting an attribute of the session (another module's class)
+        is a Python-level call, where comparing with the decoder's own copy is C."""
+        if active != self._active:
+            self._active = active
+            self.session.active = active
 
     def _cut(self, body: bytes, start: int, end: int) -> tuple[str, bool]:
         """The String at body[start:end], cut to max_sql_chars characters (bytes, as decoded
@@ -453,7 +463,7 @@ class Decoder:
         if pending and pending.last().kind == SYNC:
             # Sync after Sync: one entry counts them, so a flood of Syncs costs no memory.
             self._add_syncs(1)
-            self.session.active = True
+            self._set_active(True)
             return
         self._push(_ONE_SYNC)
 
@@ -577,9 +587,11 @@ class Decoder:
                 self._query_done(head)
             break
         session = self.session
-        previous = session.txn_status
-        session.txn_status = status
-        session.active = bool(pending)
+        previous = self._txn_status
+        if status != previous:
+            self._txn_status = status
+            session.txn_status = status
+        self._set_active(bool(pending))
         if not pending:
             self._open_executes = 0
             self._last_execute = None
