@@ -1,6 +1,5 @@
-"""Build hook: compiles pgscout's per-statement path to C extensions: framing and decoding with
-Cython (each .py source with its augmenting .pxd of C types beside it), the protocol constants,
-events, the bus and the observers with mypyc; everything else about the package is declared in
+"""Build hook: compiles pgscout's per-statement path (protocol constants, framing, decoding, the
+bus, the observers) to C extensions with mypyc; everything else about the package is declared in
 pyproject.toml.
 
 Owns: which modules are compiled and when compiling is skipped. The compiled modules' .py files
@@ -14,15 +13,12 @@ import sys
 
 from setuptools import setup
 
-# The data plane's work per chunk. Cython, not mypyc: with the C types of their .pxd files, the
-# relaying legs' data_received (forward, decode, emit) take 4,346 instructions per pgbench -S -M
-# prepared statement in the running data plane, 8,042 compiled by mypyc (callgrind), because a
-# typed bytes index, a C-integer field and a cdef method call are plain C where mypyc boxes more.
-CYTHON_MODULES = ["proxy/pgscout/dataplane/framer.py", "proxy/pgscout/dataplane/decoder.py",
-                  "proxy/pgscout/dataplane/relaying.py"]
-MYPYC_MODULES = [
+COMPILED_MODULES = [
     "proxy/pgscout/dataplane/wire.py",
+    "proxy/pgscout/dataplane/framer.py",
+    "proxy/pgscout/dataplane/decoder.py",
     "proxy/pgscout/dataplane/events.py",
+    "proxy/pgscout/dataplane/relaying.py",
     "proxy/pgscout/analysis/bus.py",
     "proxy/pgscout/analysis/comments.py",
     "proxy/pgscout/analysis/fingerprint.py",
@@ -46,12 +42,7 @@ def compiled_extensions():
 
     # A dotted group name puts the shared library inside the package (proxy/pgscout/pgscout__mypyc.*.so),
     # so an in-place build imports from any working directory, not only the repository root.
-    extensions = mypycify(MYPYC_MODULES, opt_level="3", group_name="pgscout.pgscout")
-    from Cython.Build import cythonize
-
-    # The .pxd files declare the types; the .py annotations are for mypy and a reader.
-    extensions += cythonize(CYTHON_MODULES, compiler_directives={"language_level": 3,
-                                                                 "annotation_typing": False})
+    extensions = mypycify(COMPILED_MODULES, opt_level="3", group_name="pgscout.pgscout")
     for extension in extensions:
         extension.optional = True  # a failed C build installs the pure-Python modules
     return extensions

@@ -216,7 +216,7 @@ def stage_table(statements: int) -> str:
     """The Markdown table of both workloads' stages."""
     compiled = (sys.modules[Decoder.__module__].__file__ or "").endswith(".so")
     lines = [f"{statements:,} statements over {SESSIONS} sessions, "
-             f"{'compiled' if compiled else 'pure Python'}, minimum of {REPETITIONS} repetitions.",
+             f"{'compiled (mypyc)' if compiled else 'pure Python'}, minimum of {REPETITIONS} repetitions.",
              "", "| stage | pgbench -S -M prepared, µs per statement | pgbench -S -M simple, µs per statement |",
              "|---|---|---|"]
     prepared = profile(prepared_stream, statements)

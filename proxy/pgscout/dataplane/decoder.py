@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Final
 
+from mypy_extensions import i64, mypyc_attr
+
 from pgscout.dataplane import records, wire
 from pgscout.dataplane.events import Session
 from pgscout.dataplane.framer import Framer, MessageSink, int16, int32
@@ -68,16 +70,21 @@ class TextBudget:
         self.used = 0
 
 
-# Requests and portals are made for every statement. Compiled, a call of the class would box each
-# argument for an __init__ to unbox: they are made by the functions below instead, an allocation
-# (from the free lists decoder.pxd declares) and C stores.
+# Requests and portals are made for every statement: the last one freed is reused. They are not
+# declared acyclic (untracked by the cyclic GC), though they are: mypyc's deallocator of such a
+# class still takes CPython's trashcan path, which, when the object is freed under 50 nested
+# deallocations, links it into a list through a GC header it does not have and corrupts the heap
+# (a group of the N+1 detector declared so crashed the interpreter in a test run).
+@mypyc_attr(free_list_len=1)
 class _Request:
     __slots__ = ("kind", "sent_at", "portal", "pipelined", "count")
-    kind: int
-    sent_at: float
-    portal: _Portal | None
-    pipelined: bool
-    count: int  # a run of consecutive Syncs is one entry
+
+    def __init__(self, kind: int, sent_at: float, portal: _Portal | None = None):
+        self.kind = kind
+        self.sent_at = sent_at
+        self.portal = portal
+        self.pipelined = False
+        self.count = 1  # a run of consecutive Syncs is one entry
 
 
 class _Query(_Request):
@@ -87,77 +94,41 @@ class _Query(_Request):
 
     __slots__ = ("sql", "truncated", "param_sig", "statements", "rows", "tag", "sqlstate",
                  "done_at", "deallocated")
-    sql: str
-    truncated: bool
-    param_sig: int | None
-    statements: int
-    rows: int
-    tag: str
-    sqlstate: str | None
-    done_at: float
-    deallocated: bool  # a named DEALLOCATE ran: its names are read once, at the end
+
+    def __init__(self, sql: str, truncated: bool, param_sig: int | None, sent_at: float):
+        super().__init__(QUERY, sent_at)
+        self.sql = sql
+        self.truncated = truncated
+        self.param_sig = param_sig
+        self.statements = 0
+        self.rows = 0
+        self.tag = ""
+        self.sqlstate: str | None = None
+        self.done_at = sent_at
+        self.deallocated = False  # a named DEALLOCATE ran: its names are read once, at the end
 
 
+@mypyc_attr(free_list_len=1)
 class _Portal:
     """A Bind's portal: the statement text and the parameter signature it runs with."""
 
     __slots__ = ("sql", "truncated", "param_sig", "n_params", "params", "suspended_at",
                  "suspended_rows")
-    sql: str
-    truncated: bool
-    param_sig: int
-    n_params: int
-    params: tuple[bytes | None, ...] | None
-    suspended_at: float  # first Execute's send time while PortalSuspended runs continue
-    suspended_rows: int
 
-
-def _new_request(kind: int, sent_at: float, portal: _Portal | None = None) -> _Request:
-    request = _Request.__new__(_Request)
-    _start_request(request, kind, sent_at, portal)
-    return request
-
-
-def _start_request(request: _Request, kind: int, sent_at: float, portal: _Portal | None) -> None:
-    request.kind = kind
-    request.sent_at = sent_at
-    request.portal = portal
-    request.pipelined = False
-    request.count = 1
-
-
-def _new_query(sql: str, truncated: bool, param_sig: int | None, sent_at: float) -> _Query:
-    query = _Query.__new__(_Query)
-    _start_request(query, QUERY, sent_at, None)
-    query.sql = sql
-    query.truncated = truncated
-    query.param_sig = param_sig
-    query.statements = 0
-    query.rows = 0
-    query.tag = ""
-    query.sqlstate = None
-    query.done_at = sent_at
-    query.deallocated = False
-    return query
-
-
-def _new_portal(sql: str, truncated: bool, param_sig: int, n_params: int,
-                params: tuple[bytes | None, ...] | None) -> _Portal:
-    portal = _Portal.__new__(_Portal)
-    portal.sql = sql
-    portal.truncated = truncated
-    portal.param_sig = param_sig
-    portal.n_params = n_params
-    portal.params = params
-    portal.suspended_at = 0.0
-    portal.suspended_rows = 0
-    return portal
+    def __init__(self, sql: str, truncated: bool, param_sig: int, n_params: int, params):
+        self.sql = sql
+        self.truncated = truncated
+        self.param_sig = param_sig
+        self.n_params = n_params
+        self.params = params
+        self.suspended_at = 0.0  # first Execute's send time while PortalSuspended runs continue
+        self.suspended_rows = 0
 
 
 # A lone Sync, the last request of almost every statement, is this one entry in every FIFO:
 # it carries nothing of its own (only a run of Syncs counts, in an entry made for the run), and
-# an object per statement would be one more allocation for every statement.
-_ONE_SYNC: Final = _new_request(SYNC, 0.0)
+# an object per statement freed with the Execute's would miss the one-object free list.
+_ONE_SYNC: Final = _Request(SYNC, 0.0)
 
 
 class _Pending:
@@ -181,13 +152,12 @@ class _Pending:
     def __bool__(self) -> bool:
         return self._end > self._first
 
-    def first(self) -> _Request:
-        """The oldest request outstanding; the FIFO must not be empty."""
-        return self._items[self._first]
-
-    def last(self) -> _Request:
-        """The newest request outstanding; the FIFO must not be empty."""
-        return self._items[self._end - 1]
+    def __getitem__(self, index: int) -> _Request:
+        """The entry `index` places from the front; negative from the back."""
+        position = self._first + index if index >= 0 else self._end + index
+        if position < self._first or position >= self._end:
+            raise IndexError("no such request outstanding")
+        return self._items[position]
 
     def __iter__(self) -> Iterator[_Request]:
         return iter(self._items[self._first:self._end])
@@ -248,9 +218,6 @@ class Decoder:
         self._max_sql_chars = max_sql_chars
         self._now = 0.0
         self._pending = _Pending()
-        self._active = False  # what session.active and session.txn_status were last set to
-        self._txn_status = ""
-        self._max_pending = MAX_PENDING  # compiled, a C field: the module's constant is an object
         self._statements: dict[bytes, tuple[str, bool]] = {}  # name -> (text, truncated)
         # The statement the last Bind named (or the last Parse made), and its text: a client
         # binds one statement again and again, and comparing its name in place costs less than
@@ -326,18 +293,10 @@ class Decoder:
 
     # -- client messages (Frontend) --------------------------------------------------------
     def _push(self, request: _Request) -> None:
-        if len(self._pending) >= self._max_pending:
+        if len(self._pending) >= MAX_PENDING:
             raise DecoderError(f"the client has over {MAX_PENDING} requests outstanding")
         self._pending.append(request)
-        self._set_active(True)
-
-    def _set_active(self, active: bool) -> None:
-        """Session.active and Session.txn_status are the decoder's to write, and are written
-        when they change: compiled, setting an attribute of the session (another module's class)
-        is a Python-level call, where comparing with the decoder's own copy is C."""
-        if active != self._active:
-            self._active = active
-            self.session.active = active
+        self.session.active = True
 
     def _cut(self, body: bytes, start: int, end: int) -> tuple[str, bool]:
         """The String at body[start:end], cut to max_sql_chars characters (bytes, as decoded
@@ -355,7 +314,7 @@ class Decoder:
         sql, truncated = self._cut(body, 0, end)
         # The analysis can only hash what it is sent: a cut text's signature is made here, from
         # the bytes, so repeats of one long statement still compare equal.
-        self._push(_new_query(sql, truncated, hash(body[:end]) if truncated else None, self._now))
+        self._push(_Query(sql, truncated, hash(body[:end]) if truncated else None, self._now))
 
     def _parse(self, body: bytes) -> None:
         """Parse: String name, String query, Int16 n, Int32[n] parameter type OIDs."""
@@ -383,7 +342,7 @@ class Decoder:
         self._bound_name = name  # what the Bind that follows a Parse names
         self._bound_text = text
 
-    def _bind(self, data: bytes, start: int, end: int, complete: bool) -> None:
+    def _bind(self, data: bytes, start: i64, end: i64, complete: bool) -> None:
         """Bind: String portal, String statement, Int16 nfmt, Int16[nfmt], Int16 nparams,
         (Int32 len, Byte[len])[nparams], Int16 nresfmt, Int16[nresfmt]."""
         if self._discarding:
@@ -417,9 +376,9 @@ class Decoder:
             self._portal_name = name
         if old is not None and old.suspended_at:  # rebinding a suspended portal ends what ran of it
             self._finish_suspended(old)
-        self._portal = _new_portal(sql, truncated, signature, n_params, params)
+        self._portal = _Portal(sql, truncated, signature, n_params, params)
 
-    def _execute(self, data: bytes, start: int, end: int) -> None:
+    def _execute(self, data: bytes, start: i64, end: i64) -> None:
         """Execute: String portal, Int32 maximum rows (0 = no limit)."""
         if self._discarding:
             return
@@ -428,8 +387,8 @@ class Decoder:
         if portal is None or not _equal_at(data, start, name_end, self._portal_name):
             portal = self._portals.get(data[start:name_end])
         if portal is None:  # pgscout did not see the Bind (e.g. evicted): time it anyway
-            portal = _new_portal("", False, 0, 0, None)
-        request = _new_request(EXECUTE, self._now, portal)
+            portal = _Portal("", False, 0, 0, None)
+        request = _Request(EXECUTE, self._now, portal)
         if self._open_executes:
             request.pipelined = True
             if self._last_execute is not None:
@@ -460,10 +419,10 @@ class Decoder:
             self._mark_group_pipelined()
         self._group_executes = 0
         pending = self._pending
-        if pending and pending.last().kind == SYNC:
+        if pending and pending[-1].kind == SYNC:
             # Sync after Sync: one entry counts them, so a flood of Syncs costs no memory.
             self._add_syncs(1)
-            self._set_active(True)
+            self.session.active = True
             return
         self._push(_ONE_SYNC)
 
@@ -477,15 +436,15 @@ class Decoder:
         """`count` more Syncs join the run last in the FIFO; a lone Sync's shared entry is
         replaced by one of the run's own first."""
         pending = self._pending
-        run = pending.last()
+        run = pending[-1]
         if run is _ONE_SYNC:
-            run = _new_request(SYNC, self._now)
+            run = _Request(SYNC, self._now)
             pending.replace_last(run)
         run.count += count
 
     def _function_call(self) -> None:
         """FunctionCall: Int32 function OID, then its arguments: only its answer is waited for."""
-        self._push(_new_request(FUNCTION, self._now))
+        self._push(_Request(FUNCTION, self._now))
 
     def _copy_done(self) -> None:
         """CopyDone or CopyFail from the client: copy-in mode ends."""
@@ -501,7 +460,7 @@ class Decoder:
                                f"{_KIND_NAMES[request.kind]} was first in line")
         return request
 
-    def _command_complete(self, data: bytes, start: int, end: int) -> None:
+    def _command_complete(self, data: bytes, start: i64, end: i64) -> None:
         """CommandComplete: String tag ("SELECT 5", "INSERT 0 1", "UPDATE 3", "BEGIN"...)."""
         # Sessions mostly repeat one tag (pgbench: "SELECT 1"): it is decoded when it changes.
         if not _equal_at(data, start, end, self._tag_body):
@@ -532,9 +491,9 @@ class Decoder:
         Parse/Bind/Execute/Sync in one go, so that Sync is already queued: drop it."""
         self._copy_in = True
         pending = self._pending
-        if pending and pending.first().kind == EXECUTE:
+        if pending and pending[0].kind == EXECUTE:
             head = pending.popleft()
-            while pending and pending.first().kind == SYNC:
+            while pending and pending[0].kind == SYNC:
                 pending.popleft()
             pending.appendleft(head)
 
@@ -547,14 +506,14 @@ class Decoder:
             # or shutdown): nothing to charge; the server now discards until Sync.
             self._discarding = self._ready
             return
-        head = self._pending.first()
+        head = self._pending[0]
         if head.kind == QUERY:
             self._statement_done("", 0, sqlstate)
             return
         # Extended protocol: charge the error to the Execute of this Sync group (that is the
         # statement that did not run), then drop what the server will skip until Sync.
         execute = next((r for r in self._pending if r.kind in (EXECUTE, SYNC)), None)
-        while self._pending and self._pending.first().kind not in (SYNC, QUERY, FUNCTION):
+        while self._pending and self._pending[0].kind not in (SYNC, QUERY, FUNCTION):
             request = self._pending.popleft()
             if request.kind == EXECUTE:
                 self._open_executes -= 1
@@ -565,7 +524,7 @@ class Decoder:
             self._discarding = True  # the client has not sent its Sync yet
         self.server.data_rows = 0
 
-    def _ready_for_query(self, data: bytes, start: int, end: int) -> None:
+    def _ready_for_query(self, data: bytes, start: i64, end: i64) -> None:
         """ReadyForQuery: Byte1 status: 'I' idle, 'T' in a transaction block, 'E' failed block."""
         if end <= start:
             raise DecoderError("ReadyForQuery without a status")
@@ -575,7 +534,7 @@ class Decoder:
         # statements before it arrived, and they are still owed.
         pending = self._pending
         while self._ready and pending:
-            head = pending.first()
+            head = pending[0]
             if head.kind == SYNC and head.count > 1:
                 head.count -= 1
                 break
@@ -587,11 +546,9 @@ class Decoder:
                 self._query_done(head)
             break
         session = self.session
-        previous = self._txn_status
-        if status != previous:
-            self._txn_status = status
-            session.txn_status = status
-        self._set_active(bool(pending))
+        previous = session.txn_status
+        session.txn_status = status
+        session.active = bool(pending)
         if not pending:
             self._open_executes = 0
             self._last_execute = None
@@ -619,17 +576,16 @@ class Decoder:
             self._idle_since = self._now
         self._work_started_at = 0.0
 
-    def _ready_run(self, data: bytes, start: int, end: int, count: int) -> None:
+    def _ready_run(self, data: bytes, start: i64, end: i64, count: int) -> None:
         """`count` identical ReadyForQuery in a row: past the first, those that answer a run of
         Syncs change nothing but the run's count (same status, nothing completed between)."""
         self._ready_for_query(data, start, end)
         remaining = count - 1
         pending = self._pending
-        if remaining and self._ready and pending and not self._held_count:
-            run = pending.first()
-            taken = min(remaining, run.count - 1) if run.kind == SYNC else 0
+        if remaining and self._ready and pending and pending[0].kind == SYNC and not self._held_count:
+            taken = min(remaining, pending[0].count - 1)
             if taken > 0:  # a lone Sync's entry is shared: never written
-                run.count -= taken
+                pending[0].count -= taken
                 remaining -= taken
         for _ in range(remaining):
             self._ready_for_query(data, start, end)
@@ -655,7 +611,7 @@ class Decoder:
     def _statement_done(self, tag: str, rows: int, sqlstate: str | None) -> None:
         if not self._pending:
             raise DecoderError("server completed a statement nobody sent")
-        head = self._pending.first()
+        head = self._pending[0]
         data_rows = self.server.data_rows
         self.server.data_rows = 0
         if isinstance(head, _Query):
@@ -814,9 +770,9 @@ class _ClientMessages(MessageSink):
     def __init__(self, decoder: Decoder) -> None:
         self._decoder = decoder
 
-    # Compiled, each branch is a direct C call of the decoder's method. The messages of every
+    # Compiled, each branch is a direct call of the decoder's method. The messages of every
     # statement are read in place; the others get their body as bytes of its own.
-    def message(self, typ: int, data: bytes, start: int, end: int, complete: bool) -> None:
+    def message(self, typ: int, data: bytes, start: i64, end: i64, complete: bool) -> None:
         decoder = self._decoder
         if typ == wire.F_BIND:
             decoder._bind(data, start, end, complete)
@@ -835,7 +791,7 @@ class _ClientMessages(MessageSink):
         elif typ == wire.F_COPY_DONE or typ == wire.F_COPY_FAIL:
             decoder._copy_done()
 
-    def run(self, typ: int, data: bytes, start: int, end: int, count: int) -> None:
+    def run(self, typ: int, data: bytes, start: i64, end: i64, count: int) -> None:
         self._decoder._sync_run(count)
 
 
@@ -850,7 +806,7 @@ class _ServerMessages(MessageSink):
     def __init__(self, decoder: Decoder) -> None:
         self._decoder = decoder
 
-    def message(self, typ: int, data: bytes, start: int, end: int, complete: bool) -> None:
+    def message(self, typ: int, data: bytes, start: i64, end: i64, complete: bool) -> None:
         decoder = self._decoder
         if typ == wire.B_COMMAND_COMPLETE:
             decoder._command_complete(data, start, end)
@@ -869,7 +825,7 @@ class _ServerMessages(MessageSink):
         elif typ == wire.B_BACKEND_KEY_DATA:
             decoder._backend_key_data(data[start:end])
 
-    def run(self, typ: int, data: bytes, start: int, end: int, count: int) -> None:
+    def run(self, typ: int, data: bytes, start: i64, end: i64, count: int) -> None:
         self._decoder._ready_run(data, start, end, count)
 
 
@@ -886,9 +842,9 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _string_end(data: bytes, start: int, end: int) -> int:
+def _string_end(data: bytes, start: i64, end: i64) -> i64:
     """Where the String at data[start] ends (its zero byte), before the body's end. Names are
-    short: a compiled loop (over C integers) costs less than a call of bytes.index; an
+    short: a compiled loop (over native integers) costs less than a call of bytes.index; an
     unterminated one raises IndexError."""
     pos = start
     while pos < end and data[pos]:
@@ -898,19 +854,19 @@ def _string_end(data: bytes, start: int, end: int) -> int:
     return pos
 
 
-def _int16_before(data: bytes, pos: int, end: int) -> int:
+def _int16_before(data: bytes, pos: i64, end: i64) -> i64:
     """The Int16 at data[pos], which must lie before the body's end."""
     if pos + 2 > end:
         raise IndexError("message ends inside an Int16")
     return int16(data, pos)
 
 
-def _equal_at(data: bytes, start: int, end: int, other: bytes) -> bool:
+def _equal_at(data: bytes, start: i64, end: i64, other: bytes) -> bool:
     """data[start:end] == other, compared in place (compiled: no slice, no call)."""
     size = end - start
     if size != len(other):
         return False
-    i: int = 0
+    i: i64 = 0
     while i < size:
         if data[start + i] != other[i]:
             return False

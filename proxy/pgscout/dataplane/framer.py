@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from mypy_extensions import i64, mypyc_attr
+
 from pgscout.dataplane import wire
 
 
@@ -61,31 +63,33 @@ class StartupRefused(FramingError):
         self.reply = reply
 
 
-def int32(data: bytes, pos: int) -> int:
-    """The protocol's Int32 (big-endian, signed) at data[pos:pos + 4]. Byte indexing and C
-    integers when compiled (framer.pxd), where struct.unpack_from is a Python call and a tuple."""
-    value: int = data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
+def int32(data: bytes, pos: i64) -> i64:
+    """The protocol's Int32 (big-endian, signed) at data[pos:pos + 4]. Byte indexing and native
+    integers, which mypyc compiles to plain C, where struct.unpack_from is a Python call and a
+    tuple."""
+    value: i64 = data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def int16(data: bytes, pos: int) -> int:
+def int16(data: bytes, pos: i64) -> i64:
     """The protocol's Int16 (big-endian, signed) at data[pos:pos + 2]."""
-    value: int = data[pos] << 8 | data[pos + 1]
+    value: i64 = data[pos] << 8 | data[pos + 1]
     return value - (1 << 16) if value >= 1 << 15 else value
 
 
-# Subclassed by the decoder (compiled: its calls are C calls) and by tests (interpreted).
+# Subclassed by the decoder (compiled: its calls are native) and by tests (interpreted).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MessageSink:
     """Where a Framer delivers the messages it was told to decode: each body is
     `data[start:end]`, left in the chunk it came in (a slice per message was an allocation and a
     copy for every Bind, Execute and CommandComplete), or in a bytes of its own when it spanned
     reads."""
 
-    def message(self, typ: int, data: bytes, start: int, end: int, complete: bool) -> None:
+    def message(self, typ: int, data: bytes, start: i64, end: i64, complete: bool) -> None:
         """One message of type `typ`; `complete` is false when only the front of its body is given."""
         raise NotImplementedError
 
-    def run(self, typ: int, data: bytes, start: int, end: int, count: int) -> None:
+    def run(self, typ: int, data: bytes, start: i64, end: i64, count: int) -> None:
         """`count` identical copies of one short message in a row (only for the `runs` types)."""
         raise NotImplementedError
 
@@ -130,9 +134,9 @@ class Framer:
         self.data_rows = 0
 
     def feed(self, data: bytes) -> None:
-        # Positions are C integers when compiled (framer.pxd).
-        end: int = len(data)
-        pos: int = 0
+        # Positions are i64, native C integers when compiled (int is tagged, checked at each step).
+        end: i64 = len(data)
+        pos: i64 = 0
         if self._skip:
             if self._skip >= end:
                 self._skip -= end
@@ -157,10 +161,10 @@ class Framer:
         actions = self._actions
         sink = self._sink
         whole_up_to = self._decode_limit + 4
-        rows: int = 0
-        typ: int
-        length: int
-        msg_end: int
+        rows: i64 = 0
+        typ: i64
+        length: i64
+        msg_end: i64
         while end - pos >= 5:
             typ = data[pos]
             # The Int32 read unsigned, inline (this runs for every message): a negative length
