@@ -157,8 +157,11 @@ def results_document(command: str, args: argparse.Namespace, table: str, stages:
         "is pgscout's analysis process, user + system, counted until it is idle after the run.\n\n"
         "## Where observation's CPU goes\n\n"
         "benchmarks/perstatement.py: the stages of observing one statement timed in process on "
-        "synthetic pgbench -S streams (no sockets, no cache misses of a loaded machine: a lower "
-        "bound on the CPU rows above, which show the same stages under load).\n\n"
+        "synthetic pgbench -S streams, no sockets. With warm caches they are a lower bound on the "
+        "CPU rows above; under load the other processes evict the data plane's memory between "
+        "two chunks of a session, and the row with the caches swept (4 MiB read before each "
+        "chunk) shows what the decoder then costs: its price there is the cache lines it touches "
+        "more than the instructions it runs.\n\n"
         f"{stages}"
     )
 
