@@ -2,10 +2,11 @@
 
     python benchmarks/perstatement.py [--statements N] [--out FILE]
 
-Feeds the byte streams of 8 sessions running pgbench -S (one prepared SELECT per transaction,
-and the same with its literal inline on the simple protocol) to the data plane's decoder, hands
-its records on as the data plane does (marshal), and replays them through the analysis process's
-observers (pgscout.worker.Analysis), timing each stage, and each observer on the same events.
+Feeds the byte streams of 8 sessions running pgbench -S (pgscout.dataplane.training's: one
+prepared SELECT per transaction, and the same with its literal inline on the simple protocol) to
+the data plane's decoder, hands its records on as the data plane does (marshal), and replays them
+through the analysis process's observers (pgscout.worker.Analysis), timing each stage, and each
+observer on the same events.
 Every N+1 segment is ended and judged inside the timed region, as each one is in a long run:
 a segment left open would leave out its judgement and the freeing of what it held.
 A profile, not a target: benchmarks/run.py measures the processes' CPU under load (with its
@@ -22,7 +23,6 @@ import argparse
 import contextlib
 import gc
 import statistics
-import struct
 import sys
 import time
 from pathlib import Path
@@ -34,49 +34,17 @@ from pgscout.analysis.replay import Replay
 from pgscout.dataplane import records
 from pgscout.dataplane.decoder import Decoder, TextBudget
 from pgscout.dataplane.events import Session, StatementDone
+from pgscout.dataplane.training import STARTUP_ANSWER, message, prepared_stream, simple_stream
 from pgscout.settings import load_settings
 
 SESSIONS = 8
 REPETITIONS = 5
 BATCH = 300  # records per hand-off batch: about what 10 ms of a saturated run makes
-QUERY = "SELECT abalance FROM pgbench_accounts WHERE aid = "
 # Under load the kernel, the database and the clients run between two chunks of one session and
 # take the data plane's memory out of the caches: the decoder then pays for every cache line it
 # touches. Sweeping this much memory before each chunk reproduces that, statement by statement.
 COLD_SWEEP_BYTES = 4 * 1024 * 1024
 COLD_STATEMENTS = 4000
-
-
-def message(kind: str, body: bytes) -> bytes:
-    return kind.encode() + struct.pack("!i", len(body) + 4) + body
-
-
-def cstring(text: str) -> bytes:
-    return text.encode() + b"\0"
-
-
-def prepared_stream(count: int) -> tuple[bytes, list[bytes], bytes]:
-    """(setup, one client chunk per statement, the server's answer to each): pgbench -M prepared."""
-    setup = message("P", cstring("P0_1") + cstring(QUERY + "$1;") + struct.pack("!h", 0)) \
-        + message("S", b"")
-    chunks = []
-    for i in range(count):
-        value = str(1 + i).encode()
-        chunks.append(message("B", cstring("") + cstring("P0_1") + struct.pack("!hhi", 0, 1, len(value))
-                              + value + struct.pack("!h", 0))
-                      + message("E", cstring("") + struct.pack("!i", 0)) + message("S", b""))
-    answer = message("2", b"") + message("D", struct.pack("!hi", 1, 4) + b"1234") \
-        + message("C", cstring("SELECT 1")) + message("Z", b"I")
-    return setup, chunks, answer
-
-
-def simple_stream(count: int) -> tuple[bytes, list[bytes], bytes]:
-    """pgbench -M simple: every statement is a new text (its literal inline)."""
-    chunks = [message("Q", cstring(f"{QUERY}{1 + i};")) for i in range(count)]
-    answer = message("T", struct.pack("!h", 1) + cstring("abalance") + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0)) \
-        + message("D", struct.pack("!hi", 1, 4) + b"1234") + message("C", cstring("SELECT 1")) \
-        + message("Z", b"I")
-    return b"", chunks, answer
 
 
 def handed_off(batches: list[list[tuple]]) -> list[list[tuple]]:
@@ -101,14 +69,12 @@ def profile(stream, count: int) -> list[tuple[str, float]]:
     setup, chunks, answer = stream(count)
     made: list[list] = []
     budget = TextBudget()
-    startup_answer = message("R", struct.pack("!i", 0)) + message("K", struct.pack("!ii", 1, 2)) \
-        + message("Z", b"I")
 
     def started_decoders() -> list[Decoder]:
         decoders = []
         for conn_id in range(SESSIONS):
             decoder = Decoder(Session(conn_id=conn_id, client_addr="bench"), made.append, texts=budget)
-            decoder.server_data(startup_answer, 0.0)
+            decoder.server_data(STARTUP_ANSWER, 0.0)
             if setup:
                 decoder.client_data(setup, 0.0)
                 decoder.server_data(message("1", b"") + message("Z", b"I"), 0.0)
