@@ -31,13 +31,11 @@ from pgscout import worker
 from pgscout.analysis.bus import Bus
 from pgscout.analysis.nplusone import NPlusOneDetector
 from pgscout.analysis.replay import Replay
-from pgscout.dataplane import records
-from pgscout.dataplane.decoder import Decoder, TextBudget
-from pgscout.dataplane.events import Session, StatementDone
-from pgscout.dataplane.training import STARTUP_ANSWER, message, prepared_stream, simple_stream
+from pgscout.dataplane import records, training
+from pgscout.dataplane.decoder import Decoder
+from pgscout.dataplane.events import StatementDone
 from pgscout.settings import load_settings
 
-SESSIONS = 8
 REPETITIONS = 5
 BATCH = 300  # records per hand-off batch: about what 10 ms of a saturated run makes
 # Under load the kernel, the database and the clients run between two chunks of one session and
@@ -68,28 +66,16 @@ def best_of(run, prepare=lambda: None) -> float:
 def profile(stream, count: int) -> list[tuple[str, float]]:
     setup, chunks, answer = stream(count)
     made: list[list] = []
-    budget = TextBudget()
 
     def started_decoders() -> list[Decoder]:
-        decoders = []
-        for conn_id in range(SESSIONS):
-            decoder = Decoder(Session(conn_id=conn_id, client_addr="bench"), made.append, texts=budget)
-            decoder.server_data(STARTUP_ANSWER, 0.0)
-            if setup:
-                decoder.client_data(setup, 0.0)
-                decoder.server_data(message("1", b"") + message("Z", b"I"), 0.0)
-            decoders.append(decoder)
-        del made[:]
+        decoders = training.started_decoders(made.append)
+        training.feed(decoders, (setup, [], answer))
         return decoders
 
     def decode() -> None:
         made.clear()
         decoders = started_decoders()
-        clock = time.monotonic
-        for n, chunk in enumerate(chunks):
-            decoder = decoders[n % SESSIONS]
-            decoder.client_data(chunk, clock())
-            decoder.server_data(answer, clock())
+        training.feed(decoders, (b"", chunks, answer))
         for decoder in decoders:
             decoder.close()
 
@@ -101,7 +87,7 @@ def profile(stream, count: int) -> list[tuple[str, float]]:
         clock = time.perf_counter
         times = []
         for n, chunk in enumerate(chunks[:COLD_STATEMENTS]):
-            decoder = decoders[n % SESSIONS]
+            decoder = decoders[n % training.SESSIONS]
             sweep.find(b"x")
             started = clock()
             decoder.client_data(chunk, 1.0)
@@ -153,7 +139,7 @@ def analysis_stages(batches: list[list[tuple]]) -> list[tuple[str, float]]:
 
     settings = load_settings(None, {})
     opened = [(records.OPENED, conn_id, "bench", "bench", "bench", "pgbench", False, 0.0, 0.0, {})
-              for conn_id in range(SESSIONS)]
+              for conn_id in range(training.SESSIONS)]
 
     def fresh_analysis() -> worker.Analysis:
         analysis = worker.Analysis(settings, _NoControl())
@@ -225,12 +211,12 @@ class _NoControl:
 def stage_table(statements: int) -> str:
     """The Markdown table of both workloads' stages."""
     compiled = (sys.modules[Decoder.__module__].__file__ or "").endswith(".so")
-    lines = [f"{statements:,} statements over {SESSIONS} sessions, "
+    lines = [f"{statements:,} statements over {training.SESSIONS} sessions, "
              f"{'compiled (mypyc)' if compiled else 'pure Python'}, minimum of {REPETITIONS} repetitions.",
              "", "| stage | pgbench -S -M prepared, µs per statement | pgbench -S -M simple, µs per statement |",
              "|---|---|---|"]
-    prepared = profile(prepared_stream, statements)
-    simple = dict(profile(simple_stream, statements))
+    prepared = profile(training.prepared_stream, statements)
+    simple = dict(profile(training.simple_stream, statements))
     for name, micros in prepared:
         lines.append(f"| {name} | {micros:.2f} | {simple[name]:.2f} |")
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ standard library), open sockets, or take more than a few seconds.
 from __future__ import annotations
 
 import struct
+import sys
 import time
 
 from pgscout.dataplane.decoder import Decoder
@@ -97,7 +98,7 @@ def feed(decoders: list[Decoder], stream: tuple[bytes, list[bytes], bytes]) -> N
 
 
 def main() -> None:
-    if not __import__(Decoder.__module__, fromlist=["_"]).__file__.endswith(".so"):
+    if not (sys.modules[Decoder.__module__].__file__ or "").endswith(".so"):
         raise SystemExit("pgscout.dataplane.decoder is not compiled: nothing to train")
     records: list[tuple] = []
     for stream in (prepared_stream, simple_stream, unnamed_stream):
